@@ -1,0 +1,106 @@
+"""``QArray``: a quantized array as a pytree (codes, scales, tensor scale + static spec)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp4jax import packing
+from fp4jax.spec import QuantSpec
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class QArray:
+  """A quantized array.
+
+  Leaves (arrays, so the whole thing works under ``jit``, ``vmap``, ``grad`` as data,
+  and ``jax.tree`` utilities):
+    codes: ``uint8`` element codes in the input's layout, packed along ``axis``
+      (two E2M1 codes per byte, low nibble first; see :mod:`fp4jax.packing`).
+    scales: block scales with the input's rank (``float8_e8m0fnu`` for E8M0,
+      ``float8_e4m3fn`` for UE4M3, ``bfloat16``/``float32``).
+    tensor_scale: FP32 second-level scale of rank-kept shape ``(1,)*ndim``, or None.
+
+  Static metadata: ``spec``, the packed ``axis`` (negative), per-dimension zero
+  ``padding`` (trailing dims) and the original ``orig_dtype``.
+  """
+
+  codes: Any
+  scales: Any
+  tensor_scale: Any
+  spec: QuantSpec
+  axis: int
+  padding: tuple[int, ...]
+  orig_dtype: Any
+
+  def tree_flatten(self):
+    return (self.codes, self.scales, self.tensor_scale), (
+        self.spec, self.axis, self.padding, self.orig_dtype)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  # ---- shape information, derived from the leaves so that vmap stays consistent ----
+  @property
+  def padded_shape(self) -> tuple[int, ...]:
+    shape = list(self.codes.shape)
+    shape[self.axis] = packing.unpacked_length(shape[self.axis], self.spec.element.bits,
+                                               self.spec.packed)
+    return tuple(shape)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Logical shape of the quantized array (padding removed)."""
+    shape = list(self.padded_shape)
+    for i, p in enumerate(self.padding):
+      shape[len(shape) - len(self.padding) + i] -= p
+    return tuple(shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.codes.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def dtype(self):
+    """The dtype the array had before quantization (and dequantizes to by default)."""
+    return self.orig_dtype
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored: codes + scales + tensor scale."""
+    n = self.codes.size * np.dtype(self.codes.dtype).itemsize
+    n += self.scales.size * np.dtype(self.scales.dtype).itemsize
+    if self.tensor_scale is not None:
+      n += self.tensor_scale.size * np.dtype(self.tensor_scale.dtype).itemsize
+    return int(n)
+
+  @property
+  def bits_per_element(self) -> float:
+    """Storage bits per logical element, codes + block scales (tensor scale excluded):
+    4.25 for MXFP4, 4.5 for NVFP4 when nothing is padded."""
+    n = self.codes.size * np.dtype(self.codes.dtype).itemsize
+    n += self.scales.size * np.dtype(self.scales.dtype).itemsize
+    return 8.0 * n / max(self.size, 1)
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The represented values, as ``dtype`` (default: the original dtype)."""
+    from fp4jax.quantize import dequantize  # the numerics live in quantize.py
+    return dequantize(self, dtype)
+
+  def __repr__(self) -> str:
+    ts = "" if self.tensor_scale is None else ", tensor_scale=f32"
+    return (f"QArray(shape={self.shape}, spec={self.spec.name or 'custom'}, "
+            f"element={self.spec.element.name}, scale={self.spec.scale_format.name}, "
+            f"axis={self.axis}, codes={self.codes.dtype}{list(self.codes.shape)}, "
+            f"scales={self.scales.dtype}{list(self.scales.shape)}{ts})")

@@ -1,0 +1,152 @@
+"""Rounding float32 values onto an element format's grid, and decoding codes back.
+
+A finite value ``M * 2^k`` (integer significand ``M < 2^24``, from the float bits; see
+:mod:`fp4jax.bits`) is rounded onto the grid of :class:`~fp4jax.formats.ElementFormat`
+``ExMy`` as follows, entirely in integers:
+
+* ``e = floor(log2(M * 2^k)) = bit_length(M) - 1 + k``
+* the grid step there is ``2^t`` with ``t = max(e, emin) - m`` (subnormals share ``emin``)
+* ``q = round(M / 2^(t - k))`` with the chosen rounding (nearest-even, toward zero or
+  stochastic), and the sign-magnitude code is ``((t - emin + m) << m) + q``. Float
+  codes are monotone in the value, so a rounding carry into the next binade, and the
+  comparison with the largest code, need no special case.
+
+Overflow (``code > max_code``) saturates to the largest finite value (OCP MX v1.0
+section 6.3 and torchao's casts). With ``saturate=False`` it becomes Inf for formats
+that have it (E5M2), NaN for E4M3FN, and still saturates for formats with neither.
+
+Special inputs: NaN encodes to the format's NaN code if it has one, else to +0
+(fp4jax's MX scales make every element of a block with a NaN or Inf NaN through the
+scale, as the spec says, so the element code is never read as a value). Inf saturates
+(or becomes Inf/NaN when ``saturate=False``).
+
+A scale that is a power of two, ``2^s``, is applied by passing ``k - s``: no float
+multiply takes place, so quantization is exact on backends that flush subnormals.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax import bits
+from fp4jax.formats import ElementFormat
+
+U32 = jnp.uint32
+I32 = jnp.int32
+
+ROUNDING_MODES = ("nearest", "stochastic", "toward_zero")
+_ALIASES = {"rne": "nearest", "nearest_even": "nearest", "sr": "stochastic",
+            "rtz": "toward_zero", "truncate": "toward_zero"}
+
+
+def canonical_rounding(rounding: str) -> str:
+  """Validates a rounding name (aliases: rne, sr, rtz) and returns its canonical form."""
+  if not isinstance(rounding, str):
+    raise TypeError(f"rounding must be a string, got {type(rounding).__name__}")
+  r = _ALIASES.get(rounding.lower(), rounding.lower())
+  if r not in ROUNDING_MODES:
+    raise ValueError(f"unknown rounding {rounding!r}; valid: {ROUNDING_MODES} "
+                     f"(aliases {sorted(_ALIASES)})")
+  return r
+
+
+def encode(sp: bits.Split, fmt: ElementFormat, rounding: str = "nearest",
+           random_bits: jax.Array | None = None, saturate: bool = True,
+           exp_shift: jax.Array | int = 0) -> jax.Array:
+  """Rounds ``sp`` (a split float32, times ``2^-exp_shift``) to ``fmt`` and returns codes.
+
+  Args:
+    sp: the values, from :func:`fp4jax.bits.split_f32`.
+    fmt: the element format.
+    rounding: ``"nearest"`` (ties to even), ``"toward_zero"`` or ``"stochastic"``.
+    random_bits: uint32 array broadcastable to the values; needed for stochastic.
+    saturate: clamp overflow to the largest finite value (see module doc).
+    exp_shift: int32 power-of-two scale exponent ``s``; the value encoded is ``x / 2^s``.
+
+  Returns:
+    uint32 codes: sign-magnitude for float formats, two's complement (``bits`` wide)
+    for integer formats.
+  """
+  m, emin = fmt.mbits, fmt.emin
+  M = sp.M.astype(U32)
+  k = sp.k - jnp.asarray(exp_shift, I32)
+  e = bits.bit_length(M) - 1 + k
+  t = jnp.maximum(e, emin) - m
+  s = t - k  # >= -m: a left shift only for values with fewer bits than the format
+  q = jnp.where(s >= 0, bits.round_shift_right(M, jnp.maximum(s, 0), rounding, random_bits),
+                bits.shl(M, -s))
+  over = e > fmt.emax  # at least 2^(emax+1) > max: saturate without forming the code
+  t_rel = jnp.clip(t - (emin - m), 0, 255).astype(U32)
+  mag = (t_rel << m) + q
+  overflow = over | (mag > U32(fmt.max_code)) | sp.is_inf
+  if saturate or fmt.special == "none":
+    over_code = U32(fmt.max_code)
+  elif fmt.special == "ieee":
+    over_code = U32(fmt.inf_code)
+  else:
+    over_code = U32(fmt.nan_code)
+  mag = jnp.where(overflow, over_code, mag)
+  mag = jnp.where(M == 0, U32(0), mag)
+  mag = jnp.where(sp.is_inf, over_code, mag)
+  nan_code = U32(fmt.nan_code if fmt.nan_code is not None else 0)
+  sign = jnp.where(sp.is_nan, U32(0), sp.sign.astype(U32))
+  mag = jnp.where(sp.is_nan, nan_code, mag)
+  if fmt.is_int:
+    mask = U32((1 << fmt.bits) - 1)
+    return jnp.where(sign == 1, (U32(0) - mag) & mask, mag)
+  return (sign << (fmt.ebits + fmt.mbits)) | mag
+
+
+class Decoded(NamedTuple):
+  """Codes as ``(-1)^sign * q * 2^t`` plus special flags."""
+
+  sign: jax.Array
+  q: jax.Array
+  t: jax.Array
+  is_nan: jax.Array
+  is_inf: jax.Array
+
+
+def decode(codes: jax.Array, fmt: ElementFormat) -> Decoded:
+  """Splits element codes into sign, integer significand and exponent (exact)."""
+  c = codes.astype(U32) & U32((1 << fmt.bits) - 1)
+  m = fmt.mbits
+  if fmt.is_int:
+    sign = (c >> (fmt.bits - 1)) & 1
+    q = jnp.where(sign == 1, (U32(1) << fmt.bits) - c, c)
+    false = jnp.zeros(c.shape, bool)
+    return Decoded(sign, q, jnp.full(c.shape, fmt.emin - m, I32), false, false)
+  sign = c >> (fmt.ebits + m)
+  mag = c & U32(fmt.sign_bit - 1)
+  E = (mag >> m).astype(I32)
+  F = mag & U32((1 << m) - 1)
+  q = jnp.where(E == 0, F, F + U32(1 << m))
+  t = jnp.maximum(E, 1) - fmt.bias - m
+  top = E == (1 << fmt.ebits) - 1
+  if fmt.special == "fn":
+    is_nan, is_inf = mag == U32(fmt.nan_code), jnp.zeros(c.shape, bool)
+  elif fmt.special == "ieee":
+    is_nan, is_inf = top & (F != 0), top & (F == 0)
+  else:
+    is_nan = is_inf = jnp.zeros(c.shape, bool)
+  return Decoded(sign, q, t, is_nan, is_inf)
+
+
+def decode_to_f32(codes: jax.Array, fmt: ElementFormat,
+                  exp_shift: jax.Array | int = 0) -> jax.Array:
+  """Element codes to float32 values times ``2^exp_shift`` (exact, also for subnormals)."""
+  d = decode(codes, fmt)
+  out = bits.compose_f32(d.sign, d.q, d.t + jnp.asarray(exp_shift, I32))
+  out = jnp.where(d.is_inf, jnp.where(d.sign == 1, -jnp.inf, jnp.inf).astype(jnp.float32), out)
+  return jnp.where(d.is_nan, jnp.float32(jnp.nan), out)
+
+
+def round_to_format(x: jax.Array, fmt: ElementFormat, rounding: str = "nearest",
+                    random_bits: jax.Array | None = None,
+                    saturate: bool = True) -> jax.Array:
+  """``x`` rounded onto ``fmt``'s grid, returned as float32 (elementwise cast, no scale)."""
+  sp = bits.split_f32(bits.f32_bits(bits.to_f32_exact(x)))
+  return decode_to_f32(encode(sp, fmt, canonical_rounding(rounding), random_bits, saturate), fmt)

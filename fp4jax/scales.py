@@ -1,0 +1,173 @@
+"""Block scales from block maxima, bit for bit as torchao's ``mx_formats``.
+
+All inputs are ``amax`` bit patterns (int32, from :func:`fp4jax.bits.abs_bits`); a NaN
+anywhere in a block makes its amax NaN, an Inf makes it Inf.
+
+Power-of-two scales (E8M0: ``scale = 2^(code - 127)``, code 0xFF = NaN), with
+``emax = floor(log2(max(element)))`` (2 for E2M1, 8 for E4M3, 15 for E5M2) and
+``E``/``F`` the exponent and mantissa fields of ``amax`` as float32:
+
+* ``floor`` (OCP MX v1.0 section 6.3): ``E - 127 - emax``
+  (a subnormal amax counts as 2^-127).
+* ``ceil``: ``E + (F != 0) - 127 - emax``.
+* ``even``: ``floor`` of amax with its mantissa rounded to the element's ``m`` bits
+  (``(bits + 2^(22-m)) & 0xFF800000``); a carry into Inf gives NaN, as in torchao.
+* ``floor``/``ceil``/``even`` clamp the exponent to ``[-127, 128]``; 128 is the NaN
+  code. Non-finite amax gives NaN.
+* ``rceil`` (cuBLAS / NVIDIA's recipe): ``descale = amax * (1/max(element))`` in
+  float32, then the E8M0 code is ``E + (F != 0)`` of ``descale`` (for a subnormal
+  descale: ``F > 2^22``), unclamped; non-finite gives NaN. This is the smallest power
+  of two ``s`` with ``amax / s <= max(element)``, so nothing is clipped.
+
+Elements are then ``x * 2^-s`` (exact; see :mod:`fp4jax.rounding`).
+
+Float scales (``scale_mode="amax"``, NVFP4 and per-tensor/channel FP8/INT), as
+torchao's ``nvfp4_quantize``::
+
+    one level:  s = cast(clamp(amax / max(element), min_normal, max))      # UE4M3 etc.
+                x_scaled = x * (1 / s)
+    two level:  t = amax(tensor) / (max(scale) * max(element))             # FP32
+                s = cast(clamp((amax / max(element)) / t, min_normal, max))
+                x_scaled = x * ((1 / t) / s)          dequant: q * (t * s)
+
+``cast`` rounds to nearest even (FP32 scales are not rounded); ``min_normal`` is the
+scale format's smallest normal (2^-6 for UE4M3), so an all-zero block gets that scale.
+One deliberate deviation: torchao turns an all-zero tensor into NaN under two-level
+scaling (its tensor scale is 0 and ``0/0`` follows); fp4jax uses ``t = 1`` there, as
+Transformer Engine does, so zeros stay zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax import bits
+from fp4jax import rounding
+from fp4jax.formats import ElementFormat, ScaleFormat
+
+U32 = jnp.uint32
+I32 = jnp.int32
+
+
+def pow2_scale_code(amax_bits: jax.Array, element: ElementFormat, scale_format: ScaleFormat,
+                    mode: str) -> jax.Array:
+  """Power-of-two scale codes (uint32; E8M0 byte values) from block-amax bit patterns."""
+  a = amax_bits.astype(U32)
+  bias, nan = scale_format.bias, scale_format.nan_code
+  if mode == "rceil":
+    max_f32 = jnp.float32(element.max_value)
+    descale = bits.mul_f32(bits.bits_f32(a), jnp.float32(1.0) / max_f32)
+    d = bits.f32_bits(descale)
+    E = ((d >> 23) & 0xFF).astype(I32)
+    F = d & U32(bits.MANT_MASK)
+    up = jnp.where(E == 0, F > U32(0x400000), F != 0)
+    code = E + up.astype(I32) - 127 + bias
+    code = jnp.clip(code, 0, nan)
+    return jnp.where(bits.is_finite_bits(d), code, nan).astype(U32)
+  if mode == "even":
+    rounded = (a + U32(1 << (22 - element.mbits))) & U32(0xFF800000)
+    a = jnp.where((((a >> 23) & 0xFF) == 0xFF) & ((a & U32(bits.MANT_MASK)) != 0), a, rounded)
+  E = ((a >> 23) & 0xFF).astype(I32)
+  exp = E - 127 - element.emax
+  if mode == "ceil":
+    exp = exp + ((a & U32(bits.MANT_MASK)) != 0).astype(I32)
+  elif mode not in ("floor", "even"):
+    raise ValueError(f"unknown power-of-two scale mode {mode!r}")
+  exp = jnp.clip(exp, scale_format.min_exp, scale_format.max_exp + 1)
+  code = exp + bias
+  return jnp.where(bits.is_finite_bits(a), code, nan).astype(U32)
+
+
+def pow2_scale_exponent(code: jax.Array, scale_format: ScaleFormat) -> jax.Array:
+  """The int32 exponent ``s`` of a power-of-two scale code (scale = 2^s)."""
+  return code.astype(I32) - scale_format.bias
+
+
+def pow2_scale_is_nan(code: jax.Array, scale_format: ScaleFormat) -> jax.Array:
+  return code.astype(U32) == U32(scale_format.nan_code)
+
+
+def tensor_scale_from_amax(amax: jax.Array, element: ElementFormat,
+                           scale_format: ScaleFormat) -> jax.Array:
+  """NVFP4's FP32 tensor scale ``amax / (max(scale) * max(element))`` (1 for amax = 0)."""
+  amax = jnp.asarray(amax, jnp.float32)
+  denom = jnp.float32(scale_format.max_value * element.max_value)
+  t = bits.div_f32(amax, denom)
+  return jnp.where(bits.abs_bits(bits.f32_bits(amax)) == 0, jnp.float32(1.0), t)
+
+
+def round_to_scale_format(s: jax.Array, scale_format: ScaleFormat) -> jax.Array:
+  """Clamps a positive float32 scale to the format's [min_normal, max] and rounds to it.
+
+  Returns float32 values (exactly representable in the scale format). NaN stays NaN.
+  """
+  lo, hi = jnp.float32(scale_format.min_normal), jnp.float32(scale_format.max_value)
+  # Clamp on bit patterns (positive floats order as integers), so a subnormal s is
+  # seen as itself, not as zero, on backends that flush subnormals.
+  sb = bits.abs_bits(bits.f32_bits(s))
+  lo_b = bits.abs_bits(bits.f32_bits(lo))
+  hi_b = bits.abs_bits(bits.f32_bits(hi))
+  nan = sb > bits.F32_INF_BITS
+  sb = jnp.where(nan, sb, jnp.clip(sb, lo_b, hi_b))
+  s = bits.bits_f32(sb.astype(U32))
+  if scale_format.element is None:
+    return s
+  return rounding.round_to_format(s, scale_format.element, "nearest")
+
+
+def float_block_scale(amax_bits: jax.Array, element: ElementFormat, scale_format: ScaleFormat,
+                      tensor_scale: jax.Array | None = None) -> jax.Array:
+  """The float32 value of each block's stored scale (see module doc)."""
+  amax = bits.bits_f32(amax_bits.astype(U32))
+  block = bits.div_f32(amax, jnp.float32(element.max_value))
+  if tensor_scale is not None:
+    block = bits.div_f32(block, tensor_scale)
+  return round_to_scale_format(block, scale_format)
+
+
+def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = None) -> jax.Array:
+  """``1/s`` (one level) or ``(1/t)/s`` (two level), as torchao multiplies."""
+  one = jnp.float32(1.0)
+  if tensor_scale is None:
+    return bits.div_f32(one, scale)
+  return bits.div_f32(bits.div_f32(one, tensor_scale), scale)
+
+
+def encode_float_scale(scale: jax.Array, scale_format: ScaleFormat) -> jax.Array:
+  """Stores float32 scale values in the scale format's storage dtype (exact)."""
+  dt = scale_format.storage_dtype
+  if dt == jnp.float32:
+    return scale
+  if dt == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type((bits.f32_bits(scale) >> 16).astype(jnp.uint16),
+                                        jnp.bfloat16)
+  codes = rounding.encode(bits.split_f32(bits.f32_bits(scale)), scale_format.element)
+  codes = codes.astype(jnp.uint8 if scale_format.element.bits <= 8 else jnp.uint16)
+  if dt == jnp.float8_e4m3fn:
+    return jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn)
+  return codes
+
+
+def decode_float_scale(stored: jax.Array, scale_format: ScaleFormat) -> jax.Array:
+  """Float32 values of stored float scales (exact, without relying on dtype casts)."""
+  if stored.dtype == jnp.float32:
+    return stored
+  if stored.dtype == jnp.bfloat16:
+    return bits.to_f32_exact(stored)
+  if stored.dtype == jnp.float8_e4m3fn:
+    stored = jax.lax.bitcast_convert_type(stored, jnp.uint8)
+  return rounding.decode_to_f32(stored, scale_format.element)
+
+
+def store_pow2_scale(code: jax.Array, scale_format: ScaleFormat) -> jax.Array:
+  code = code.astype(jnp.uint8)
+  if scale_format.storage_dtype == jnp.float8_e8m0fnu:
+    return jax.lax.bitcast_convert_type(code, jnp.float8_e8m0fnu)
+  return code
+
+
+def load_pow2_scale(stored: jax.Array) -> jax.Array:
+  if stored.dtype == jnp.float8_e8m0fnu:
+    stored = jax.lax.bitcast_convert_type(stored, jnp.uint8)
+  return stored.astype(U32)
