@@ -32,12 +32,21 @@ torchao's ``nvfp4_quantize``::
 
 ``cast`` rounds to nearest even (FP32 scales are not rounded); ``min_normal`` is the
 scale format's smallest normal (2^-6 for UE4M3), so an all-zero block gets that scale.
-One deliberate deviation: torchao turns an all-zero tensor into NaN under two-level
-scaling (its tensor scale is 0 and ``0/0`` follows); fp4jax uses ``t = 1`` there, as
-Transformer Engine does, so zeros stay zeros.
+Two deliberate deviations from torchao, both only for degenerate tensors and both in
+the direction of NVIDIA Transformer Engine, which keeps its encode scale finite:
+
+* all-zero tensor: torchao's tensor scale is 0 and ``0/0`` makes every scale NaN;
+  fp4jax uses ``t = 1``, so zeros stay zeros.
+* tiny tensor (``amax < 2688 * 2^-120``, about 2e-33): ``1/t`` overflows to Inf in
+  torchao, which then saturates every nonzero element to +-6 and turns zeros into NaN
+  (encoded as a finite code). fp4jax clamps ``t`` from below to
+  ``2^(-126 - log2(min_normal(scale)))`` (2^-120 for UE4M3) so that ``(1/t)/s`` is finite
+  for every block scale; such tensors then quantize like any other.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +103,11 @@ def tensor_scale_from_amax(amax: jax.Array, element: ElementFormat,
   amax = jnp.asarray(amax, jnp.float32)
   denom = jnp.float32(scale_format.max_value * element.max_value)
   t = bits.div_f32(amax, denom)
+  # Smallest t with (1/t)/s finite for every block scale s >= min_normal (see module doc).
+  t_min = 2.0 ** (-126 - math.floor(math.log2(scale_format.min_normal)))
+  t_min_bits = bits.abs_bits(bits.f32_bits(jnp.float32(t_min)))
+  tb = bits.abs_bits(bits.f32_bits(t))
+  t = jnp.where(tb < t_min_bits, jnp.float32(t_min), t)  # NaN bit patterns sort above
   return jnp.where(bits.abs_bits(bits.f32_bits(amax)) == 0, jnp.float32(1.0), t)
 
 
