@@ -168,6 +168,8 @@ def exmy(ebits: int, mbits: int, bias: int | None = None, special: Special = "no
 
   ``exmy(1, 2)`` is E1M2, ``exmy(3, 0)`` is E3M0 (powers of two), and so on.
   """
+  if ebits < 1:
+    raise ValueError(f"exmy: ebits must be >= 1, got {ebits}")
   if bias is None:
     bias = (1 << (ebits - 1)) - 1
   return ElementFormat(name or f"e{ebits}m{mbits}", ebits, mbits, bias, special)

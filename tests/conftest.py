@@ -1,0 +1,22 @@
+"""Shared test helpers."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def bits_equal_or_both_nan(a, b) -> np.ndarray:
+  """Elementwise: identical float bit patterns, or both NaN (NaN sign/payload is
+  platform-dependent and carries no value)."""
+  a, b = np.asarray(a), np.asarray(b)
+  w = {2: np.uint16, 4: np.uint32}[a.dtype.itemsize]
+  return (a.view(w) == b.view(w)) | (np.isnan(a.astype(np.float32)) & np.isnan(b.astype(np.float32)))
+
+
+@pytest.fixture
+def rng(request):
+  """A fresh numpy Generator per test, seeded from the test's name (reproducible)."""
+  return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))

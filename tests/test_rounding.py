@@ -1,0 +1,131 @@
+"""fp4jax.rounding: encode/decode on every grid; nearest-even, toward-zero, stochastic."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fp4jax import bits, formats as F, prng, rounding
+
+ML = {"e2m1": ml_dtypes.float4_e2m1fn, "e2m3": ml_dtypes.float6_e2m3fn,
+      "e3m2": ml_dtypes.float6_e3m2fn, "e4m3": ml_dtypes.float8_e4m3fn,
+      "e5m2": ml_dtypes.float8_e5m2}
+ALL = ["e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "int4", "int8", "mxint8", "e1m2", "e3m0"]
+
+
+def _encode(x, fmt, **kw):
+  return np.asarray(rounding.encode(bits.split_f32(bits.f32_bits(jnp.asarray(x, jnp.float32))),
+                                    fmt, **kw))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_code_roundtrips(name):
+  fmt = F.get_element_format(name)
+  if fmt.is_int:  # two's complement codes, excluding the unused most negative one
+    codes = np.array([c for c in range(1 << fmt.bits) if c != 1 << (fmt.bits - 1)], np.uint32)
+  else:
+    codes = np.arange(1 << fmt.bits, dtype=np.uint32)
+  vals = np.asarray(rounding.decode_to_f32(jnp.asarray(codes), fmt))
+  back = _encode(vals, fmt)
+  finite = np.isfinite(vals)
+  # Every finite code comes back to itself, except -0 which may come back as -0 or +0.
+  same = (back == codes) | ((vals == 0) & (np.abs(vals) == 0) & ~np.isnan(vals))
+  assert same[finite].all(), codes[finite & ~same]
+  expected = np.array([fmt.code_to_float(int(c)) if not fmt.is_int else
+                       (int(c) - (1 << fmt.bits) if c >> (fmt.bits - 1) else int(c)) * 2.0 **
+                       -fmt.frac_bits for c in codes])
+  np.testing.assert_array_equal(vals, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(ML))
+def test_nearest_even_matches_ml_dtypes(name, rng):
+  fmt = F.get_element_format(name)
+  grid = np.array(fmt.grid(), np.float32)
+  mids = (grid[1:] + grid[:-1]) / 2  # exact ties
+  x = np.concatenate([rng.uniform(-fmt.max_value, fmt.max_value, 20_000), mids, -mids,
+                      grid, rng.standard_normal(500) * 1e-39]).astype(np.float32)
+  out = np.asarray(rounding.round_to_format(x, fmt))
+  ref = x.astype(ML[name]).astype(np.float32)
+  np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_ties_go_to_even_code():
+  # e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6: ties 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2,
+  # 3.5->4, 5->4.
+  x = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+  out = np.asarray(rounding.round_to_format(x, F.E2M1))
+  np.testing.assert_array_equal(out, [0, 1, 1, 2, 2, 4, 4])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_saturation(name):
+  fmt = F.get_element_format(name)
+  x = np.array([fmt.max_value * 1.01, fmt.max_value * 1e6, np.inf, -np.inf, 3e38], np.float32)
+  out = np.asarray(rounding.round_to_format(x, fmt))
+  np.testing.assert_array_equal(out, np.float32(fmt.max_value) * np.sign(x))
+
+
+def test_non_saturating_overflow_uses_inf_or_nan():
+  x = np.array([1e6, -1e6], np.float32)
+  e5 = np.asarray(rounding.round_to_format(x, F.E5M2, saturate=False))
+  np.testing.assert_array_equal(e5, [np.inf, -np.inf])
+  e4 = np.asarray(rounding.round_to_format(x, F.E4M3, saturate=False))
+  assert np.isnan(e4).all()
+  # 460 rounds to 448 (below the 464 tie with the NaN code); 470 overflows.
+  e4b = np.asarray(rounding.round_to_format(np.float32([460, 470]), F.E4M3, saturate=False))
+  assert e4b[0] == 448 and np.isnan(e4b[1])
+
+
+def test_nan_encodes_to_nan_code_where_it_exists():
+  nan = np.array([np.nan], np.float32)
+  assert _encode(nan, F.E4M3)[0] == 0x7F
+  assert _encode(nan, F.E5M2)[0] == 0x7F
+  assert _encode(nan, F.E2M1)[0] == 0  # no NaN in E2M1: MX scales carry NaN instead
+
+
+def test_toward_zero_truncates():
+  x = np.array([1.9, -1.9, 5.9, 0.49], np.float32)
+  out = np.asarray(rounding.round_to_format(x, F.E2M1, rounding="toward_zero"))
+  np.testing.assert_array_equal(out, [1.5, -1.5, 4.0, 0.0])
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e4m3", "int4"])
+def test_stochastic_rounding_only_neighbours_and_unbiased(name, rng):
+  fmt = F.get_element_format(name)
+  grid = np.array(fmt.grid(), np.float64)
+  x = rng.uniform(-0.9, 0.9, 64).astype(np.float32) * np.float32(fmt.max_value)
+  n_keys = 2000
+  keys = jax.random.split(jax.random.key(7), n_keys)
+
+  def one(k):
+    rb = prng.random_bits_for(k, x.shape)
+    return rounding.round_to_format(x, fmt, "stochastic", rb)
+
+  samples = np.asarray(jax.jit(jax.vmap(one))(keys)).astype(np.float64)
+  # Only the two neighbouring grid points ever appear.
+  ax = np.abs(x.astype(np.float64))
+  lo = grid[np.searchsorted(grid, ax, side="right") - 1]
+  hi = grid[np.minimum(np.searchsorted(grid, ax, side="left"), len(grid) - 1)]
+  mag = np.abs(samples)
+  assert ((mag == lo) | (mag == hi)).all()
+  # Mean within 4 sigma of x for every element.
+  p = np.where(hi > lo, (ax - lo) / np.where(hi > lo, hi - lo, 1), 0)
+  sigma = (hi - lo) * np.sqrt(p * (1 - p) / n_keys)
+  err = np.abs(samples.mean(0) - x)
+  assert (err <= 4 * sigma + 1e-12).all(), (err / np.maximum(sigma, 1e-30)).max()
+
+
+def test_stochastic_rounding_is_reproducible():
+  x = jnp.linspace(-5, 5, 101, dtype=jnp.float32)
+  rb = prng.random_bits_for(jax.random.key(3), x.shape)
+  a = rounding.round_to_format(x, F.E2M1, "stochastic", rb)
+  b = rounding.round_to_format(x, F.E2M1, "stochastic", rb)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_canonical_rounding_names():
+  assert rounding.canonical_rounding("RNE") == "nearest"
+  assert rounding.canonical_rounding("sr") == "stochastic"
+  with pytest.raises(ValueError, match="valid"):
+    rounding.canonical_rounding("banker")

@@ -1,0 +1,140 @@
+"""fp4jax.scales: the scale rules on zeros, subnormals, the top of the range, NaN, Inf."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fp4jax
+from fp4jax import bits, formats as F, scales
+
+MODES = ["floor", "ceil", "even", "rceil"]
+
+
+def _e8m0(q):
+  return np.asarray(jax.lax.bitcast_convert_type(q.scales, jnp.uint8)).astype(int)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_block_gets_smallest_scale_and_stays_zero(mode):
+  x = np.zeros((2, 32), np.float32)
+  x[1] = np.linspace(-1, 1, 32)
+  q = fp4jax.quantize(x, "mxfp4", scale_mode=mode)
+  assert _e8m0(q)[0, 0] == 0  # 2^-127
+  y = np.asarray(fp4jax.dequantize(q))
+  assert (y[0] == 0).all() and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_makes_only_its_block_nan(mode, special, rng):
+  x = rng.standard_normal((3, 64)).astype(np.float32)
+  x[1, 40] = special
+  q = fp4jax.quantize(x, "mxfp8_e4m3", scale_mode=mode)
+  s = _e8m0(q)
+  assert s[1, 1] == 255 and (np.delete(s.ravel(), 3) != 255).all()
+  y = np.asarray(fp4jax.dequantize(q))
+  assert np.isnan(y[1, 32:]).all() and np.isfinite(np.delete(y.reshape(-1, 32), 3, 0)).all()
+
+
+def test_subnormal_blocks_quantize_exactly_despite_flush_to_zero(rng):
+  """Independent float64 reference: scale 2^-127 (clamped), elements x * 2^127 rounded
+  by ml_dtypes, then times 2^-127."""
+  x = (rng.standard_normal((4, 32)) * 1e-39).astype(np.float32)
+  y = np.asarray(fp4jax.fake_quant(x, "mxfp8_e4m3"))
+  scaled = (x.astype(np.float64) * 2.0**127).astype(np.float32)
+  ref = (np.clip(scaled, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+         * 2.0**-127).astype(np.float32)
+  np.testing.assert_array_equal(y.view(np.uint32), ref.view(np.uint32))
+  assert (y != 0).mean() > 0.9  # would be all zero if subnormals were flushed
+
+
+@pytest.mark.parametrize("mode,code,value", [
+    ("floor", 125 + 127, 6 * 2.0**125),   # 3.99 * 2^126 / 2^125 = 7.99 saturates to 6
+    ("ceil", 126 + 127, np.inf),          # 3.99 rounds to 4: 4 * 2^126 = 2^128 > FLT_MAX
+    ("rceil", 126 + 127, np.inf),
+    ("even", 255, np.nan)])               # amax rounds up to 2^128 = Inf: NaN (torchao)
+def test_top_of_float32_range(mode, code, value):
+  x = np.full((1, 32), np.finfo(np.float32).max, np.float32)
+  q = fp4jax.quantize(x, "mxfp4", scale_mode=mode)
+  assert _e8m0(q)[0, 0] == code
+  y = np.asarray(fp4jax.dequantize(q))
+  np.testing.assert_array_equal(y, np.float32(value))
+
+
+def test_even_mode_rounding_into_inf_gives_nan_as_torchao():
+  # amax = 1.9999 * 2^127 rounds (at E4M3's 3 mantissa bits) to 2^128 = Inf -> NaN scale.
+  x = np.full((1, 32), 3.4e38, np.float32)
+  assert _e8m0(fp4jax.quantize(x, "mxfp8_e4m3", scale_mode="even"))[0, 0] == 255
+
+
+def test_floor_clips_and_rceil_does_not(rng):
+  x = (rng.standard_normal((256, 32)) * np.exp2(rng.integers(-10, 10, (256, 1)))).astype(np.float32)
+  for mode, clips in [("floor", True), ("rceil", False), ("ceil", False)]:
+    q = fp4jax.quantize(x, "mxfp4", scale_mode=mode)
+    scale = np.exp2(_e8m0(q) - 127.0)
+    ratio = np.abs(x).reshape(256, 1, 32).max(-1) / scale
+    assert (ratio > 6).any() == clips, mode
+
+
+def test_scale_mode_formulas_against_float64(rng):
+  """floor = floor(log2 amax) - emax; ceil = ceil(...); rceil = ceil(log2(amax / max))."""
+  amax = np.abs(rng.standard_normal(4096) * np.exp2(rng.integers(-60, 60, 4096))).astype(np.float32)
+  ab = bits.abs_bits(bits.f32_bits(amax))
+  m, e = np.frexp(amax.astype(np.float64))  # float64 on the numpy side: exact here
+  fl = (e - 1) - 2
+  cl = np.where(m == 0.5, e - 1, e) - 2
+  rc = np.ceil(np.log2(amax.astype(np.float64) / 6.0))
+  for mode, ref in [("floor", fl), ("ceil", cl), ("rceil", rc)]:
+    got = np.asarray(scales.pow2_scale_code(ab, F.E2M1, F.E8M0, mode)).astype(int) - 127
+    np.testing.assert_array_equal(got, ref, err_msg=mode)
+
+
+def test_nvfp4_inf_saturates_one_level():
+  x = np.linspace(-1, 1, 32).astype(np.float32).reshape(2, 16)
+  x[0, 3] = np.inf
+  q = fp4jax.quantize(x, "nvfp4", tensor_scale=None)
+  y = np.asarray(fp4jax.dequantize(q))
+  assert y[0, 3] == 6 * 448 and np.isfinite(y).all()
+
+
+def test_nvfp4_all_zero_tensor_stays_zero_two_level():
+  """Deviation from torchao (which returns NaN here), as Transformer Engine."""
+  q = fp4jax.quantize(np.zeros((4, 32), np.float32), "nvfp4")
+  assert float(q.tensor_scale.ravel()[0]) == 1.0
+  assert (np.asarray(fp4jax.dequantize(q)) == 0).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e-36, 1e-39, 1e-44])
+def test_nvfp4_tiny_tensor_quantizes_like_any_other(magnitude, rng):
+  """Deviation from torchao, whose 1/t overflows for amax < ~2e-33 (see fp4jax.scales)."""
+  x = (rng.standard_normal((8, 32)) * magnitude).astype(np.float32)
+  x[0, :5] = 0.0
+  y = np.asarray(fp4jax.fake_quant(x, "nvfp4"))
+  assert np.isfinite(y).all() and (y[0, :5] == 0).all()
+  # Below ~2^-127 nothing is representable (0.5 * 2^-120 * 2^-6): only finiteness counts.
+  if magnitude >= 1e-36:
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    rel = np.linalg.norm(y64 - x64) / np.linalg.norm(x64)
+    assert rel < 0.25, rel
+
+
+def test_nvfp4_explicit_tensor_scale(rng):
+  x = rng.standard_normal((4, 32)).astype(np.float32)
+  ts = scales.tensor_scale_from_amax(jnp.float32(np.abs(x).max()), F.E2M1, F.UE4M3)
+  a = fp4jax.quantize(x, "nvfp4")
+  b = fp4jax.quantize(x, "nvfp4", tensor_scale=ts)
+  np.testing.assert_array_equal(a.codes, b.codes)
+  np.testing.assert_array_equal(np.asarray(a.scales, np.float32), np.asarray(b.scales, np.float32))
+
+
+def test_nvfp4_two_level_formula(rng):
+  """Independent float64 check of the two-level scale: s = e4m3(amax_b/6/t)."""
+  x = (rng.standard_normal((8, 64)) * 3).astype(np.float32)
+  q = fp4jax.quantize(x, "nvfp4")
+  t = np.float32(np.abs(x).max()) / np.float32(2688.0)
+  amax_b = np.abs(x).reshape(8, 4, 16).max(-1)
+  s = np.clip((amax_b / np.float32(6.0)) / t, 2**-6, 448).astype(ml_dtypes.float8_e4m3fn)
+  np.testing.assert_array_equal(np.asarray(q.scales).view(np.uint8), s.view(np.uint8))
+  assert np.float32(q.tensor_scale.ravel()[0]) == t
