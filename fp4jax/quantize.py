@@ -125,14 +125,24 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
       else:
         tensor_amax = bits.bits_f32(jnp.max(amax).astype(jnp.uint32))
         ts = scales.tensor_scale_from_amax(tensor_amax, elem, sfmt)
+      # Materialise the scalar: otherwise XLA fuses the whole-tensor reduction into
+      # every consumer of the exact-division graph and compile time explodes.
+      ts = jax.lax.optimization_barrier(ts)
       ts_store = ts.reshape((1,) * x.ndim)
     s = scales.float_block_scale(amax, elem, sfmt, ts)
-    recip = blocks.expand(scales.float_scale_reciprocal(s, ts), ext, full)
+    # Per-block values are materialised before being broadcast to elements: XLA would
+    # otherwise duplicate the exact-division graph into every element fusion (minutes
+    # of compile time on CPU).
+    s, recip = jax.lax.optimization_barrier((s, scales.float_scale_reciprocal(s, ts)))
+    recip = blocks.expand(recip, ext, full)
     y = bits.mul_f32(bits.bits_f32(b), recip)
     codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding, rbits,
                             spec.saturate)
     stored_scales = scales.encode_float_scale(s, sfmt)
   packed = packing.pack(codes, elem.bits, ax, spec.packed)
+  # The codes are quantize's product: materialise them, so that a following dequantize
+  # is not fused into (and duplicated through) the encoding graph.
+  packed = jax.lax.optimization_barrier(packed)
   return QArray(packed, stored_scales, ts_store, spec, ax, pads, x.dtype)
 
 
@@ -160,6 +170,7 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     s = scales.decode_float_scale(q.scales, sfmt)
     if q.tensor_scale is not None:
       s = bits.mul_f32(q.tensor_scale, s)  # shape (lead..., 1, ..., 1) broadcasts
+    s = jax.lax.optimization_barrier(s)  # see quantize: keep block math out of element fusions
     out = bits.mul_f32(rounding_lib.decode_to_f32(codes, elem), blocks.expand(s, ext, full))
   if any(q.padding):
     out = out[(Ellipsis,) + tuple(slice(0, n - p) for n, p in zip(full[-nd:], q.padding))]

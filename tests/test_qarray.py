@@ -1,0 +1,69 @@
+"""fp4jax.qarray: QArray as a pytree under jit / vmap / grad / jax.tree, and its sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fp4jax
+
+
+def test_bits_per_element_and_nbytes(rng):
+  x = rng.standard_normal((64, 256)).astype(np.float32)
+  q = fp4jax.quantize(x, "mxfp4")
+  assert q.bits_per_element == 4.25
+  assert q.nbytes == 64 * 128 + 64 * 8
+  q = fp4jax.quantize(x, "nvfp4")
+  assert q.bits_per_element == 4.5
+  assert q.nbytes == 64 * 128 + 64 * 16 + 4
+  assert fp4jax.get_spec("mxfp4").bits_per_element == 4.25
+  assert fp4jax.get_spec("nvfp4").bits_per_element == 4.5
+  assert fp4jax.quantize(x, "mxfp6_e2m3").bits_per_element == 6.25
+
+
+def test_jit_roundtrip(rng):
+  x = jnp.asarray(rng.standard_normal((16, 64)), jnp.bfloat16)
+  q = jax.jit(lambda v: fp4jax.quantize(v, "nvfp4"))(x)
+  assert isinstance(q, fp4jax.QArray)
+  y_jit = jax.jit(fp4jax.dequantize)(q)
+  np.testing.assert_array_equal(np.asarray(y_jit, np.float32),
+                                np.asarray(fp4jax.fake_quant(x, "nvfp4"), np.float32))
+
+
+def test_vmap_quantize_and_dequantize(rng):
+  x = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
+  q = jax.vmap(lambda v: fp4jax.quantize(v, "mxfp4"))(x)
+  assert q.shape == (4, 8, 64) and q.scales.shape == (4, 8, 2)
+  y = jax.vmap(fp4jax.dequantize)(q)
+  np.testing.assert_array_equal(y, fp4jax.fake_quant(x, "mxfp4"))
+  np.testing.assert_array_equal(fp4jax.dequantize(q), y)  # batched QArray outside vmap
+  qn = jax.vmap(lambda v: fp4jax.quantize(v, "nvfp4"))(x)
+  np.testing.assert_array_equal(fp4jax.dequantize(qn), jax.vmap(fp4jax.dequantize)(qn))
+
+
+def test_tree_utilities_and_grad_as_data(rng):
+  x = jnp.asarray(rng.standard_normal((8, 32)), jnp.float32)
+  q = fp4jax.quantize(x, "nvfp4")
+  leaves, treedef = jax.tree.flatten(q)
+  assert len(leaves) == 3
+  q2 = jax.tree.unflatten(treedef, leaves)
+  np.testing.assert_array_equal(fp4jax.dequantize(q2), fp4jax.dequantize(q))
+  shapes = jax.tree.map(lambda a: a.shape, q)
+  assert shapes.codes == (8, 16)
+  # A QArray can be an argument of a differentiated function (as non-differentiable data).
+  w = jnp.ones((32, 4))
+  g = jax.grad(lambda w, q: jnp.sum(fp4jax.dequantize(q) @ w))(w, q)
+  np.testing.assert_allclose(g, jnp.broadcast_to(fp4jax.dequantize(q).sum(0)[:, None], (32, 4)),
+                             rtol=1e-6)
+
+
+def test_repr_and_dtype():
+  q = fp4jax.quantize(jnp.ones((2, 32), jnp.bfloat16), "mxfp4")
+  assert "mxfp4" in repr(q) and q.dtype == jnp.bfloat16
+  assert fp4jax.dequantize(q).dtype == jnp.bfloat16
+  assert q.dequantize(jnp.float32).dtype == jnp.float32
+
+
+def test_dequantize_rejects_non_qarray():
+  with pytest.raises(TypeError, match="QArray"):
+    fp4jax.dequantize(jnp.ones(3))
