@@ -1,0 +1,13 @@
+# `make run`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
+.PHONY: setup run test report
+
+setup:
+	@tools/setup_venv.sh
+
+run: setup
+	.venv/bin/python -m fp4jax.report
+
+report: run
+
+test: setup
+	.venv/bin/python -m pytest -q -n auto tests

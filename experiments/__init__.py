@@ -1,0 +1,1 @@
+"""absl-flag experiment scripts (``python -m experiments.<study>``)."""
