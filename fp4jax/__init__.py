@@ -5,12 +5,13 @@
 >>> y = fp4jax.dequantize(q)
 """
 
-from fp4jax import formats, spec as spec_lib
+from fp4jax import estimators, formats, hadamard, recipes, spec as spec_lib
 from fp4jax.formats import (BF16_SCALE, E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FP32_SCALE, INT4,
                             INT8, MXINT8, UE4M3, ElementFormat, ScaleFormat, exmy, intn,
                             pow2_scale)
 from fp4jax.qarray import QArray
-from fp4jax.quantize import dequantize, fake_quant, quantize
+from fp4jax.qdot import qdot_general, qeinsum, qmatmul
+from fp4jax.quantize import dequantize, element_scales, fake_quant, quantize
 from fp4jax.rounding import round_to_format
 from fp4jax.spec import PRESETS, QuantSpec, get_spec
 
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BF16_SCALE", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "E8M0", "FP32_SCALE", "INT4", "INT8",
     "MXINT8", "UE4M3", "ElementFormat", "PRESETS", "QArray", "QuantSpec", "ScaleFormat",
-    "dequantize", "exmy", "fake_quant", "formats", "get_spec", "intn", "pow2_scale", "quantize",
-    "round_to_format",
+    "dequantize", "element_scales", "estimators", "exmy", "fake_quant", "formats", "get_spec", "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
+    "recipes", "round_to_format",
 ]

@@ -177,6 +177,30 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
   return out.astype(q.orig_dtype if dtype is None else dtype)
 
 
+def element_scales(q: QArray) -> jax.Array:
+  """The float32 scale multiplying each element's code value (shape ``q.shape``):
+  ``2^s`` for power-of-two scales, ``s`` or ``t * s`` for float scales. Surrogate
+  gradients evaluate on ``x / element_scales(q)``."""
+  spec = q.spec
+  sfmt = spec.scale_format
+  full = packing.unpack(q.codes, spec.element.bits, q.axis, spec.packed).shape
+  nd = len(q.padding)
+  ext = blocks.block_extents(full[-nd:], spec, q.axis)
+  if sfmt.is_pow2:
+    code = scales.load_pow2_scale(q.scales)
+    s = bits.compose_f32(jnp.zeros_like(code), jnp.ones_like(code),
+                         scales.pow2_scale_exponent(code, sfmt))
+    s = jnp.where(scales.pow2_scale_is_nan(code, sfmt), jnp.float32(jnp.nan), s)
+  else:
+    s = scales.decode_float_scale(q.scales, sfmt)
+    if q.tensor_scale is not None:
+      s = bits.mul_f32(q.tensor_scale, s)
+  out = blocks.expand(s, ext, full)
+  if any(q.padding):
+    out = out[(Ellipsis,) + tuple(slice(0, n - p) for n, p in zip(full[-nd:], q.padding))]
+  return out
+
+
 def fake_quant(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
                **kwargs) -> jax.Array:
   """``dequantize(quantize(x, spec, axis, **kwargs), x.dtype)``: x rounded onto the format."""

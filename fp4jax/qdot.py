@@ -1,0 +1,239 @@
+"""Quantized ``dot_general`` / ``einsum`` / ``matmul`` with a custom VJP.
+
+Any ``dot_general`` is brought to the canonical batched form ``(B, M, K) x (B, K, N)``
+(batch dims, lhs free dims, contracting dims flattened), which is what the three GEMMs
+of :mod:`fp4jax.recipes` are defined on:
+
+    forward:  Y  = Q_fl(A R_f) Q_fr(R_f^T W)                        (contract K)
+    dgrad:    dA = [Q_dg(dY R_d) Q_dr(W' R_d)^T] * est_A' ... R_f^T  (contract N)
+    wgrad:    dW = R_f [Q_wl(R_w^T A') ^T Q_wg(R_w^T dY)] * est_W'   (contract M)
+
+``R_f, R_d, R_w`` are random Hadamard transforms (identity when the recipe has none),
+``A' = A R_f`` and ``W' = R_f^T W`` (or their forward-quantized versions with double
+quantization), ``est'`` the forward quantizers' surrogate derivatives (1 for STE).
+Products accumulate in float32 (``Precision.HIGHEST``); the output dtype is
+``preferred_element_type`` or the operands' result type. Reshapes and transposes
+around the core are ordinary JAX ops, so autodiff maps the gradients back.
+
+Randomness: a key is split per use with ``fold_in`` (0..5 for the six operands, 6..8
+for the three Hadamard transforms), so one step key reproduces a run bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fp4jax import asymmetric, estimators, hadamard, outliers
+from fp4jax import recipes as recipes_lib
+from fp4jax.quantize import dequantize, element_scales, quantize
+from fp4jax.spec import QuantSpec
+
+_HIGHEST = lax.Precision.HIGHEST
+_OP_INDEX = {op: i for i, op in enumerate(recipes_lib.OPERANDS)}
+_H_FWD, _H_DGRAD, _H_WGRAD = 6, 7, 8
+
+
+def _key(key_data, i):
+  return jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
+
+
+def _fake_quant(x, spec: QuantSpec | None, axis: int, key_data, op: str,
+                asym: bool = False) -> jax.Array:
+  """Float32 fake-quantized x (x itself when spec is None)."""
+  x = x.astype(jnp.float32)
+  if spec is None:
+    return x
+  key = _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
+  if asym:
+    return asymmetric.asymmetric_fake_quant(x, spec, axis, key=key)
+  return dequantize(quantize(x, spec, axis, key=key), jnp.float32)
+
+
+def _estimator_multiplier(x, spec: QuantSpec | None, axis: int, name: str, params) -> Any:
+  if spec is None or name == "ste":
+    return None
+  q = quantize(x.astype(jnp.float32), spec.replace(rounding="nearest"), axis)
+  v = x.astype(jnp.float32) / element_scales(q)
+  return estimators.get_estimator(name)(v, spec.element, **dict(params))
+
+
+def _rht(x, axis, key_data, block, which, transpose=False):
+  if block is None:
+    return x.astype(jnp.float32)
+  return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
+
+
+def _mm(a, b, eq):
+  return jnp.einsum(eq, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _qmatmul_for(recipe: recipes_lib.Recipe, out_dtype):
+  """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N)`` of one recipe and output dtype."""
+
+  @jax.custom_vjp
+  def qmatmul(a, w, key_data):
+    return _qmatmul_fwd(a, w, key_data, recipe, out_dtype)[0]
+
+  qmatmul.defvjp(lambda a, w, kd: _qmatmul_fwd(a, w, kd, recipe, out_dtype),
+                 lambda res, g: _qmatmul_bwd(recipe, res, g))
+  return qmatmul
+
+
+def _qmatmul_fwd(a, w, key_data, recipe, out_dtype):
+  r = recipe
+  a1 = _rht(a, -1, key_data, r.hadamard_fwd, _H_FWD)
+  w1 = _rht(w, -2, key_data, r.hadamard_fwd, _H_FWD)
+  aq = _fake_quant(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", r.lhs_asymmetric)
+  wq = _fake_quant(w1, r.fwd_rhs, -2, key_data, "fwd_rhs")
+  y = _mm(aq, wq, "bmk,bkn->bmn").astype(out_dtype)
+  # Empty arrays carry the input dtypes (residuals must be arrays).
+  return y, (a1, w1, aq, wq, key_data, jnp.zeros((0,), a.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _qmatmul_bwd(recipe, res, g):
+  r = recipe
+  a1, w1, aq, wq, key_data, a_like, w_like = res
+  a_dtype, w_dtype = a_like.dtype, w_like.dtype
+  g = g.astype(jnp.float32)
+  a_src, w_src = (aq, wq) if r.double_quant else (a1, w1)
+
+  # dgrad: dA' = dY W'^T, contracting N.
+  g_d = _rht(g, -1, key_data, r.hadamard_dgrad, _H_DGRAD)
+  w_d = _rht(w_src, -1, key_data, r.hadamard_dgrad, _H_DGRAD)
+  da = _mm(_fake_quant(g_d, r.dgrad_grad, -1, key_data, "dgrad_grad"),
+           _fake_quant(w_d, r.dgrad_rhs, -1, key_data, "dgrad_rhs"), "bmn,bkn->bmk")
+  mult = _estimator_multiplier(a1, r.fwd_lhs, -1, r.lhs_estimator, r.estimator_params)
+  if mult is not None:
+    da = da * mult
+  da = _rht(da, -1, key_data, r.hadamard_fwd, _H_FWD, transpose=True)
+
+  # wgrad: dW' = A'^T dY, contracting M.
+  a_w = _rht(a_src, -2, key_data, r.hadamard_wgrad, _H_WGRAD)
+  g_w = _rht(g, -2, key_data, r.hadamard_wgrad, _H_WGRAD)
+  dw = _mm(_fake_quant(a_w, r.wgrad_lhs, -2, key_data, "wgrad_lhs"),
+           _fake_quant(g_w, r.wgrad_grad, -2, key_data, "wgrad_grad"), "bmk,bmn->bkn")
+  mult = _estimator_multiplier(w1, r.fwd_rhs, -2, r.rhs_estimator, r.estimator_params)
+  if mult is not None:
+    dw = dw * mult
+  dw = _rht(dw, -2, key_data, r.hadamard_fwd, _H_FWD, transpose=True)
+  zero_key = np.zeros(key_data.shape, dtype=jax.dtypes.float0)
+  return da.astype(a_dtype), dw.astype(w_dtype), zero_key
+
+
+
+def _check_dims(lhs, rhs, dimension_numbers):
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+  except (TypeError, ValueError):
+    raise ValueError("dimension_numbers must be ((lhs_contracting, rhs_contracting), "
+                     f"(lhs_batch, rhs_batch)), got {dimension_numbers!r}") from None
+  lc, rc, lb, rb = (tuple(int(d) % nd for d in ds) for ds, nd in
+                    ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f"dimension_numbers pair up {len(lc)}/{len(rc)} contracting and "
+                     f"{len(lb)}/{len(rb)} batch dims; they must match")
+  for name, a, b in (("contracting", lc, rc), ("batch", lb, rb)):
+    for i, j in zip(a, b):
+      if lhs.shape[i] != rhs.shape[j]:
+        raise ValueError(f"qdot_general: {name} dimension sizes differ: lhs dim {i} has "
+                         f"{lhs.shape[i]}, rhs dim {j} has {rhs.shape[j]}")
+  return lc, rc, lb, rb
+
+
+def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
+                 recipe: str | recipes_lib.Recipe = "mxfp4", key: jax.Array | None = None, *,
+                 preferred_element_type: Any = None) -> jax.Array:
+  """``lax.dot_general`` with every GEMM of forward and backward quantized by ``recipe``.
+
+  Args:
+    lhs, rhs: float operands (lhs plays the activation ``A``, rhs the weight ``W``).
+    dimension_numbers: as ``lax.dot_general``: ``((lhs_contract, rhs_contract),
+      (lhs_batch, rhs_batch))``.
+    recipe: a name from ``fp4jax.recipes.RECIPES`` or a :class:`~fp4jax.recipes.Recipe`.
+    key: ``jax.random`` key; required when the recipe rounds stochastically or uses a
+      random Hadamard transform. Use one key per step and ``fold_in`` per layer.
+    preferred_element_type: output dtype (default: result type of the operands).
+
+  Returns:
+    ``lax.dot_general``'s output layout: batch dims, lhs free dims, rhs free dims.
+  """
+  recipe = recipes_lib.get(recipe)
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  for name, v in (("lhs", lhs), ("rhs", rhs)):
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      raise TypeError(f"qdot_general: {name} must be a float array, got {v.dtype}")
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+  if recipe.is_identity:
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=out_dtype
+                           if preferred_element_type is not None else None)
+  lc, rc, lb, rb = _check_dims(lhs, rhs, dimension_numbers)
+  if recipe.needs_key and key is None:
+    raise ValueError(f"recipe {recipe.name!r} uses stochastic rounding or a random Hadamard "
+                     "transform: pass key=jax.random.key(...) (one per step, fold_in per layer)")
+  key_data = (jax.random.key_data(key) if key is not None and
+              jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else
+              jnp.asarray(key if key is not None else np.zeros(2, np.uint32), jnp.uint32))
+
+  lf = [d for d in range(lhs.ndim) if d not in lc + lb]
+  rf = [d for d in range(rhs.ndim) if d not in rc + rb]
+  bshape = [lhs.shape[d] for d in lb]
+  mshape = [lhs.shape[d] for d in lf]
+  nshape = [rhs.shape[d] for d in rf]
+  k = int(np.prod([lhs.shape[d] for d in lc], dtype=np.int64))
+  B, M, N = (int(np.prod(s, dtype=np.int64)) for s in (bshape, mshape, nshape))
+  a = jnp.transpose(lhs, (*lb, *lf, *lc)).reshape(B, M, k)
+  w = jnp.transpose(rhs, (*rb, *rc, *rf)).reshape(B, k, N)
+
+  if recipe.occ_quantile is not None:
+    a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
+  y = _qmatmul_for(recipe, out_dtype)(a, w, key_data)
+  if recipe.occ_quantile is not None:
+    y = (y.astype(jnp.float32) + _mm(residual.astype(jnp.float32), w.astype(jnp.float32),
+                                     "bmk,bkn->bmn")).astype(out_dtype)
+  return y.reshape(*bshape, *mshape, *nshape)
+
+
+def qmatmul(x: jax.Array, w: jax.Array, recipe: str | recipes_lib.Recipe = "mxfp4",
+            key: jax.Array | None = None, **kwargs) -> jax.Array:
+  """``x @ w`` for activations ``x: (..., K)`` and a weight ``w: (K, N)``."""
+  if w.ndim != 2:
+    raise ValueError(f"qmatmul expects a 2D weight (K, N), got shape {w.shape}")
+  return qdot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), recipe, key, **kwargs)
+
+
+def qeinsum(subscripts: str, lhs: jax.Array, rhs: jax.Array,
+            recipe: str | recipes_lib.Recipe = "mxfp4", key: jax.Array | None = None,
+            **kwargs) -> jax.Array:
+  """Two-operand ``einsum`` (explicit ``->`` output, no ellipsis) through
+  :func:`qdot_general`: letters in both inputs and the output are batch dims, letters in
+  both inputs only are contracted."""
+  if "->" not in subscripts or "..." in subscripts:
+    raise ValueError(f"qeinsum needs explicit output subscripts and no ellipsis, got "
+                     f"{subscripts!r}")
+  ins, out = subscripts.replace(" ", "").split("->")
+  try:
+    ls, rs = ins.split(",")
+  except ValueError:
+    raise ValueError(f"qeinsum takes exactly two operands, got {subscripts!r}") from None
+  if len(ls) != lhs.ndim or len(rs) != rhs.ndim:
+    raise ValueError(f"qeinsum: {subscripts!r} does not match operand ranks "
+                     f"{lhs.ndim} and {rhs.ndim}")
+  for c in set(ls) ^ set(rs):
+    if c not in out:
+      raise ValueError(f"qeinsum: index {c!r} appears in one operand only and not in the "
+                       "output; sum it out before calling")
+  batch = [c for c in ls if c in rs and c in out]
+  contract = [c for c in ls if c in rs and c not in out]
+  dims = ((tuple(ls.index(c) for c in contract), tuple(rs.index(c) for c in contract)),
+          (tuple(ls.index(c) for c in batch), tuple(rs.index(c) for c in batch)))
+  y = qdot_general(lhs, rhs, dims, recipe, key, **kwargs)
+  produced = batch + [c for c in ls if c not in rs] + [c for c in rs if c not in ls]
+  return jnp.transpose(y, [produced.index(c) for c in out])
+
