@@ -181,7 +181,7 @@ def test_stochastic_rounding_is_biased_where_the_block_max_saturates():
 def test_composes_with_jit_grad_vmap_remat_and_scan():
   r = np.random.default_rng(3)
   ws = jnp.asarray(r.standard_normal((3, 64, 64)) * 0.1, jnp.float32)
-  x = jnp.asarray(r.standard_normal((8, 16, 64)), jnp.float32)
+  x = jnp.asarray(r.standard_normal((4, 32, 64)), jnp.float32)  # per example: 32 tokens
 
   def layer(h, wk):
     w, k = wk
@@ -204,7 +204,7 @@ def test_composes_with_jit_grad_vmap_remat_and_scan():
   g2 = jax.jit(jax.grad(loss_unrolled))(ws, x, key)
   np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-7)
   per_example = jax.jit(jax.vmap(lambda xi: jax.grad(loss)(ws, xi[None], key)))(x)
-  assert per_example.shape == (8, 3, 64, 64) and np.isfinite(per_example).all()
+  assert per_example.shape == (4, 3, 64, 64) and np.isfinite(per_example).all()
 
 
 @pytest.mark.parametrize("call,err,match", [
