@@ -6,6 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
+# CPU unless the caller chooses (the GPU machine runs the suite with "cuda,cpu").
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
