@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax import blocks
-from fp4jax.quantize import fake_quant
+from fp4jax.qarray import QArray
+from fp4jax.quantize import dequantize, quantize
 from fp4jax.spec import QuantSpec, resolve_spec
 
 
@@ -28,7 +29,13 @@ def block_midpoint(x: jax.Array, spec: QuantSpec, axis: int) -> jax.Array:
   return blocks.expand((hi + lo) * 0.5, ext, x.shape)
 
 
+def quantize_shifted(x: jax.Array, spec, axis: int = -1, **kwargs) -> tuple[jax.Array, QArray]:
+  """``(z, quantize(x - z))`` with ``z`` the per-block midpoint (float32, constant)."""
+  z = jax.lax.stop_gradient(block_midpoint(x, spec, axis))
+  return z, quantize(x.astype(jnp.float32) - z, spec, axis, **kwargs)
+
+
 def asymmetric_fake_quant(x: jax.Array, spec, axis: int = -1, **kwargs) -> jax.Array:
   """``z + fake_quant(x - z)`` with ``z`` the per-block midpoint; float32 result."""
-  z = jax.lax.stop_gradient(block_midpoint(x, spec, axis))
-  return z + fake_quant(x.astype(jnp.float32) - z, spec, axis, **kwargs).astype(jnp.float32)
+  z, q = quantize_shifted(x, spec, axis, **kwargs)
+  return z + dequantize(q, jnp.float32)

@@ -63,7 +63,8 @@ def padding(shape: tuple[int, ...], spec: QuantSpec, axis: int, pack_group: int,
   nd = len(shape)
   pads = []
   for d in range(-nd, 0):
-    mult = ext[d] if ext[d] < shape[d] or spec.granularity in ("block", "tile") else 1
+    # channel/tensor blocks span their whole dimension: only blocks and tiles must divide.
+    mult = ext[d] if spec.granularity in ("block", "tile") else 1
     if d == axis:
       mult = math.lcm(max(mult, 1), pack_group)
     need = (-shape[d]) % mult if mult > 1 else 0

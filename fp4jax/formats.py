@@ -62,10 +62,6 @@ class ElementFormat:
       raise ValueError(f"ElementFormat {self.name!r}: ebits must be >= 1, got {self.ebits}")
     if self.mbits < 0:
       raise ValueError(f"ElementFormat {self.name!r}: mbits must be >= 0, got {self.mbits}")
-    if self.bits > 8:
-      raise ValueError(
-          f"ElementFormat {self.name!r}: at most 8 bits per element (1 sign + ebits + mbits),"
-          f" got {self.bits}")
     if self.special not in ("none", "fn", "ieee"):
       raise ValueError(f"ElementFormat {self.name!r}: special must be 'none', 'fn' or 'ieee'")
     if self.special == "fn" and self.mbits == 0:
@@ -170,6 +166,9 @@ def exmy(ebits: int, mbits: int, bias: int | None = None, special: Special = "no
   """
   if ebits < 1:
     raise ValueError(f"exmy: ebits must be >= 1, got {ebits}")
+  if 1 + ebits + mbits > 8:
+    raise ValueError(f"exmy: at most 8 bits per element (1 sign + ebits + mbits), got "
+                     f"{1 + ebits + mbits}")
   if bias is None:
     bias = (1 << (ebits - 1)) - 1
   return ElementFormat(name or f"e{ebits}m{mbits}", ebits, mbits, bias, special)
@@ -296,11 +295,9 @@ class ScaleFormat:
     return 32 if self.element is None else self.element.bits
 
 
-# BF16 as a rounding grid for scales (8 exponent bits, 7 mantissa, IEEE specials).
-# It has more than 8 bits, so it is built directly rather than through ElementFormat checks.
-BF16_GRID = object.__new__(ElementFormat)
-for _k, _v in dict(name="bf16", ebits=8, mbits=7, bias=127, special="ieee", is_int=False).items():
-  object.__setattr__(BF16_GRID, _k, _v)
+# BF16 as a rounding grid for scales (16 bits: a scale grid, never an element format;
+# QuantSpec limits elements to 8 bits).
+BF16_GRID = ElementFormat("bf16", 8, 7, 127, "ieee")
 
 E8M0 = ScaleFormat("e8m0", "pow2", bits=8, bias=127)
 UE4M3 = ScaleFormat("ue4m3", "float", element=E4M3)

@@ -43,24 +43,25 @@ def _key(key_data, i):
   return jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
 
 
-def _fake_quant(x, spec: QuantSpec | None, axis: int, key_data, op: str,
-                asym: bool = False) -> jax.Array:
-  """Float32 fake-quantized x (x itself when spec is None)."""
+def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
+                      estimator: str = "ste", params=(), asym: bool = False):
+  """Float32 fake-quantized ``x`` (x itself when spec is None) and, for a non-STE
+  estimator, the surrogate-derivative multiplier at ``x`` (else None)."""
   x = x.astype(jnp.float32)
   if spec is None:
-    return x
+    return x, None
   key = _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
   if asym:
-    return asymmetric.asymmetric_fake_quant(x, spec, axis, key=key)
-  return dequantize(quantize(x, spec, axis, key=key), jnp.float32)
-
-
-def _estimator_multiplier(x, spec: QuantSpec | None, axis: int, name: str, params) -> Any:
-  if spec is None or name == "ste":
-    return None
-  q = quantize(x.astype(jnp.float32), spec.replace(rounding="nearest"), axis)
-  v = x.astype(jnp.float32) / element_scales(q)
-  return estimators.get_estimator(name)(v, spec.element, **dict(params))
+    z, q = asymmetric.quantize_shifted(x, spec, axis, key=key)
+    value, centred = z + dequantize(q, jnp.float32), x - z
+  else:
+    q = quantize(x, spec, axis, key=key)
+    value, centred = dequantize(q, jnp.float32), x
+  if estimator == "ste":
+    return value, None
+  mult = estimators.get_estimator(estimator)(centred / element_scales(q), spec.element,
+                                             **dict(params))
+  return value, mult
 
 
 def _rht(x, axis, key_data, block, which, transpose=False):
@@ -71,6 +72,16 @@ def _rht(x, axis, key_data, block, which, transpose=False):
 
 def _mm(a, b, eq):
   return jnp.einsum(eq, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _backward_gemm(x, y, axis, key_data, block, which, ops, specs, eq):
+  """One backward GEMM: Hadamard both operands along the contraction ``axis``, quantize
+  each along it with its spec, multiply in float32."""
+  xq, _ = _quantize_operand(_rht(x, axis, key_data, block, which), specs[0], axis, key_data,
+                            ops[0])
+  yq, _ = _quantize_operand(_rht(y, axis, key_data, block, which), specs[1], axis, key_data,
+                            ops[1])
+  return _mm(xq, yq, eq)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,42 +101,34 @@ def _qmatmul_fwd(a, w, key_data, recipe, out_dtype):
   r = recipe
   a1 = _rht(a, -1, key_data, r.hadamard_fwd, _H_FWD)
   w1 = _rht(w, -2, key_data, r.hadamard_fwd, _H_FWD)
-  aq = _fake_quant(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", r.lhs_asymmetric)
-  wq = _fake_quant(w1, r.fwd_rhs, -2, key_data, "fwd_rhs")
+  aq, a_mult = _quantize_operand(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", r.lhs_estimator,
+                                 r.estimator_params, r.lhs_asymmetric)
+  wq, w_mult = _quantize_operand(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", r.rhs_estimator,
+                                 r.estimator_params)
   y = _mm(aq, wq, "bmk,bkn->bmn").astype(out_dtype)
-  # Empty arrays carry the input dtypes (residuals must be arrays).
-  return y, (a1, w1, aq, wq, key_data, jnp.zeros((0,), a.dtype), jnp.zeros((0,), w.dtype))
+  # Empty arrays carry the input dtypes (residuals must be arrays); multipliers may be None.
+  return y, (a1, w1, aq, wq, a_mult, w_mult, key_data, jnp.zeros((0,), a.dtype),
+             jnp.zeros((0,), w.dtype))
 
 
 def _qmatmul_bwd(recipe, res, g):
   r = recipe
-  a1, w1, aq, wq, key_data, a_like, w_like = res
-  a_dtype, w_dtype = a_like.dtype, w_like.dtype
+  a1, w1, aq, wq, a_mult, w_mult, key_data, a_like, w_like = res
   g = g.astype(jnp.float32)
   a_src, w_src = (aq, wq) if r.double_quant else (a1, w1)
-
-  # dgrad: dA' = dY W'^T, contracting N.
-  g_d = _rht(g, -1, key_data, r.hadamard_dgrad, _H_DGRAD)
-  w_d = _rht(w_src, -1, key_data, r.hadamard_dgrad, _H_DGRAD)
-  da = _mm(_fake_quant(g_d, r.dgrad_grad, -1, key_data, "dgrad_grad"),
-           _fake_quant(w_d, r.dgrad_rhs, -1, key_data, "dgrad_rhs"), "bmn,bkn->bmk")
-  mult = _estimator_multiplier(a1, r.fwd_lhs, -1, r.lhs_estimator, r.estimator_params)
-  if mult is not None:
-    da = da * mult
+  # dgrad: dA' = dY W'^T, contracting N; wgrad: dW' = A'^T dY, contracting M.
+  da = _backward_gemm(g, w_src, -1, key_data, r.hadamard_dgrad, _H_DGRAD,
+                      ("dgrad_grad", "dgrad_rhs"), (r.dgrad_grad, r.dgrad_rhs), "bmn,bkn->bmk")
+  dw = _backward_gemm(a_src, g, -2, key_data, r.hadamard_wgrad, _H_WGRAD,
+                      ("wgrad_lhs", "wgrad_grad"), (r.wgrad_lhs, r.wgrad_grad), "bmk,bmn->bkn")
+  if a_mult is not None:
+    da = da * a_mult
+  if w_mult is not None:
+    dw = dw * w_mult
   da = _rht(da, -1, key_data, r.hadamard_fwd, _H_FWD, transpose=True)
-
-  # wgrad: dW' = A'^T dY, contracting M.
-  a_w = _rht(a_src, -2, key_data, r.hadamard_wgrad, _H_WGRAD)
-  g_w = _rht(g, -2, key_data, r.hadamard_wgrad, _H_WGRAD)
-  dw = _mm(_fake_quant(a_w, r.wgrad_lhs, -2, key_data, "wgrad_lhs"),
-           _fake_quant(g_w, r.wgrad_grad, -2, key_data, "wgrad_grad"), "bmk,bmn->bkn")
-  mult = _estimator_multiplier(w1, r.fwd_rhs, -2, r.rhs_estimator, r.estimator_params)
-  if mult is not None:
-    dw = dw * mult
   dw = _rht(dw, -2, key_data, r.hadamard_fwd, _H_FWD, transpose=True)
   zero_key = np.zeros(key_data.shape, dtype=jax.dtypes.float0)
-  return da.astype(a_dtype), dw.astype(w_dtype), zero_key
-
+  return da.astype(a_like.dtype), dw.astype(w_like.dtype), zero_key
 
 
 def _check_dims(lhs, rhs, dimension_numbers):
@@ -177,9 +180,12 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
   if recipe.needs_key and key is None:
     raise ValueError(f"recipe {recipe.name!r} uses stochastic rounding or a random Hadamard "
                      "transform: pass key=jax.random.key(...) (one per step, fold_in per layer)")
-  key_data = (jax.random.key_data(key) if key is not None and
-              jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else
-              jnp.asarray(key if key is not None else np.zeros(2, np.uint32), jnp.uint32))
+  if key is None:
+    key_data = jnp.zeros(2, jnp.uint32)  # never read: the recipe needs no randomness
+  elif jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key_data = jax.random.key_data(key)
+  else:
+    key_data = jnp.asarray(key, jnp.uint32)  # raw uint32 key data
 
   lf = [d for d in range(lhs.ndim) if d not in lc + lb]
   rf = [d for d in range(rhs.ndim) if d not in rc + rb]

@@ -181,6 +181,8 @@ def element_scales(q: QArray) -> jax.Array:
   """The float32 scale multiplying each element's code value (shape ``q.shape``):
   ``2^s`` for power-of-two scales, ``s`` or ``t * s`` for float scales. Surrogate
   gradients evaluate on ``x / element_scales(q)``."""
+  if not isinstance(q, QArray):
+    raise TypeError(f"element_scales expects a QArray, got {type(q).__name__}")
   spec = q.spec
   sfmt = spec.scale_format
   full = packing.unpack(q.codes, spec.element.bits, q.axis, spec.packed).shape

@@ -73,6 +73,9 @@ class QuantSpec:
     object.__setattr__(self, "element", formats.get_element_format(self.element))
     object.__setattr__(self, "scale_format", formats.get_scale_format(self.scale_format))
     object.__setattr__(self, "rounding", canonical_rounding(self.rounding))
+    if self.element.bits > 8:
+      raise ValueError(f"element format {self.element.name!r} has {self.element.bits} bits; "
+                       "elements are at most 8 bits")
     if self.granularity not in GRANULARITIES:
       raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
     if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \

@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import fp4jax
 from fp4jax import formats as F
 
 ML_DTYPES = {"e2m1": ml_dtypes.float4_e2m1fn, "e2m3": ml_dtypes.float6_e2m3fn,
@@ -52,6 +53,11 @@ def test_int_formats_are_uniform_grids():
 def test_invalid_formats_raise(bad, match):
   with pytest.raises(ValueError, match=match):
     F.exmy(**bad)
+
+
+def test_elements_wider_than_8_bits_are_rejected_by_specs():
+  with pytest.raises(ValueError, match="at most 8 bits"):
+    fp4jax.QuantSpec(F.BF16_GRID, "e8m0")
 
 
 def test_unknown_names_list_valid_ones():

@@ -64,6 +64,8 @@ def test_repr_and_dtype():
   assert q.dequantize(jnp.float32).dtype == jnp.float32
 
 
-def test_dequantize_rejects_non_qarray():
+def test_dequantize_and_element_scales_reject_non_qarray():
   with pytest.raises(TypeError, match="QArray"):
     fp4jax.dequantize(jnp.ones(3))
+  with pytest.raises(TypeError, match="QArray"):
+    fp4jax.element_scales(jnp.ones(3))

@@ -216,6 +216,13 @@ def test_composes_with_jit_grad_vmap_remat_and_scan():
     (lambda a, w: fp4jax.qeinsum("mk,kn", a, w), ValueError, "explicit output"),
     (lambda a, w: recipes.get("mxfp4").replace(hadamard_fwd=12), ValueError, "powers of two"),
     (lambda a, w: recipes.get("mxfp4").replace(lhs_estimator="magic"), ValueError, "registered"),
+    (lambda a, w: fp4jax.qmatmul(a, w[None], "mxfp4"), ValueError, "2D weight"),
+    (lambda a, w: fp4jax.qeinsum("mk,kn,nj->mj", a, w), ValueError, "exactly two"),
+    (lambda a, w: fp4jax.qeinsum("bmk,kn->bmn", a, w), ValueError, "operand ranks"),
+    (lambda a, w: fp4jax.qeinsum("mk,jn->mn", a, w), ValueError, "one operand only"),
+    (lambda a, w: fp4jax.qdot_general(a, w, (((1,), (0, 1)), ((), ()))), ValueError, "pair up"),
+    (lambda a, w: fp4jax.qmatmul(a, w, recipes.get("msfp4").replace(occ_quantile=1.5)),
+     ValueError, "quantile"),
 ])
 def test_bad_input_raises_clear_errors(call, err, match):
   a, w, _ = _operands()
