@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fp4jax import asymmetric, estimators, hadamard, outliers
+from fp4jax import asymmetric, estimators, hadamard, outliers, reference_rounding
 from fp4jax import recipes as recipes_lib
 from fp4jax.quantize import dequantize, element_scales, quantize
 from fp4jax.spec import QuantSpec
@@ -44,9 +44,10 @@ def _key(key_data, i):
 
 
 def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
-                      estimator: str = "ste", params=(), asym: bool = False):
+                      estimator: str = "ste", params=(), asym: bool = False, reference=None):
   """Float32 fake-quantized ``x`` (x itself when spec is None) and, for a non-STE
-  estimator, the surrogate-derivative multiplier at ``x`` (else None)."""
+  estimator, the surrogate-derivative multiplier at ``x`` (else None). A ``reference``
+  (Q-EMA) decides the rounding direction between x's grid neighbours."""
   x = x.astype(jnp.float32)
   if spec is None:
     return x, None
@@ -57,6 +58,8 @@ def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
   else:
     q = quantize(x, spec, axis, key=key)
     value, centred = dequantize(q, jnp.float32), x
+    if reference is not None:
+      value = reference_rounding.round_toward_reference(x, reference, spec, axis, key=key)
   if estimator == "ste":
     return value, None
   mult = estimators.get_estimator(estimator)(centred / element_scales(q), spec.element,
@@ -89,31 +92,33 @@ def _qmatmul_for(recipe: recipes_lib.Recipe, out_dtype):
   """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N)`` of one recipe and output dtype."""
 
   @jax.custom_vjp
-  def qmatmul(a, w, key_data):
-    return _qmatmul_fwd(a, w, key_data, recipe, out_dtype)[0]
+  def qmatmul(a, w, key_data, w_ref):
+    return _qmatmul_fwd(a, w, key_data, w_ref, recipe, out_dtype)[0]
 
-  qmatmul.defvjp(lambda a, w, kd: _qmatmul_fwd(a, w, kd, recipe, out_dtype),
+  qmatmul.defvjp(lambda a, w, kd, wr: _qmatmul_fwd(a, w, kd, wr, recipe, out_dtype),
                  lambda res, g: _qmatmul_bwd(recipe, res, g))
   return qmatmul
 
 
-def _qmatmul_fwd(a, w, key_data, recipe, out_dtype):
+def _qmatmul_fwd(a, w, key_data, w_ref, recipe, out_dtype):
   r = recipe
   a1 = _rht(a, -1, key_data, r.hadamard_fwd, _H_FWD)
   w1 = _rht(w, -2, key_data, r.hadamard_fwd, _H_FWD)
+  ref1 = None if w_ref is None else _rht(w_ref, -2, key_data, r.hadamard_fwd, _H_FWD)
   aq, a_mult = _quantize_operand(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", r.lhs_estimator,
                                  r.estimator_params, r.lhs_asymmetric)
   wq, w_mult = _quantize_operand(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", r.rhs_estimator,
-                                 r.estimator_params)
+                                 r.estimator_params, reference=ref1)
   y = _mm(aq, wq, "bmk,bkn->bmn").astype(out_dtype)
   # Empty arrays carry the input dtypes (residuals must be arrays); multipliers may be None.
+  ref_like = None if w_ref is None else jnp.zeros_like(w_ref)
   return y, (a1, w1, aq, wq, a_mult, w_mult, key_data, jnp.zeros((0,), a.dtype),
-             jnp.zeros((0,), w.dtype))
+             jnp.zeros((0,), w.dtype), ref_like)
 
 
 def _qmatmul_bwd(recipe, res, g):
   r = recipe
-  a1, w1, aq, wq, a_mult, w_mult, key_data, a_like, w_like = res
+  a1, w1, aq, wq, a_mult, w_mult, key_data, a_like, w_like, ref_grad = res
   g = g.astype(jnp.float32)
   a_src, w_src = (aq, wq) if r.double_quant else (a1, w1)
   # dgrad: dA' = dY W'^T, contracting N; wgrad: dW' = A'^T dY, contracting M.
@@ -128,7 +133,7 @@ def _qmatmul_bwd(recipe, res, g):
   da = _rht(da, -1, key_data, r.hadamard_fwd, _H_FWD, transpose=True)
   dw = _rht(dw, -2, key_data, r.hadamard_fwd, _H_FWD, transpose=True)
   zero_key = np.zeros(key_data.shape, dtype=jax.dtypes.float0)
-  return da.astype(a_like.dtype), dw.astype(w_like.dtype), zero_key
+  return da.astype(a_like.dtype), dw.astype(w_like.dtype), zero_key, ref_grad
 
 
 def _check_dims(lhs, rhs, dimension_numbers):
@@ -152,7 +157,8 @@ def _check_dims(lhs, rhs, dimension_numbers):
 
 def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                  recipe: str | recipes_lib.Recipe = "mxfp4", key: jax.Array | None = None, *,
-                 preferred_element_type: Any = None) -> jax.Array:
+                 preferred_element_type: Any = None,
+                 rhs_reference: jax.Array | None = None) -> jax.Array:
   """``lax.dot_general`` with every GEMM of forward and backward quantized by ``recipe``.
 
   Args:
@@ -163,6 +169,9 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     key: ``jax.random`` key; required when the recipe rounds stochastically or uses a
       random Hadamard transform. Use one key per step and ``fold_in`` per layer.
     preferred_element_type: output dtype (default: result type of the operands).
+    rhs_reference: optional array of rhs's shape (e.g. an EMA of the weights) that decides
+      the rounding direction of the forward weight quantizer (TetraJet's Q-EMA,
+      :mod:`fp4jax.reference_rounding`); no gradient flows into it.
 
   Returns:
     ``lax.dot_general``'s output layout: batch dims, lhs free dims, rhs free dims.
@@ -196,10 +205,18 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
   B, M, N = (int(np.prod(s, dtype=np.int64)) for s in (bshape, mshape, nshape))
   a = jnp.transpose(lhs, (*lb, *lf, *lc)).reshape(B, M, k)
   w = jnp.transpose(rhs, (*rb, *rc, *rf)).reshape(B, k, N)
+  w_ref = None
+  if rhs_reference is not None:
+    rhs_reference = jnp.asarray(rhs_reference)
+    if rhs_reference.shape != rhs.shape:
+      raise ValueError(f"rhs_reference must have rhs's shape {rhs.shape}, got "
+                       f"{rhs_reference.shape}")
+    w_ref = lax.stop_gradient(
+        jnp.transpose(rhs_reference, (*rb, *rc, *rf)).reshape(B, k, N).astype(w.dtype))
 
   if recipe.occ_quantile is not None:
     a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
-  y = _qmatmul_for(recipe, out_dtype)(a, w, key_data)
+  y = _qmatmul_for(recipe, out_dtype)(a, w, key_data, w_ref)
   if recipe.occ_quantile is not None:
     y = (y.astype(jnp.float32) + _mm(residual.astype(jnp.float32), w.astype(jnp.float32),
                                      "bmk,bkn->bmn")).astype(out_dtype)
@@ -217,13 +234,18 @@ def qmatmul(x: jax.Array, w: jax.Array, recipe: str | recipes_lib.Recipe = "mxfp
 def qeinsum(subscripts: str, lhs: jax.Array, rhs: jax.Array,
             recipe: str | recipes_lib.Recipe = "mxfp4", key: jax.Array | None = None,
             **kwargs) -> jax.Array:
-  """Two-operand ``einsum`` (explicit ``->`` output, no ellipsis) through
-  :func:`qdot_general`: letters in both inputs and the output are batch dims, letters in
-  both inputs only are contracted."""
-  if "->" not in subscripts or "..." in subscripts:
-    raise ValueError(f"qeinsum needs explicit output subscripts and no ellipsis, got "
+  """Two-operand ``einsum`` (explicit ``->`` output) through :func:`qdot_general`:
+  letters in both inputs and the output are batch dims, letters in both inputs only are
+  contracted. An ellipsis is expanded from the operand shapes."""
+  if "->" not in subscripts:
+    raise ValueError(f"qeinsum needs explicit output subscripts ('ij,jk->ik'), got "
                      f"{subscripts!r}")
-  ins, out = subscripts.replace(" ", "").split("->")
+  subscripts = subscripts.replace(" ", "")
+  if "..." in subscripts:
+    import opt_einsum  # a jax dependency
+    ins_, out_, _ = opt_einsum.parser.parse_einsum_input((subscripts, lhs, rhs))
+    subscripts = f"{ins_}->{out_}"
+  ins, out = subscripts.split("->")
   try:
     ls, rs = ins.split(",")
   except ValueError:
