@@ -17,9 +17,25 @@ from fp4jax.spec import PRESETS, QuantSpec, get_spec
 
 __version__ = "0.1.0"
 
+# Flax/optax-facing modules load on first use, so the numerics import without Flax.
+_LAZY = {"quantize_model": ("fp4jax.rules", "quantize_model"), "Rule": ("fp4jax.rules", "Rule"),
+         "linen": ("fp4jax.linen", None), "nnx": ("fp4jax.nnx", None),
+         "rules": ("fp4jax.rules", None), "optim": ("fp4jax.optim", None),
+         "ptq": ("fp4jax.ptq", None), "checkpoint": ("fp4jax.checkpoint", None)}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    mod_name, attr = _LAZY[name]
+    mod = importlib.import_module(mod_name)
+    return mod if attr is None else getattr(mod, attr)
+  raise AttributeError(f"module 'fp4jax' has no attribute {name!r}")
+
 __all__ = [
     "BF16_SCALE", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "E8M0", "FP32_SCALE", "INT4", "INT8",
     "MXINT8", "UE4M3", "ElementFormat", "PRESETS", "QArray", "QuantSpec", "ScaleFormat",
     "dequantize", "element_scales", "estimators", "exmy", "fake_quant", "formats", "get_spec", "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
-    "recipes", "round_to_format",
+    "recipes", "round_to_format", "quantize_model", "Rule", "linen", "nnx", "rules", "optim",
+    "ptq", "checkpoint",
 ]

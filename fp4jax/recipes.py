@@ -104,6 +104,7 @@ def _sr(name: str, **kw) -> QuantSpec:
 _MX4, _NV4, _NV4_2D = get_spec("mxfp4"), get_spec("nvfp4"), get_spec("nvfp4_2d")
 _E4M3_T, _E5M2_T = get_spec("fp8_e4m3_tensor"), get_spec("fp8_e5m2_tensor")
 _MX8 = get_spec("mxfp8_e4m3").replace(scale_mode="rceil")
+_MX6_E2M3, _MX6_E3M2 = get_spec("mxfp6_e2m3"), get_spec("mxfp6_e3m2")
 _FP4_CHANNEL = QuantSpec("e2m1", "fp32", "channel", scale_mode="amax", name="fp4_channel")
 _FP8_CHANNEL = get_spec("fp8_e4m3_channel")
 
@@ -119,6 +120,11 @@ RECIPES: dict[str, Recipe] = {
         "mxfp8", _MX8, _MX8, _MX8, _MX8, _MX8, _MX8,
         reference="MXFP8 (OCP MX v1.0; NVIDIA/torchao MXFP8 training): E4M3 elements for all "
         "six operands, 32-element blocks, E8M0 scales rounded up (rceil)."),
+    "mxfp6": Recipe(
+        "mxfp6", _MX6_E2M3, _MX6_E2M3, _MX6_E3M2, _MX6_E2M3, _MX6_E2M3, _MX6_E3M2,
+        reference="MXFP6 (OCP MX v1.0): E2M3 for activations and weights, E3M2 (more range) "
+        "for gradients, 32-element blocks, E8M0 floor scales; the middle rung of "
+        "heterogeneous MXFP8/MXFP6/MXFP4 models."),
     "mxfp4": Recipe(
         "mxfp4", _MX4, _MX4, _MX4, _MX4, _MX4, _MX4,
         reference="Plain OCP MXFP4 for all six operands: E2M1, 32-blocks, E8M0 floor scales, "

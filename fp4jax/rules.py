@@ -1,0 +1,378 @@
+"""Quantize a whole Flax model by ordered path rules (qwix-style).
+
+A :class:`Rule` maps module paths (a regex, searched in the ``/``-joined path such as
+``"blocks_3/mlp/fc1"``) to a recipe. For each quantizable layer (Dense, DenseGeneral,
+Einsum, Conv in linen; Linear, LinearGeneral, Einsum, Conv in nnx) the **first**
+matching rule wins; ``recipe=None`` (or ``"bf16"``) keeps it in high precision, and a
+layer no rule matches is left alone. A recipe's own ``keep_high_precision`` patterns
+(e.g. NVFP4's BF16 output head) apply on top unless the rule sets
+``honor_keep_high_precision=False``.
+
+* linen: :func:`quantize_model` returns a wrapper with ``init``/``apply`` that runs the
+  model under ``flax.linen.intercept_methods``; matched layers compute with the quantized
+  product, their parameters untouched (same tree as the original model).
+* nnx: :func:`quantize_model` returns a copy of the model whose matched layers are
+  replaced by their :mod:`fp4jax.nnx` counterparts (same ``nnx.Param`` values).
+
+``plan(...)`` / ``QuantizedLinenModel.dry_run(...)`` return a :class:`Plan`: which module
+got which recipe and the bits per parameter of the resulting weights.
+
+Examples (see ``RULE_SETS``)::
+
+    # NVIDIA NVFP4: first and last blocks in BF16, everything else NVFP4.
+    [Rule(r"^blocks_(0|11)/", None), Rule(r".*", "nvfp4")]
+    # gpt-oss: only the MoE experts in MXFP4.
+    [Rule(r"experts", "mxfp4")]
+    # heterogeneous: attention in MXFP8, MLP up-projection MXFP6, the rest MXFP4.
+    [Rule(r"attn", "mxfp8"), Rule(r"mlp/fc1", "mxfp6"), Rule(r".*", "mxfp4")]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import warnings
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from fp4jax import recipes as recipes_lib
+
+LAYER_KINDS = ("dense", "dense_general", "einsum", "conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """``module_path`` regex (``re.search`` on the ``/``-joined path) -> ``recipe``.
+
+  Attributes:
+    module_path: regular expression; anchor it (``^...$``) for exact paths.
+    recipe: a recipe name, a :class:`~fp4jax.recipes.Recipe`, or None for high precision.
+    layers: which layer kinds the rule applies to (subset of ``LAYER_KINDS``).
+    honor_keep_high_precision: apply the recipe's ``keep_high_precision`` patterns.
+  """
+
+  module_path: str
+  recipe: Any = None
+  layers: tuple[str, ...] = LAYER_KINDS
+  honor_keep_high_precision: bool = True
+
+  def __post_init__(self):
+    try:
+      re.compile(self.module_path)
+    except re.error as e:
+      raise ValueError(f"Rule.module_path {self.module_path!r} is not a valid regular "
+                       f"expression: {e}") from None
+    if self.recipe is not None:
+      object.__setattr__(self, "recipe", recipes_lib.get(self.recipe))
+    layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+    bad = [k for k in layers if k not in LAYER_KINDS]
+    if bad:
+      raise ValueError(f"Rule.layers has unknown kinds {bad}; valid: {LAYER_KINDS}")
+    object.__setattr__(self, "layers", layers)
+
+  def matches(self, path: str, kind: str) -> bool:
+    return kind in self.layers and re.search(self.module_path, path) is not None
+
+
+def _as_rules(rules) -> tuple[Rule, ...]:
+  if isinstance(rules, Rule):
+    rules = [rules]
+  if isinstance(rules, (str, recipes_lib.Recipe)):
+    rules = [Rule(r".*", rules)]  # one recipe for every layer
+  out = []
+  for r in rules:
+    if isinstance(r, Rule):
+      out.append(r)
+    elif isinstance(r, (tuple, list)) and len(r) == 2:
+      out.append(Rule(r[0], r[1]))
+    else:
+      raise TypeError(f"a rule is a Rule or a (regex, recipe) pair, got {r!r}")
+  if not out:
+    raise ValueError("rules is empty: give at least one Rule(regex, recipe)")
+  return tuple(out)
+
+
+def resolve(rules: Sequence[Rule], path: str, kind: str):
+  """``(recipe or None, index of the rule that matched or None)`` for one layer."""
+  for i, rule in enumerate(rules):
+    if rule.matches(path, kind):
+      r = rule.recipe
+      if r is not None and r.is_identity:
+        r = None
+      if r is not None and rule.honor_keep_high_precision and any(
+          re.search(p, path) for p in r.keep_high_precision):
+        r = None
+      return r, i
+  return None, None
+
+
+@dataclasses.dataclass
+class PlanEntry:
+  path: str
+  kind: str
+  recipe: str
+  rule: int | None
+  weight_params: int
+  weight_bits: float
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a rule set does to a model: one entry per quantizable layer, plus totals."""
+
+  entries: list[PlanEntry]
+  total_params: int
+  total_bits: float
+  unmatched_rules: list[str]
+
+  @property
+  def bits_per_param(self) -> float:
+    return self.total_bits / max(self.total_params, 1)
+
+  def __str__(self) -> str:
+    w = max([len(e.path) for e in self.entries] + [6])
+    lines = [f"{'module':<{w}}  {'layer':<13} {'recipe':<16} {'rule':>4} {'weights':>10} "
+             f"{'bits/w':>6}"]
+    for e in self.entries:
+      lines.append(f"{e.path:<{w}}  {e.kind:<13} {e.recipe:<16} "
+                   f"{'-' if e.rule is None else e.rule:>4} {e.weight_params:>10} "
+                   f"{e.weight_bits:>6.2f}")
+    lines.append(f"total parameters {self.total_params}, {self.bits_per_param:.3f} bits per "
+                 f"parameter (quantized weights at their format's bits incl. scales, every "
+                 f"other parameter at 16)")
+    for r in self.unmatched_rules:
+      lines.append(f"warning: rule {r} matched no layer")
+    return "\n".join(lines)
+
+
+def _weight_bits(recipe) -> float:
+  if recipe is None or recipe.fwd_rhs is None:
+    return 16.0
+  bpe = recipe.fwd_rhs.bits_per_element
+  return float(bpe) if bpe is not None else float(recipe.fwd_rhs.element.bits)
+
+
+def _finish_plan(entries, n_total, rules, matched) -> Plan:
+  quant = sum(e.weight_params for e in entries if e.recipe != "bf16")
+  bits = sum(e.weight_params * e.weight_bits for e in entries if e.recipe != "bf16")
+  total_bits = bits + 16.0 * (n_total - quant)
+  unmatched = [f"#{i} {r.module_path!r}" for i, r in enumerate(rules) if i not in matched]
+  return Plan(entries, n_total, total_bits, unmatched)
+
+
+def _warn_unmatched(plan: Plan):
+  for r in plan.unmatched_rules:
+    warnings.warn(f"fp4jax.quantize_model: rule {r} matched no quantizable layer; check the "
+                  "regex against the module paths (QuantizedModel.dry_run / plan lists them)",
+                  stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- linen
+
+
+def _linen_kind(module) -> str | None:
+  import flax.linen as nn
+  if isinstance(module, nn.DenseGeneral):
+    return "dense_general"
+  if isinstance(module, nn.Dense):
+    return "dense"
+  if isinstance(module, nn.Einsum):
+    return "einsum"
+  if isinstance(module, nn.Conv):
+    return "conv"
+  return None
+
+
+class QuantizedLinenModel:
+  """A linen model whose matched layers run quantized. ``init``/``apply``/
+  ``init_with_output`` take the same arguments as the model's and return the same
+  variable trees; other attributes are the wrapped model's."""
+
+  def __init__(self, model, rules):
+    self.model = model
+    self.rules = _as_rules(rules)
+    self._warned = False
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def _interceptor(self, record):
+    import flax.linen as nn
+
+    from fp4jax import linen as qlinen
+
+    def intercept(next_fun, args, kwargs, context):
+      module = context.module
+      kind = _linen_kind(module)
+      if context.method_name != "__call__" or kind is None or hasattr(module, "recipe"):
+        return next_fun(*args, **kwargs)  # not a layer, or an explicit fp4jax layer
+      path = "/".join(str(p) for p in module.path)
+      recipe, rule = resolve(self.rules, path, kind)
+      if recipe is None:
+        out = next_fun(*args, **kwargs)
+      elif kind == "einsum":
+        out = qlinen.einsum_call(module, next_fun, recipe, *args, **kwargs)
+      else:
+        attr, cls = (("conv_general_dilated_cls", qlinen.QuantConvGeneralDilated)
+                     if kind == "conv" else ("dot_general_cls", qlinen.QuantDotGeneral))
+        saved = getattr(module, attr)
+        object.__setattr__(module, attr, functools.partial(cls, recipe=recipe))
+        try:
+          out = next_fun(*args, **kwargs)
+        finally:
+          object.__setattr__(module, attr, saved)
+      if record is not None:
+        kernel = module.get_variable("params", "kernel")
+        n = int(np.prod(kernel.shape)) if kernel is not None else 0
+        record.append(PlanEntry(path, kind, "bf16" if recipe is None else recipe.name, rule,
+                                n, _weight_bits(recipe)))
+      return out
+
+    del nn
+    return intercept
+
+  def _run(self, fn, *args, record=None, **kwargs):
+    import flax.linen as nn
+    with nn.intercept_methods(self._interceptor(record)):
+      return fn(*args, **kwargs)
+
+  def _check_rules_once(self, *args, **kwargs):
+    if not self._warned:
+      self._warned = True
+      _warn_unmatched(self.dry_run(*args, **kwargs))
+
+  def init(self, rngs, *args, **kwargs):
+    self._check_rules_once(rngs, *args, **kwargs)
+    return self._run(self.model.init, rngs, *args, **kwargs)
+
+  def init_with_output(self, rngs, *args, **kwargs):
+    self._check_rules_once(rngs, *args, **kwargs)
+    return self._run(self.model.init_with_output, rngs, *args, **kwargs)
+
+  def apply(self, variables, *args, **kwargs):
+    return self._run(self.model.apply, variables, *args, **kwargs)
+
+  def dry_run(self, rngs, *args, **kwargs) -> Plan:
+    """Traces ``init`` abstractly (no FLOPs) and returns the :class:`Plan`."""
+    record: list[PlanEntry] = []
+    variables = jax.eval_shape(
+        lambda r: self._run(self.model.init, r, *args, record=record, **kwargs), rngs)
+    n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables.get("params", {})))
+    matched = {e.rule for e in record if e.rule is not None}
+    return _finish_plan(record, n_total, self.rules, matched)
+
+
+# ----------------------------------------------------------------------------- nnx
+
+
+def _nnx_kind(module) -> str | None:
+  from flax import nnx
+  if isinstance(module, nnx.LinearGeneral):
+    return "dense_general"
+  if isinstance(module, nnx.Linear):
+    return "dense"
+  if isinstance(module, nnx.Einsum):
+    return "einsum"
+  if isinstance(module, nnx.Conv):
+    return "conv"
+  return None
+
+
+def _nnx_plan(model, rules) -> tuple[Plan, list]:
+  from flax import nnx
+
+  from fp4jax import nnx as qnnx
+  entries, targets, matched = [], [], set()
+  for path, module in model.iter_modules():
+    kind = _nnx_kind(module)
+    if kind is None or isinstance(module, qnnx._Quantized):
+      continue
+    p = "/".join(str(x) for x in path)
+    recipe, rule = resolve(rules, p, kind)
+    if rule is not None:
+      matched.add(rule)
+    n = int(np.prod(module.kernel.value.shape))
+    entries.append(PlanEntry(p, kind, "bf16" if recipe is None else recipe.name, rule, n,
+                             _weight_bits(recipe)))
+    if recipe is not None:
+      targets.append((path, module, recipe))
+  n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return _finish_plan(entries, n_total, rules, matched), targets
+
+
+def plan(model, rules, *args, **kwargs) -> Plan:
+  """The :class:`Plan` of ``rules`` on an nnx model, or on a linen model given its init
+  arguments (``plan(linen_model, rules, rng, x)``)."""
+  from flax import nnx
+  rules = _as_rules(rules)
+  if isinstance(model, nnx.Module):
+    return _nnx_plan(model, rules)[0]
+  return QuantizedLinenModel(model, rules).dry_run(*args, **kwargs)
+
+
+def quantize_model(model, rules, *, rngs=None, dry_run: bool = False):
+  """Quantizes the layers of a Flax model chosen by ``rules``.
+
+  Args:
+    model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+    rules: ordered :class:`Rule` objects (or ``(regex, recipe)`` pairs, or one recipe
+      for every layer). The first matching rule wins.
+    rngs: nnx only: ``nnx.Rngs`` whose ``"quant"`` stream seeds the replaced layers'
+      stochastic rounding (needed when a chosen recipe is stochastic).
+    dry_run: nnx only: print the plan before replacing.
+
+  Returns:
+    linen: a :class:`QuantizedLinenModel` (same ``init``/``apply`` and variable trees).
+    nnx: a copy of ``model`` with matched layers replaced (parameters shared by value).
+  """
+  from flax import nnx
+
+  from fp4jax import nnx as qnnx
+  rules = _as_rules(rules)
+  if not isinstance(model, nnx.Module):
+    import flax.linen as nn
+    if not isinstance(model, nn.Module):
+      raise TypeError(f"quantize_model expects a flax.linen or flax.nnx Module, got "
+                      f"{type(model).__name__}")
+    return QuantizedLinenModel(model, rules)
+  model = nnx.clone(model)
+  p, targets = _nnx_plan(model, rules)
+  if dry_run:
+    print(p)
+  _warn_unmatched(p)
+  for path, module, recipe in targets:
+    if recipe.needs_key and rngs is None:
+      raise ValueError(f"recipe {recipe.name!r} for {'/'.join(map(str, path))} rounds "
+                       "stochastically: pass rngs=nnx.Rngs(quant=seed) to quantize_model")
+    new = qnnx.quantized_copy(module, recipe, rngs)
+    parent = model
+    for k in path[:-1]:
+      parent = parent[k] if isinstance(k, int) else getattr(parent, k)
+    if isinstance(path[-1], int):
+      parent[path[-1]] = new
+    else:
+      setattr(parent, path[-1], new)
+  return model
+
+
+def keep_blocks_in_bf16(recipe, n_blocks: int, first: int = 1, last: int = 1,
+                        block_pattern: str = "blocks_{}") -> list[Rule]:
+  """NVIDIA's NVFP4 recipe shape: the first ``first`` and last ``last`` transformer blocks
+  in BF16, every other layer in ``recipe`` (block paths ``block_pattern.format(i)``)."""
+  keep = sorted(set(range(first)) | set(range(max(n_blocks - last, 0), n_blocks)))
+  alt = "|".join(re.escape(block_pattern.format(i)) for i in keep)
+  return ([Rule(rf"(^|/)({alt})(/|$)", None)] if keep else []) + [Rule(r".*", recipe)]
+
+
+RULE_SETS = {
+    "moe_experts_mxfp4": [Rule(r"(^|/)experts?(_\d+)?(/|$)", "mxfp4")],
+    "heterogeneous_mx": [Rule(r"(attn|attention)", "mxfp8"), Rule(r"(mlp|ffn)/.*(fc1|up|wi)",
+                                                                    "mxfp6"),
+                         Rule(r".*", "mxfp4")],
+}
+
+__all__ = ["LAYER_KINDS", "Plan", "PlanEntry", "QuantizedLinenModel", "RULE_SETS", "Rule",
+           "keep_blocks_in_bf16", "plan", "quantize_model", "resolve"]
