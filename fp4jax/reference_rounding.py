@@ -17,6 +17,7 @@ bit (ties keep the quantizer's own choice), so Q-EMA can be switched on at any s
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,44 @@ def element_values(q) -> jax.Array:
   return out
 
 
+class Neighbours(NamedTuple):
+  """Each element of ``x`` against its block-scaled grid (all float32, x's shape)."""
+
+  base: jax.Array       # the quantizer's own result (dequantized)
+  scale: jax.Array      # the element's scale
+  value: jax.Array      # x / scale, exactly rounded
+  nearest: jax.Array    # the quantizer's grid value (unscaled)
+  other: jax.Array      # the grid neighbour on the other side of value (== nearest on-grid)
+
+
+def grid_neighbours(x: jax.Array, spec: str | QuantSpec, axis: int = -1,
+                    **quantize_kwargs) -> Neighbours:
+  """The two grid points around each element of ``x`` under ``spec``'s block scales."""
+  spec = get_spec(spec)
+  x = jnp.asarray(x)
+  q = quantize(x, spec, axis, **quantize_kwargs)
+  s = element_scales(q)
+  g0 = element_values(q)
+  grid = jnp.asarray(signed_grid(spec.element))
+  idx = jnp.clip(jnp.searchsorted(grid, g0), 0, grid.size - 1)
+  xs = bits.div_f32(bits.to_f32_exact(x), s)
+  # The other neighbour lies on the side of g0 where x / s is (none beyond the range).
+  other_idx = jnp.clip(jnp.where(xs > g0, idx + 1, jnp.where(xs < g0, idx - 1, idx)),
+                       0, grid.size - 1)
+  return Neighbours(dequantize(q, jnp.float32), s, xs, g0, grid[other_idx])
+
+
+def boundary_distance(x: jax.Array, spec: str | QuantSpec, axis: int = -1) -> jax.Array:
+  """Distance of ``x / s`` to the rounding boundary between its two grid neighbours, in
+  units of their spacing: 0 on the boundary (about to flip), 0.5 on a grid point (and for
+  values beyond the largest grid value, or NaN/Inf)."""
+  n = grid_neighbours(x, spec, axis)
+  gap = jnp.abs(n.other - n.nearest)
+  mid = 0.5 * (n.other + n.nearest)
+  d = jnp.abs(n.value - mid) / jnp.where(gap > 0, gap, 1.0)
+  return jnp.where((gap > 0) & jnp.isfinite(d), jnp.minimum(d, 0.5), 0.5)
+
+
 def round_toward_reference(x: jax.Array, reference: jax.Array, spec: str | QuantSpec,
                            axis: int = -1, **quantize_kwargs) -> jax.Array:
   """Fake-quantizes ``x`` with ``spec``'s scales, choosing between the two grid
@@ -58,23 +97,12 @@ def round_toward_reference(x: jax.Array, reference: jax.Array, spec: str | Quant
     reference: same shape; decides the rounding direction (e.g. their EMA).
     spec, axis, quantize_kwargs: as :func:`fp4jax.quantize`.
   """
-  spec = get_spec(spec)
   x = jnp.asarray(x)
   reference = jnp.asarray(reference)
   if reference.shape != x.shape:
     raise ValueError(f"reference must have x's shape {x.shape}, got {reference.shape}")
-  q = quantize(x, spec, axis, **quantize_kwargs)
-  base = dequantize(q, jnp.float32)
-  s = element_scales(q)
-  g0 = element_values(q)
-  grid = jnp.asarray(signed_grid(spec.element))
-  idx = jnp.clip(jnp.searchsorted(grid, g0), 0, grid.size - 1)
-  xs = bits.div_f32(bits.to_f32_exact(x), s)
-  rs = bits.div_f32(bits.to_f32_exact(reference), s)
-  # The other neighbour lies on the side of g0 where x / s is.
-  other_idx = jnp.clip(jnp.where(xs > g0, idx + 1, jnp.where(xs < g0, idx - 1, idx)),
-                       0, grid.size - 1)
-  other = grid[other_idx]
-  take_other = ((jnp.abs(other - rs) < jnp.abs(g0 - rs)) & (rs != xs)
-                & jnp.isfinite(base) & jnp.isfinite(rs))
-  return jnp.where(take_other, bits.mul_f32(other, s), base)
+  n = grid_neighbours(x, spec, axis, **quantize_kwargs)
+  rs = bits.div_f32(bits.to_f32_exact(reference), n.scale)
+  take_other = ((jnp.abs(n.other - rs) < jnp.abs(n.nearest - rs)) & (rs != n.value)
+                & jnp.isfinite(n.base) & jnp.isfinite(rs))
+  return jnp.where(take_other, bits.mul_f32(n.other, n.scale), n.base)
