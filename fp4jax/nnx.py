@@ -31,6 +31,12 @@ from fp4jax.qdot import qdot_general, qeinsum
 QUANT_RNG = "quant"
 
 
+def iter_modules(model):
+  """``(path, module)`` pairs (``nnx.iter_modules`` where it exists, else the method)."""
+  fn = getattr(nnx, "iter_modules", None)
+  return fn(model) if fn is not None else model.iter_modules()
+
+
 class KernelReference(nnx.Variable):
   """A layer's Q-EMA reference kernel (not a parameter: no gradient, not optimized)."""
 
@@ -116,7 +122,7 @@ class _Quantized:
 
   def _quant_call(self, parent_call, inputs, key, **kwargs):
     ref = getattr(self, "kernel_reference", None)
-    ref = None if ref is None else ref.value
+    ref = None if ref is None else ref[...]
     with _quantized_call(self.recipe, self._key(key), ref):
       return parent_call(inputs, **kwargs)
 
@@ -209,7 +215,7 @@ def set_kernel_references(model: nnx.Module, references: Any) -> None:
   ``fp4jax.optim.q_ema_reference(opt_state, params)``); each quantized layer with a
   ``kernel`` entry at its path gets it as a :class:`KernelReference`.
   """
-  for path, module in model.iter_modules():
+  for path, module in iter_modules(model):
     if not isinstance(module, _Quantized):
       continue
     node = references
@@ -219,11 +225,11 @@ def set_kernel_references(model: nnx.Module, references: Any) -> None:
       value = node["kernel"]
     except (KeyError, IndexError, TypeError):
       continue
-    value = getattr(value, "value", value)
+    value = value[...] if isinstance(value, nnx.Variable) else value
     if getattr(module, "kernel_reference", None) is None:
       module.kernel_reference = KernelReference(jnp.asarray(value))
     else:
-      module.kernel_reference.value = jnp.asarray(value)
+      module.kernel_reference[...] = jnp.asarray(value)
 
 
 __all__ = ["KernelReference", "QConv", "QDense", "QDenseGeneral", "QEinsum", "QLinear",

@@ -286,7 +286,7 @@ def _nnx_plan(model, rules) -> tuple[Plan, list]:
 
   from fp4jax import nnx as qnnx
   entries, targets, matched = [], [], set()
-  for path, module in model.iter_modules():
+  for path, module in qnnx.iter_modules(model):
     kind = _nnx_kind(module)
     if kind is None or isinstance(module, qnnx._Quantized):
       continue
@@ -294,7 +294,7 @@ def _nnx_plan(model, rules) -> tuple[Plan, list]:
     recipe, rule = resolve(rules, p, kind)
     if rule is not None:
       matched.add(rule)
-    n = int(np.prod(module.kernel.value.shape))
+    n = int(np.prod(module.kernel[...].shape))
     entries.append(PlanEntry(p, kind, "bf16" if recipe is None else recipe.name, rule, n,
                              _weight_bits(recipe)))
     if recipe is not None:
