@@ -216,7 +216,12 @@ def div_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   Mb, kb = _normalized(sb)
   # Significands in [2^23, 2^24): the hardware quotient is a normal float in (1/2, 2),
   # correctly rounded to 24 bits: Mq * 2^kq.
-  qt = split_f32(f32_bits(Ma.astype(jnp.float32) / jnp.maximum(Mb, 1).astype(jnp.float32)))
+  num, den = jnp.broadcast_arrays(Ma.astype(jnp.float32), jnp.maximum(Mb, 1).astype(jnp.float32))
+  # XLA rewrites `x / broadcast(d)` as `x * broadcast(1/d)` (off by an ulp in about half
+  # the cases); a barrier makes the divisor an opaque full-size array, so the hardware
+  # divides, correctly rounded.
+  num, den = lax.optimization_barrier((num, den))
+  qt = split_f32(f32_bits(num / den))
   # Which side of Mq * 2^kq the exact quotient lies: compare Ma * 2^-kq with Mq * Mb.
   sh = jnp.clip(-qt.k, 0, 24)
   l_hi = Ma >> jnp.clip(24 - sh, 0, 24).astype(U32)

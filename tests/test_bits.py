@@ -81,3 +81,27 @@ def test_abs_bits_max_propagates_nan_and_orders_subnormals():
 def test_unknown_rounding_is_rejected():
   with pytest.raises(ValueError, match="unknown rounding"):
     bits.round_shift_right(jnp.uint32(5), jnp.int32(1), "up")
+
+
+@pytest.mark.parametrize("divisor_shape", [(), (1,), (64, 1)])
+def test_div_by_broadcast_divisor_is_exact_under_jit(rng, divisor_shape):
+  # XLA turns `x / broadcast(d)` into `x * (1/d)` (an ulp off about half the time);
+  # div_f32 must stay IEEE when the divisor broadcasts (NVFP4's amax / 6, amax / 448).
+  a = rng.standard_normal((64, 128)).astype(np.float32)
+  d = (np.abs(rng.standard_normal(divisor_shape)) + 0.5).astype(np.float32)
+  if divisor_shape == ():
+    d = np.float32(448.0)
+  got = np.asarray(jax.jit(bits.div_f32)(jnp.asarray(a), jnp.asarray(d)))
+  want = a / d
+  assert (got.view(np.uint32) == want.view(np.uint32)).all(), \
+      f"{int((got != want).sum())} quotients differ from IEEE division"
+  got_c = np.asarray(jax.jit(lambda a: bits.div_f32(a, jnp.float32(6.0)))(jnp.asarray(a)))
+  assert (got_c.view(np.uint32) == (a / np.float32(6.0)).view(np.uint32)).all()
+
+
+def test_per_tensor_fp32_scale_is_the_ieee_quotient(rng):
+  import fp4jax
+  x = jnp.asarray(rng.standard_normal((96, 64)).astype(np.float32) * 0.01)
+  q = jax.jit(lambda x: fp4jax.quantize(x, "fp8_e4m3_tensor", -1))(x)
+  want = np.float32(np.max(np.abs(np.asarray(x)))) / np.float32(448.0)
+  assert np.asarray(q.scales).reshape(()).view(np.uint32) == np.asarray(want).view(np.uint32)

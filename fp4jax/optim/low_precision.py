@@ -124,7 +124,11 @@ def quantize_state(inner: optax.GradientTransformation,
     return QuantizedState(compress(inner.init(params)))
 
   def update(updates, state, params=None):
-    updates, new = inner.update(updates, expand(state.inner_state), params)
+    # Barriers keep the three stages apart, so the inner update is computed exactly as it
+    # would be on a materialised float state (XLA may not fuse across them).
+    full = jax.lax.optimization_barrier(expand(state.inner_state))
+    updates, new = inner.update(updates, full, params)
+    updates, new = jax.lax.optimization_barrier((updates, new))
     return updates, QuantizedState(compress(new))
 
   return optax.GradientTransformation(init, update)
