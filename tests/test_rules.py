@@ -158,3 +158,12 @@ def test_nnx_replacement(rng, capsys):
                                 np.asarray(want + model.blocks[1].attn.bias[...]))
   params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
   assert all(bool(jnp.all(a == b)) for a, b in zip(params(model), params(q)))
+
+
+def test_top_level_exports_load_flax_lazily():
+  import subprocess
+  import sys
+  code = ("import sys, fp4jax; assert 'flax' not in sys.modules, 'numerics import Flax'; "
+          "from fp4jax.rules import quantize_model; "
+          "assert fp4jax.quantize_model is quantize_model and fp4jax.Rule is not None")
+  subprocess.run([sys.executable, "-c", code], check=True)
