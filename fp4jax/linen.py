@@ -114,16 +114,20 @@ def _check_no_custom_hook(layer: nn.Module, *names: str):
                        f"own. Use the plain Flax layer for a custom {n}.")
 
 
+def _install_hook(layer: nn.Module, attr: str, hook_cls) -> None:
+  """Validates the recipe and points the Flax layer's ``attr`` hook at ``hook_cls``."""
+  _check_no_custom_hook(layer, attr, attr.removesuffix("_cls"))
+  recipes_lib.get(layer.recipe)  # fail early on an unknown recipe
+  object.__setattr__(layer, attr, functools.partial(hook_cls, recipe=layer.recipe))
+
+
 class QDense(nn.Dense):
   """``flax.linen.Dense`` whose matmul is quantized by ``recipe`` (same parameters)."""
 
   recipe: RecipeLike = "mxfp4"
 
   def __post_init__(self):
-    _check_no_custom_hook(self, "dot_general", "dot_general_cls")
-    recipes_lib.get(self.recipe)  # fail early on an unknown recipe
-    object.__setattr__(self, "dot_general_cls",
-                       functools.partial(QuantDotGeneral, recipe=self.recipe))
+    _install_hook(self, "dot_general_cls", QuantDotGeneral)
     super().__post_init__()
 
 
@@ -133,10 +137,7 @@ class QDenseGeneral(nn.DenseGeneral):
   recipe: RecipeLike = "mxfp4"
 
   def __post_init__(self):
-    _check_no_custom_hook(self, "dot_general", "dot_general_cls")
-    recipes_lib.get(self.recipe)
-    object.__setattr__(self, "dot_general_cls",
-                       functools.partial(QuantDotGeneral, recipe=self.recipe))
+    _install_hook(self, "dot_general_cls", QuantDotGeneral)
     super().__post_init__()
 
 
@@ -147,10 +148,7 @@ class QConv(nn.Conv):
   recipe: RecipeLike = "mxfp4"
 
   def __post_init__(self):
-    _check_no_custom_hook(self, "conv_general_dilated", "conv_general_dilated_cls")
-    recipes_lib.get(self.recipe)
-    object.__setattr__(self, "conv_general_dilated_cls",
-                       functools.partial(QuantConvGeneralDilated, recipe=self.recipe))
+    _install_hook(self, "conv_general_dilated_cls", QuantConvGeneralDilated)
     super().__post_init__()
 
 

@@ -173,17 +173,18 @@ def _warn_unmatched(plan: Plan):
 # ----------------------------------------------------------------------------- linen
 
 
+def _kind(module, classes) -> str | None:
+  """The layer kind of ``module`` from ``(class, kind)`` pairs, most specific first."""
+  for cls, kind in classes:
+    if isinstance(module, cls):
+      return kind
+  return None
+
+
 def _linen_kind(module) -> str | None:
   import flax.linen as nn
-  if isinstance(module, nn.DenseGeneral):
-    return "dense_general"
-  if isinstance(module, nn.Dense):
-    return "dense"
-  if isinstance(module, nn.Einsum):
-    return "einsum"
-  if isinstance(module, nn.Conv):
-    return "conv"
-  return None
+  return _kind(module, ((nn.DenseGeneral, "dense_general"), (nn.Dense, "dense"),
+                        (nn.Einsum, "einsum"), (nn.Conv, "conv")))
 
 
 class QuantizedLinenModel:
@@ -270,15 +271,8 @@ class QuantizedLinenModel:
 
 def _nnx_kind(module) -> str | None:
   from flax import nnx
-  if isinstance(module, nnx.LinearGeneral):
-    return "dense_general"
-  if isinstance(module, nnx.Linear):
-    return "dense"
-  if isinstance(module, nnx.Einsum):
-    return "einsum"
-  if isinstance(module, nnx.Conv):
-    return "conv"
-  return None
+  return _kind(module, ((nnx.LinearGeneral, "dense_general"), (nnx.Linear, "dense"),
+                        (nnx.Einsum, "einsum"), (nnx.Conv, "conv")))
 
 
 def _nnx_plan(model, rules) -> tuple[Plan, list]:

@@ -2,48 +2,20 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fp4jax
+from experiments.training_tools import train_digits_mlp
 from fp4jax import ptq
-
-
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.gelu(nn.Dense(256, name="fc1")(x))
-    x = nn.gelu(nn.Dense(128, name="fc2")(x))
-    return nn.Dense(10, name="head")(x)
 
 
 @functools.lru_cache(maxsize=None)
 def _trained_digits_mlp():
   """A real small model: an MLP trained on scikit-learn's bundled digits (no download)."""
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  x = (d.data / 16.0).astype(np.float32)
-  y = d.target.astype(np.int32)
-  m = MLP()
-  v = m.init(jax.random.key(0), x[:2])
-  tx = optax.adam(3e-3)
-  st = tx.init(v)
-
-  @jax.jit
-  def step(v, st, xb, yb):
-    g = jax.grad(lambda v: optax.softmax_cross_entropy_with_integer_labels(
-        m.apply(v, xb), yb).mean())(v)
-    u, st = tx.update(g, st, v)
-    return optax.apply_updates(v, u), st
-
-  rng = np.random.default_rng(0)
-  for _ in range(300):
-    idx = rng.integers(0, 1400, 128)
-    v, st = step(v, st, x[idx], y[idx])
+  m, v, x, y = train_digits_mlp(seed=0)
   return m, v, x[:1400], x[1400:], y[1400:]
 
 
