@@ -29,9 +29,14 @@ import fp4jax
 from fp4jax import optim, ptq
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 400, "SGD steps of the oscillation toy problem")
-flags.DEFINE_integer("seed", 0, "data seed")
-flags.DEFINE_string("out", None, "optional JSON output path")
+
+
+def define_flags():
+  """Flags are defined only when run as a script: tests import this module's helpers
+  beside other experiments whose flag names overlap."""
+  flags.DEFINE_integer("steps", 400, "SGD steps of the oscillation toy problem")
+  flags.DEFINE_integer("seed", 0, "data seed")
+  flags.DEFINE_string("out", None, "optional JSON output path")
 
 
 def oscillation_run(kind: str, steps: int, seed: int) -> dict:
@@ -183,4 +188,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
