@@ -95,7 +95,8 @@ def split_f32(b: jax.Array) -> Split:
 
 def bit_length(q: jax.Array) -> jax.Array:
   """Number of significant bits of a uint32 (0 for 0), as int32."""
-  return 32 - lax.clz(q.astype(U32)).astype(I32)
+  # clz of the same bits viewed as int32: Triton lowers clz for signed integers only.
+  return 32 - lax.clz(lax.bitcast_convert_type(q.astype(U32), I32)).astype(I32)
 
 
 def shl(q: jax.Array, s: jax.Array) -> jax.Array:
@@ -187,10 +188,6 @@ def _mul24(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   return hi, low & U32(0xFFFFFF)
 
 
-def _less48(a_hi, a_lo, b_hi, b_lo):
-  return (a_hi < b_hi) | ((a_hi == b_hi) & (a_lo < b_lo))
-
-
 def mul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   """IEEE float32 ``a * b`` (round to nearest even), exact also for subnormals."""
   sa, sb = split_f32(f32_bits(a)), split_f32(f32_bits(b))
@@ -210,30 +207,27 @@ def mul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def div_f32(a: jax.Array, b: jax.Array) -> jax.Array:
-  """IEEE float32 ``a / b`` (round to nearest even), exact also for subnormals."""
+  """IEEE float32 ``a / b`` (round to nearest even), exact also for subnormals.
+
+  Integer restoring division of the significands: no hardware division is used, so the
+  result does not depend on how a compiler lowers ``/`` (XLA rewrites ``x / broadcast(d)``
+  as ``x * (1/d)``; Triton's f32 ``/`` is approximate), and the same code runs inside
+  Pallas kernels. 26 quotient bits plus a sticky bit, rounded once.
+  """
   sa, sb = split_f32(f32_bits(a)), split_f32(f32_bits(b))
   Ma, ka = _normalized(sa)
   Mb, kb = _normalized(sb)
-  # Significands in [2^23, 2^24): the hardware quotient is a normal float in (1/2, 2),
-  # correctly rounded to 24 bits: Mq * 2^kq.
-  num, den = jnp.broadcast_arrays(Ma.astype(jnp.float32), jnp.maximum(Mb, 1).astype(jnp.float32))
-  # XLA rewrites `x / broadcast(d)` as `x * broadcast(1/d)` (off by an ulp in about half
-  # the cases); a barrier makes the divisor an opaque full-size array, so the hardware
-  # divides, correctly rounded.
-  num, den = lax.optimization_barrier((num, den))
-  qt = split_f32(f32_bits(num / den))
-  # Which side of Mq * 2^kq the exact quotient lies: compare Ma * 2^-kq with Mq * Mb.
-  sh = jnp.clip(-qt.k, 0, 24)
-  l_hi = Ma >> jnp.clip(24 - sh, 0, 24).astype(U32)
-  l_lo = shl(Ma, sh) & U32(0xFFFFFF)
-  r_hi, r_lo = _mul24(qt.M, Mb)
-  below = _less48(l_hi, l_lo, r_hi, r_lo)
-  above = _less48(r_hi, r_lo, l_hi, l_lo)
-  # 4*Mq -1/0/+1: a value strictly between neighbours of the true side; rounding it by
-  # >= 2 bits equals rounding the exact quotient (no rounding boundary lies between).
-  q = (qt.M << 2) + above.astype(U32) - below.astype(U32)
+  Mb = jnp.maximum(Mb, U32(1))
+  small = Ma < Mb  # quotient in [1/2, 1): take one more numerator bit
+  r = jnp.where(small, Ma << 1, Ma)  # r / Mb in [1, 2), r < 2^25
+  q = jnp.zeros(jnp.broadcast_shapes(r.shape, Mb.shape), U32)
+  for _ in range(26):  # q: 26 bits of r / Mb, the leading one first
+    ge = r >= Mb
+    q = (q << 1) | ge.astype(U32)
+    r = (jnp.where(ge, r - Mb, r)) << 1
+  sticky = (r != 0).astype(U32)
   sign = sa.sign ^ sb.sign
-  value = compose_f32(sign, q, qt.k - 2 + ka - kb)
+  value = compose_f32(sign, (q << 1) | sticky, ka - kb - 26 - small.astype(I32))
   za, zb = (sa.M == 0) & ~sa.is_nan & ~sa.is_inf, (sb.M == 0) & ~sb.is_nan & ~sb.is_inf
   nan = sa.is_nan | sb.is_nan | (za & zb) | (sa.is_inf & sb.is_inf)
   inf = (sa.is_inf | zb) & ~nan

@@ -15,10 +15,12 @@ inverse (up to float rounding).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,3 +66,42 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
   xb = xm.reshape(*xm.shape[:-1], n // block, block)
   yb = jnp.einsum("...i,ij->...j", xb, r, precision=jax.lax.Precision.HIGHEST)
   return jnp.moveaxis(yb.reshape(xm.shape), -1, axis).astype(x.dtype)
+
+
+def sign_seed_words(key: jax.Array) -> jax.Array:
+  """Two uint32 words that seed :func:`rht_butterfly`'s random signs (from a key)."""
+  from fp4jax import prng
+  return prng.seed_from_key(key)
+
+
+def butterfly_signs(block: int, seed0: jax.Array, seed1: jax.Array) -> jax.Array:
+  """float32 +-1 of length ``block``: bit 0 of the counter hash of each position."""
+  from fp4jax import prng
+  h = prng.counter_hash_words(seed0, seed1, lax.broadcasted_iota(jnp.int32, (block,), 0))
+  return jnp.where((h & jnp.uint32(1)) == 1, jnp.float32(-1.0), jnp.float32(1.0))
+
+
+def rht_butterfly(x: jax.Array, block: int, seed0: jax.Array, seed1: jax.Array) -> jax.Array:
+  """Block-diagonal random Hadamard transform along the last axis, as butterflies.
+
+  ``y = (x * signs) H / sqrt(block)`` per block of ``block`` consecutive elements,
+  computed with ``log2(block)`` constant-geometry stages ``(a, b) -> (a + b, a - b)``
+  on adjacent pairs, whose outputs go to the first and second half. Every stage is the
+  same sequence of float32 additions wherever it runs (XLA or a Pallas kernel), and the
+  sign and ``1/sqrt(block)`` products are exact for block 16 (0.25), so kernel and
+  reference agree bit for bit (up to subnormal flushing of the platform).
+  """
+  if block < 2 or block & (block - 1):
+    raise ValueError(f"Hadamard block must be a power of two >= 2, got {block}")
+  n = x.shape[-1]
+  if n % block:
+    raise ValueError(f"Hadamard transform: last axis has length {n}, not a multiple of "
+                     f"the block size {block}")
+  lead = x.shape[:-1]
+  y = x.astype(jnp.float32).reshape(*lead, n // block, block)
+  y = y * butterfly_signs(block, seed0, seed1)
+  for _ in range(int(math.log2(block))):
+    a, b = jnp.unstack(y.reshape(*lead, n // block, block // 2, 2), axis=-1)
+    y = jnp.concatenate([a + b, a - b], axis=-1)
+  y = y * jnp.float32(1.0 / math.sqrt(block))
+  return y.reshape(*lead, n)

@@ -36,7 +36,12 @@ def mix32(h: jax.Array) -> jax.Array:
 def counter_hash(seed: jax.Array, counter: jax.Array) -> jax.Array:
   """Uniform uint32 bits for element indices ``counter`` under ``seed`` (2 uint32 words)."""
   seed = jnp.asarray(seed, U32)
-  return mix32(mix32(counter.astype(U32) ^ seed[0]) + seed[1])
+  return counter_hash_words(seed[0], seed[1], counter)
+
+
+def counter_hash_words(seed0: jax.Array, seed1: jax.Array, counter: jax.Array) -> jax.Array:
+  """:func:`counter_hash` with the seed as two scalars (the form kernels load)."""
+  return mix32(mix32(counter.astype(U32) ^ seed0.astype(U32)) + seed1.astype(U32))
 
 
 def seed_from_key(key: jax.Array) -> jax.Array:

@@ -59,15 +59,23 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
     pad: zero-pad blocked axes that do not divide; otherwise that is an error.
     random_bits: uint32 array of ``x.shape``, an alternative to ``key``.
     saturate: overrides the spec's overflow behaviour.
-    impl: ``"xla"`` (this pure-JAX implementation).
+    impl: ``"xla"`` (this pure-JAX implementation), ``"pallas"`` (the fused kernels of
+      ``kernels/quantize.py``; interpret mode off GPU; an error for configurations they do
+      not take) or ``"auto"`` (Pallas on a GPU where supported, else ``"xla"``). The
+      choice is logged at DEBUG level on the ``"fp4jax"`` logger.
 
   Returns:
     A :class:`QArray` with ``codes`` (uint8, packed along ``axis``), ``scales`` of the
     input's rank with blocked dimensions divided by their block extent, and
     ``tensor_scale`` (shape ``(1,)*x.ndim``) for two-level scaling.
   """
-  if impl not in ("xla", "auto"):
-    raise ValueError(f"impl must be 'xla' or 'auto', got {impl!r}")
+  if impl not in ("xla", "auto", "pallas"):
+    raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
+  if impl != "xla":
+    q = _maybe_pallas(x, spec, axis, block_size, scale_mode, rounding, key, tensor_scale,
+                      pad, random_bits, saturate, impl)
+    if q is not None:
+      return q
   spec = resolve_spec(spec, block_size=block_size, scale_mode=scale_mode, rounding=rounding,
                       saturate=saturate)
   explicit_ts = None
@@ -144,6 +152,40 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   # is not fused into (and duplicated through) the encoding graph.
   packed = jax.lax.optimization_barrier(packed)
   return QArray(packed, stored_scales, ts_store, spec, ax, pads, x.dtype)
+
+
+def _maybe_pallas(x, spec, axis, block_size, scale_mode, rounding, key, tensor_scale, pad,
+                  random_bits, saturate, impl) -> QArray | None:
+  """The one dispatch point to the Pallas kernels (imported lazily): a QArray from
+  ``kernels.quantize``, or None where ``impl="auto"`` falls back to this module."""
+  import logging
+  log = logging.getLogger("fp4jax")
+  from kernels import quantize as kq  # kernels import the core; never the reverse at import
+  spec = resolve_spec(spec, block_size=block_size, scale_mode=scale_mode, rounding=rounding,
+                      saturate=saturate)
+  x = jnp.asarray(x)
+  why = kq.unsupported_reason(x.shape, x.dtype, spec, axis)
+  if why is None and random_bits is not None:
+    why = "explicit random_bits (kernels hash their own from key)"
+  if why is None and pad:
+    why = "pad=True"
+  if why is None and tensor_scale is not _SPEC_DEFAULT and tensor_scale != spec.tensor_scale:
+    if tensor_scale is None or isinstance(tensor_scale, str):
+      why = "a tensor_scale mode other than the spec's"
+  gpu = kq.on_gpu()
+  if why is None and impl == "auto" and not gpu:
+    why = "not on a GPU"
+  if why is not None:
+    if impl == "pallas":
+      raise ValueError(f"quantize(impl='pallas'): unsupported configuration: {why}; use "
+                       "impl='auto' to fall back to the pure-JAX path")
+    log.debug("fp4jax.quantize: %s via xla (%s)", spec.name or "custom", why)
+    return None
+  explicit = None if tensor_scale is _SPEC_DEFAULT or isinstance(tensor_scale, str) \
+      else tensor_scale
+  log.debug("fp4jax.quantize: %s axis %d via pallas%s", spec.name or "custom", axis,
+            "" if gpu else " (interpret mode)")
+  return kq.quantize(x, spec, axis, key, tensor_scale=explicit, interpret=not gpu)
 
 
 def dequantize(q: QArray, dtype: Any = None) -> jax.Array:

@@ -1,0 +1,333 @@
+"""Fused quantize kernels: one read of a bf16/f32 matrix, packed codes + scales written.
+
+Pallas kernels (Triton lowering on GPU, interpret mode on CPU) for 2D operands:
+
+* MX formats with power-of-two scales (E8M0; every scale mode, block 16 or 32, any
+  element of 4 or 8 bits), and NVFP4-style float block scales (UE4M3) with an FP32
+  tensor scale;
+* blocks along rows (``axis=-1``), along columns (``axis=-2``), or both from one read
+  (:func:`quantize_both`: the forward GEMM wants A blocked along K, the weight gradient
+  wants it blocked along M);
+* nearest-even or stochastic rounding; the stochastic bits are
+  :func:`fp4jax.prng.counter_hash_words` of ``(seed, row-major element index)``, exactly
+  what the reference draws, computed in the kernel;
+* an optional random Hadamard transform along the blocked axis, fused before
+  quantization (:func:`fp4jax.hadamard.rht_butterfly`, the same butterfly as the
+  reference).
+
+The kernel body calls the reference's own numerics (:mod:`fp4jax.scales`,
+:mod:`fp4jax.rounding`, :mod:`fp4jax.bits`: integer operations on float bits), so kernel
+and reference are the same function by construction, and the tests check it bit for
+bit. The NVFP4 tensor scale is a separate XLA reduction (``max |x|`` over the tensor)
+before the kernel, or the caller's value (e.g. last step's amax).
+
+The reference is :func:`fp4jax.quantize` (``impl="xla"``); :func:`quantize_reference`
+names it here for the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fp4jax import bits, hadamard, prng, scales
+from fp4jax import rounding as rounding_lib
+from fp4jax.qarray import QArray
+from fp4jax.quantize import quantize as _quantize_xla
+from fp4jax.spec import QuantSpec
+
+log = logging.getLogger("fp4jax")
+U32, I32 = jnp.uint32, jnp.int32
+
+
+def quantize_reference(x, spec, axis=-1, **kwargs) -> QArray:
+  """The pure-JAX quantizer the kernels must equal (``fp4jax.quantize``, impl="xla")."""
+  return _quantize_xla(x, spec, axis, **kwargs)
+
+
+def unsupported_reason(x_shape, dtype, spec: QuantSpec, axis: int) -> str | None:
+  """Why the kernels cannot take this configuration (None: they can)."""
+  if len(x_shape) != 2:
+    return f"kernels take 2D operands, got rank {len(x_shape)}"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    return f"kernels read float32 or bfloat16, got {jnp.dtype(dtype)}"
+  if axis % 2 not in (0, 1):
+    return f"axis {axis} is not an axis of a 2D operand"
+  if spec.granularity != "block":
+    return f"granularity {spec.granularity!r} (kernels do 1D blocks)"
+  if spec.block_size not in (16, 32):
+    return f"block size {spec.block_size} (kernels do 16 and 32)"
+  if spec.element.bits not in (4, 8):
+    return f"{spec.element.bits}-bit elements (kernels do 4 and 8 bits)"
+  if spec.element.bits == 4 and not spec.packed:
+    return "unpacked 4-bit codes"
+  sfmt = spec.scale_format
+  if not sfmt.is_pow2 and sfmt.storage_bits != 8:
+    return f"scale format {sfmt.name} (kernels store 8-bit scales)"
+  if x_shape[axis % 2] % spec.block_size:
+    return (f"axis length {x_shape[axis % 2]} is not a multiple of the block size "
+            f"{spec.block_size}")
+  return None
+
+
+def _f32_bits_of(x):
+  """float32 bit patterns of a bf16/f32 tile, exact (bf16 is the top half of f32)."""
+  if x.dtype == jnp.bfloat16:
+    return lax.bitcast_convert_type(x, jnp.uint16).astype(U32) << 16
+  return lax.bitcast_convert_type(x, U32)
+
+
+def _quantize_rows(b, spec: QuantSpec, ts, rbits):
+  """Quantizes a tile of f32 bit patterns with blocks along its last axis.
+
+  Returns (element codes packed along the last axis, uint8 scale codes (rows, blocks)).
+  The math is the reference's (fp4jax.quantize), on a (rows, blocks, block) view.
+  """
+  elem, sfmt, bs = spec.element, spec.scale_format, spec.block_size
+  r, c = b.shape
+  b3 = b.reshape(r, c // bs, bs)
+  amax = jnp.max(bits.abs_bits(b3), axis=-1)
+  rb3 = None if rbits is None else rbits.reshape(r, c // bs, bs)
+  if sfmt.is_pow2:
+    code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
+    shift = scales.pow2_scale_exponent(code, sfmt)[..., None]
+    codes = rounding_lib.encode(bits.split_f32(b3), elem, spec.rounding, rb3, spec.saturate,
+                                exp_shift=shift)
+    nan_block = scales.pow2_scale_is_nan(code, sfmt)[..., None]
+    codes = jnp.where(nan_block, U32(elem.nan_code or 0), codes)
+    scale_codes = code
+  else:
+    s = scales.float_block_scale(amax, elem, sfmt, ts)
+    recip = scales.float_scale_reciprocal(s, ts)
+    y = bits.mul_f32(bits.bits_f32(b3), recip[..., None])
+    codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding, rb3,
+                                spec.saturate)
+    scale_codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(s)), sfmt.element)
+  codes = codes.reshape(r, c)
+  if elem.bits == 4:  # two codes per byte, the first in the low nibble (OCP order)
+    lo, hi = jnp.unstack(codes.reshape(r, c // 2, 2), axis=-1)
+    codes = lo | (hi << 4)
+  return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
+
+
+def _tile_counters(i, j, bm, bk, width):
+  """Row-major element indices of tile (i, j) in a matrix ``width`` columns wide."""
+  row = (i * bm + lax.broadcasted_iota(I32, (bm, bk), 0)).astype(U32)
+  col = (j * bk + lax.broadcasted_iota(I32, (bm, bk), 1)).astype(U32)
+  return row * U32(width) + col
+
+
+def _kernel(x_ref, seed_ref, ts_ref, *out_refs, spec, orient, bm, bk, width, rht_block):
+  i, j = pl.program_id(0), pl.program_id(1)
+  x = x_ref[...]
+  b = _f32_bits_of(x)
+  ts = None if ts_ref is None else ts_ref[0]
+  rbits = None
+  if spec.rounding == "stochastic":
+    rbits = prng.counter_hash_words(seed_ref[0], seed_ref[1],
+                                    _tile_counters(i, j, bm, bk, width))
+  outs = iter(out_refs)
+  if orient in ("rows", "both"):
+    br = b
+    if rht_block:
+      br = bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(b), rht_block, seed_ref[2],
+                                                seed_ref[3]))
+    codes, sc = _quantize_rows(br, spec, ts, rbits)
+    next(outs)[...] = codes
+    next(outs)[...] = sc
+  if orient in ("cols", "both"):
+    bt = b.T
+    if rht_block:
+      bt = bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(bt), rht_block, seed_ref[2],
+                                                seed_ref[3]))
+    codes, sc = _quantize_rows(bt, spec, ts, None if rbits is None else rbits.T)
+    next(outs)[...] = codes.T
+    next(outs)[...] = sc.T
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def _tensor_scale(b_abs_max, spec):
+  return scales.tensor_scale_from_amax(bits.bits_f32(b_abs_max.astype(U32)), spec.element,
+                                       spec.scale_format)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "orient", "bm", "bk", "interpret",
+                                             "rht_block", "num_warps", "num_stages"))
+def _quantize_call(x, seed, ts, *, spec, orient, bm, bk, interpret, rht_block, num_warps,
+                   num_stages):
+  m, k = x.shape
+  mp, kp = _round_up(m, bm), _round_up(k, bk)
+  xp = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
+  bs = spec.block_size
+  per_byte = 2 if spec.element.bits == 4 else 1
+  out_shape, out_specs = [], []
+  if orient in ("rows", "both"):
+    out_shape += [jax.ShapeDtypeStruct((mp, kp // per_byte), jnp.uint8),
+                  jax.ShapeDtypeStruct((mp, kp // bs), jnp.uint8)]
+    out_specs += [pl.BlockSpec((bm, bk // per_byte), lambda i, j: (i, j)),
+                  pl.BlockSpec((bm, bk // bs), lambda i, j: (i, j))]
+  if orient in ("cols", "both"):
+    out_shape += [jax.ShapeDtypeStruct((mp // per_byte, kp), jnp.uint8),
+                  jax.ShapeDtypeStruct((mp // bs, kp), jnp.uint8)]
+    out_specs += [pl.BlockSpec((bm // per_byte, bk), lambda i, j: (i, j)),
+                  pl.BlockSpec((bm // bs, bk), lambda i, j: (i, j))]
+  in_specs = [pl.BlockSpec((bm, bk), lambda i, j: (i, j)),
+              pl.BlockSpec((4,), lambda i, j: (0,))]
+  args = [xp, seed]
+  if ts is not None:
+    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+    args.append(ts.reshape(1))
+  kernel = functools.partial(_kernel, spec=spec, orient=orient, bm=bm, bk=bk, width=k,
+                             rht_block=rht_block)
+  if ts is None:
+    kernel = functools.partial(_call_without_ts, kernel)
+  extra = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
+                                                       num_stages=num_stages)
+  outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(mp // bm, kp // bk),
+                        in_specs=in_specs, out_specs=out_specs, interpret=interpret,
+                        name=f"fp4jax_quantize_{orient}", **extra)(*args)
+  res = []
+  outs = list(outs)
+  if orient in ("rows", "both"):
+    codes, sc = outs[:2]
+    res.append((codes[:m, :k // per_byte], sc[:m, :k // bs]))
+    outs = outs[2:]
+  if orient in ("cols", "both"):
+    codes, sc = outs[:2]
+    res.append((codes[:m // per_byte, :k], sc[:m // bs, :k]))
+  return res
+
+
+def _call_without_ts(kernel, x_ref, seed_ref, *out_refs):
+  return kernel(x_ref, seed_ref, None, *out_refs)
+
+
+def _store_scales(codes_u8, spec):
+  sfmt = spec.scale_format
+  if sfmt.is_pow2:
+    return scales.store_pow2_scale(codes_u8, sfmt)
+  if sfmt.storage_dtype == jnp.float8_e4m3fn:
+    return lax.bitcast_convert_type(codes_u8, jnp.float8_e4m3fn)
+  return codes_u8
+
+
+def _default_tile(orient, spec):
+  # Rows: wide tiles along the blocked axis; both/cols transpose in the kernel, so square.
+  if orient == "rows":
+    return 32, 256
+  return 64, 64
+
+
+def _prepare(x, spec, key, tensor_scale, rht_block, axis=-1):
+  if spec.rounding == "stochastic" and key is None:
+    raise ValueError("rounding='stochastic' needs key=jax.random.key(...)")
+  seed = prng.seed_from_key(key) if key is not None else jnp.zeros(2, U32)
+  hseed = jnp.zeros(2, U32)
+  if rht_block:
+    hseed = hadamard.sign_seed_words(key_for_signs(key))
+  seed4 = jnp.concatenate([seed, hseed])
+  ts = None
+  if not spec.scale_format.is_pow2 and spec.tensor_scale == "amax":
+    if tensor_scale is None:
+      # The global amax: one XLA reduction over the tensor (of the transformed tensor
+      # when a Hadamard transform is fused) before the kernel.
+      v = bits.to_f32_exact(x)
+      if rht_block:
+        v = hadamard.rht_butterfly(jnp.moveaxis(v, axis, -1), rht_block, hseed[0], hseed[1])
+      ts = _tensor_scale(jnp.max(bits.abs_bits(bits.f32_bits(v))), spec)
+    else:
+      ts = jnp.asarray(tensor_scale, jnp.float32).reshape(())
+  return seed4, ts
+
+
+def key_for_signs(key):
+  """The key of the Hadamard signs: fold_in(key, 1) (the rounding bits use key itself)."""
+  if key is None:
+    raise ValueError("a fused random Hadamard transform needs key=")
+  return jax.random.fold_in(key, 1)
+
+
+def _qarray(codes, sc, ts, spec, axis, dtype):
+  ts_store = None if ts is None else ts.reshape(1, 1)
+  return QArray(codes, _store_scales(sc, spec), ts_store, spec, axis, (0, 0), dtype)
+
+
+def quantize(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | None = None, *,
+             tensor_scale: Any = None, hadamard_block: int | None = None,
+             interpret: bool = False, tile: tuple[int, int] | None = None,
+             num_warps: int = 4, num_stages: int = 1) -> QArray:
+  """Quantizes a 2D ``x`` with one kernel launch; equals ``fp4jax.quantize(x, spec,
+  axis, key=key)`` bit for bit (with ``hadamard_block``: of the Hadamard-transformed x,
+  see :func:`hadamard_quantize_reference`).
+
+  Args:
+    x: (M, K) float32 or bfloat16.
+    spec: a supported :class:`QuantSpec` (see :func:`unsupported_reason`).
+    axis: -1 (blocks along rows) or -2 / 0 (blocks along columns).
+    key: for stochastic rounding and Hadamard signs.
+    tensor_scale: FP32 tensor scale for two-level specs (default: from this tensor).
+    hadamard_block: fuse a random Hadamard transform of this size (16 or 32).
+    interpret: run the kernel in Pallas interpret mode (CPU).
+    tile: (rows, cols) of a program's tile (powers of two, multiples of the block).
+  """
+  why = unsupported_reason(x.shape, x.dtype, spec, axis)
+  if why:
+    raise ValueError(f"fp4jax kernels: unsupported configuration: {why}")
+  orient = "rows" if axis % 2 == 1 else "cols"
+  seed4, ts = _prepare(x, spec, key, tensor_scale, hadamard_block, axis)
+  bm, bk = tile or _default_tile(orient, spec)
+  [(codes, sc)] = _quantize_call(x, seed4, ts, spec=spec, orient=orient, bm=bm, bk=bk,
+                                 interpret=interpret, rht_block=hadamard_block,
+                                 num_warps=num_warps, num_stages=num_stages)
+  # Hadamard-transformed values are float32 (as in the reference).
+  return _qarray(codes, sc, ts, spec, axis % 2 - 2, jnp.dtype(jnp.float32) if hadamard_block else x.dtype)
+
+
+def quantize_both(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None, *,
+                  tensor_scale: Any = None, interpret: bool = False,
+                  tile: tuple[int, int] | None = None, num_warps: int = 4,
+                  num_stages: int = 1) -> tuple[QArray, QArray]:
+  """``(quantize(x, spec, -1), quantize(x, spec, -2))`` from one read of ``x``."""
+  for ax in (-1, -2):
+    why = unsupported_reason(x.shape, x.dtype, spec, ax)
+    if why:
+      raise ValueError(f"fp4jax kernels: unsupported configuration: {why}")
+  seed4, ts = _prepare(x, spec, key, tensor_scale, None)
+  bm, bk = tile or _default_tile("both", spec)
+  (rc, rs), (cc, cs) = _quantize_call(x, seed4, ts, spec=spec, orient="both", bm=bm, bk=bk,
+                                      interpret=interpret, rht_block=None,
+                                      num_warps=num_warps, num_stages=num_stages)
+  return _qarray(rc, rs, ts, spec, -1, x.dtype), _qarray(cc, cs, ts, spec, -2, x.dtype)
+
+
+def hadamard_quantize_reference(x, spec, axis=-1, key=None, hadamard_block=16, **kw) -> QArray:
+  """What the fused Hadamard kernel computes, in pure JAX: the butterfly RHT along
+  ``axis`` with signs from ``fold_in(key, 1)``, then ``fp4jax.quantize``."""
+  w = hadamard.sign_seed_words(key_for_signs(key))
+  xt = jnp.moveaxis(bits.to_f32_exact(x), axis, -1)
+  yt = hadamard.rht_butterfly(xt, hadamard_block, w[0], w[1])
+  return _quantize_xla(jnp.moveaxis(yt, -1, axis), spec, axis, key=key, **kw)
+
+
+def on_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
+
+__all__ = ["hadamard_quantize_reference", "key_for_signs", "on_gpu", "quantize",
+           "quantize_both", "quantize_reference", "unsupported_reason"]

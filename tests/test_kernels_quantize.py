@@ -1,0 +1,108 @@
+"""kernels/quantize.py against the pure-JAX reference, bit for bit.
+
+On CPU (CI) the kernels run in Pallas interpret mode; on a GPU they are compiled
+(Triton): ``JAX_PLATFORMS=cuda,cpu pytest tests/test_kernels_quantize.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fp4jax
+from kernels import quantize as kq
+
+INTERPRET = not kq.on_gpu()
+MX, NV = fp4jax.get_spec("mxfp4"), fp4jax.get_spec("nvfp4")
+SPECS = {
+    "mxfp4_floor": MX, "mxfp4_rceil": MX.replace(scale_mode="rceil"),
+    "mxfp4_b16": MX.replace(block_size=16), "mxfp4_sr": MX.replace(rounding="stochastic"),
+    "mxfp8_e4m3": fp4jax.get_spec("mxfp8_e4m3"), "nvfp4": NV,
+    "nvfp4_sr": NV.replace(rounding="stochastic"), "nvfp4_one_level": NV.replace(tensor_scale=None),
+}
+
+
+def _equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert u.shape == v.shape and u.dtype == v.dtype, (u.shape, v.shape, u.dtype, v.dtype)
+    uu, vv = np.atleast_1d(np.asarray(u)).view(np.uint8), np.atleast_1d(np.asarray(v)).view(np.uint8)
+    assert np.array_equal(uu, vv), f"{int((uu != vv).sum())} bytes differ"
+
+
+def _input(rng, shape, dtype, adversarial):
+  x = rng.standard_normal(shape).astype(np.float32)
+  if adversarial:
+    x *= np.exp2(rng.integers(-30, 30, size=(shape[0], 1))).astype(np.float32)
+    flat = x.reshape(-1)
+    sp = np.asarray([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -3e-39, 3.0e38, -3.3e38,
+                     6.0, 5.99, 448.0, 2.0**-133], np.float32)
+    flat[rng.choice(flat.size, 48, replace=False)] = np.resize(sp, 48)
+    x[:, 32:64] = 0.0
+  return jnp.asarray(x).astype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("shape,adversarial", [((64, 256), False), ((96, 160), True)],
+                         ids=["tile_multiple", "ragged_adversarial"])
+def test_kernel_equals_reference(name, axis, dtype, shape, adversarial, rng):
+  spec = SPECS[name]
+  x = _input(rng, shape, dtype, adversarial)
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  got = kq.quantize(x, spec, axis, key, interpret=INTERPRET)
+  want = kq.quantize_reference(x, spec, axis, key=key)
+  _equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["mxfp4_floor", "nvfp4_sr"])
+def test_both_orientations_from_one_read(name, rng):
+  spec = SPECS[name]
+  x = _input(rng, (96, 160), jnp.bfloat16, True)
+  key = jax.random.key(5)
+  rows, cols = kq.quantize_both(x, spec, key, interpret=INTERPRET)
+  _equal(rows, kq.quantize_reference(x, spec, -1, key=key))
+  _equal(cols, kq.quantize_reference(x, spec, -2, key=key))
+
+
+@pytest.mark.parametrize("name", ["mxfp4_floor", "nvfp4", "nvfp4_sr"])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_fused_hadamard(name, axis, rng):
+  spec = SPECS[name]
+  x = _input(rng, (64, 128), jnp.bfloat16, False)
+  key = jax.random.key(9)
+  got = kq.quantize(x, spec, axis, key, hadamard_block=16, interpret=INTERPRET)
+  _equal(got, kq.hadamard_quantize_reference(x, spec, axis, key, 16))
+  # The butterfly is the Hadamard transform of fp4jax.hadamard (up to summation order).
+  w = fp4jax.hadamard.sign_seed_words(kq.key_for_signs(key))
+  signs = fp4jax.hadamard.butterfly_signs(16, w[0], w[1])
+  y = fp4jax.hadamard.rht_butterfly(x.astype(jnp.float32), 16, w[0], w[1])
+  r = signs[:, None] * jnp.asarray(fp4jax.hadamard.hadamard_matrix(16))
+  want = (x.astype(jnp.float32).reshape(64, 8, 16) @ r).reshape(64, 128)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_tensor_scale_and_tiles(rng):
+  x = _input(rng, (128, 256), jnp.float32, False)
+  got = kq.quantize(x, NV, -1, tensor_scale=0.01, tile=(16, 128), interpret=INTERPRET)
+  _equal(got, fp4jax.quantize(x, NV, -1, tensor_scale=0.01))
+
+
+def test_dispatch_and_unsupported_configs(rng):
+  x = _input(rng, (64, 128), jnp.float32, False)
+  q = fp4jax.quantize(x, "mxfp4", -1, impl="pallas")
+  _equal(q, fp4jax.quantize(x, "mxfp4", -1))
+  auto = fp4jax.quantize(x, "mxfp4", -1, impl="auto")
+  _equal(auto, fp4jax.quantize(x, "mxfp4", -1))
+  assert kq.unsupported_reason((4, 64, 128), jnp.float32, MX, -1) is not None
+  assert "granularity" in kq.unsupported_reason((64, 128), jnp.float32,
+                                                fp4jax.get_spec("nvfp4_2d"), -1)
+  assert "6-bit" in kq.unsupported_reason((64, 128), jnp.float32,
+                                          fp4jax.get_spec("mxfp6_e2m3"), -1)
+  with pytest.raises(ValueError, match="impl='pallas'.*granularity"):
+    fp4jax.quantize(x, "fp8_e4m3_tensor", -1, impl="pallas")
+  with pytest.raises(ValueError, match="impl must be"):
+    fp4jax.quantize(x, "mxfp4", -1, impl="cuda")
+  with pytest.raises(ValueError, match="stochastic.*needs key"):
+    kq.quantize(x, SPECS["mxfp4_sr"], -1, interpret=True)
