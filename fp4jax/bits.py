@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 U32 = jnp.uint32
@@ -62,12 +63,25 @@ def to_f32_exact(x: jax.Array) -> jax.Array:
   raise TypeError(f"expected a float32, bfloat16 or float16 array, got {x.dtype}")
 
 
+def _is_constant(x) -> bool:
+  """A small concrete value (a literal of the numerics), not a traced or large array."""
+  if isinstance(x, (int, float, np.generic)):
+    return True
+  if isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer):
+    return np.size(x) <= 64
+  return False
+
+
 def f32_bits(x: jax.Array) -> jax.Array:
   """The uint32 bit pattern of a float32 array."""
+  if _is_constant(x):  # folded here: Pallas' Triton lowering cannot bitcast constants
+    return jnp.asarray(np.asarray(x, np.float32).view(np.uint32))
   return lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), U32)
 
 
 def bits_f32(b: jax.Array) -> jax.Array:
+  if _is_constant(b):
+    return jnp.asarray(np.asarray(b).astype(np.uint32).view(np.float32))
   return lax.bitcast_convert_type(b.astype(U32), jnp.float32)
 
 

@@ -74,21 +74,45 @@ def sign_seed_words(key: jax.Array) -> jax.Array:
   return prng.seed_from_key(key)
 
 
-def butterfly_signs(block: int, seed0: jax.Array, seed1: jax.Array) -> jax.Array:
-  """float32 +-1 of length ``block``: bit 0 of the counter hash of each position."""
+def butterfly_signs(block: int, seed0: jax.Array, seed1: jax.Array) -> list[jax.Array]:
+  """``block`` float32 scalars +-1: bit 0 of the counter hash of each position."""
   from fp4jax import prng
-  h = prng.counter_hash_words(seed0, seed1, lax.broadcasted_iota(jnp.int32, (block,), 0))
-  return jnp.where((h & jnp.uint32(1)) == 1, jnp.float32(-1.0), jnp.float32(1.0))
+  out = []
+  for i in range(block):
+    h = prng.counter_hash_words(seed0, seed1, jnp.uint32(i))
+    out.append(jnp.where((h & jnp.uint32(1)) == 1, jnp.float32(-1.0), jnp.float32(1.0)))
+  return out
+
+
+def _columns(y: jax.Array, n: int) -> list[jax.Array]:
+  """The ``n`` trailing-axis entries of ``y`` as separate arrays, in index order, by
+  repeated splits of a trailing axis of 2 (what Triton lowers: tt.split)."""
+  if n == 1:
+    return [y.reshape(y.shape[:-1])]
+  even, odd = jnp.unstack(y.reshape(*y.shape[:-1], n // 2, 2), axis=-1)
+  out = [None] * n
+  out[0::2], out[1::2] = _columns(even, n // 2), _columns(odd, n // 2)
+  return out
+
+
+def _stack_columns(cols: list[jax.Array]) -> jax.Array:
+  """Inverse of :func:`_columns` (tt.join of trailing pairs)."""
+  n = len(cols)
+  if n == 1:
+    return cols[0].reshape(*cols[0].shape, 1)
+  even, odd = _stack_columns(cols[0::2]), _stack_columns(cols[1::2])
+  return jnp.stack([even, odd], axis=-1).reshape(*even.shape[:-1], n)
 
 
 def rht_butterfly(x: jax.Array, block: int, seed0: jax.Array, seed1: jax.Array) -> jax.Array:
   """Block-diagonal random Hadamard transform along the last axis, as butterflies.
 
-  ``y = (x * signs) H / sqrt(block)`` per block of ``block`` consecutive elements,
-  computed with ``log2(block)`` constant-geometry stages ``(a, b) -> (a + b, a - b)``
-  on adjacent pairs, whose outputs go to the first and second half. Every stage is the
-  same sequence of float32 additions wherever it runs (XLA or a Pallas kernel), and the
-  sign and ``1/sqrt(block)`` products are exact for block 16 (0.25), so kernel and
+  ``y = (x * signs) H / sqrt(block)`` per block of ``block`` consecutive elements (H in
+  Sylvester order, the matrix of :func:`hadamard_matrix` times sqrt(block)): an
+  in-place fast Walsh-Hadamard transform, ``(a, b) -> (a + b, a - b)`` at distances 1,
+  2, 4, ..., on the block's entries held as separate arrays. The float32 additions run
+  in the same order wherever this traces (XLA or a Pallas kernel), and the sign and
+  ``1/sqrt(block)`` products are exact for block 16 (0.25), so the kernel and the
   reference agree bit for bit (up to subnormal flushing of the platform).
   """
   if block < 2 or block & (block - 1):
@@ -98,10 +122,13 @@ def rht_butterfly(x: jax.Array, block: int, seed0: jax.Array, seed1: jax.Array) 
     raise ValueError(f"Hadamard transform: last axis has length {n}, not a multiple of "
                      f"the block size {block}")
   lead = x.shape[:-1]
-  y = x.astype(jnp.float32).reshape(*lead, n // block, block)
-  y = y * butterfly_signs(block, seed0, seed1)
-  for _ in range(int(math.log2(block))):
-    a, b = jnp.unstack(y.reshape(*lead, n // block, block // 2, 2), axis=-1)
-    y = jnp.concatenate([a + b, a - b], axis=-1)
-  y = y * jnp.float32(1.0 / math.sqrt(block))
-  return y.reshape(*lead, n)
+  v = _columns(x.astype(jnp.float32).reshape(*lead, n // block, block), block)
+  v = [c * s for c, s in zip(v, butterfly_signs(block, seed0, seed1))]
+  h = 1
+  while h < block:
+    for start in range(0, block, 2 * h):
+      for i in range(start, start + h):
+        v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
+    h *= 2
+  scale = jnp.float32(1.0 / math.sqrt(block))
+  return _stack_columns([c * scale for c in v]).reshape(*lead, n)

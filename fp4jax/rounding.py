@@ -150,3 +150,65 @@ def round_to_format(x: jax.Array, fmt: ElementFormat, rounding: str = "nearest",
   """``x`` rounded onto ``fmt``'s grid, returned as float32 (elementwise cast, no scale)."""
   sp = bits.split_f32(bits.f32_bits(bits.to_f32_exact(x)))
   return decode_to_f32(encode(sp, fmt, canonical_rounding(rounding), random_bits, saturate), fmt)
+
+
+# ---------------------------------------------------------------------------------------
+# E2M1 nearest-even fast paths (what the kernels use; equal to `encode`, tested
+# exhaustively). `encode` is general integer code for any format; for E2M1 with
+# nearest-even rounding the same codes come from a few float operations that are exact:
+# power-of-two scalings of a 24-bit integer, one correctly rounded product, and the
+# magic-number rounding (a + C) - C with C = 2^(23 + q), which rounds a to a multiple of
+# 2^q ties-to-even in any IEEE float32 unit.
+
+
+def _e2m1_magnitude_nearest(a: jax.Array) -> jax.Array:
+  """uint32 E2M1 magnitude code of float32 ``a >= 0`` (Inf saturates, NaN -> garbage)."""
+  e = (bits.f32_bits(a) >> 23).astype(I32)
+  q = jnp.clip(e - 128, -1, 2)  # grid step 2^q: 0.5 below 2, 1 in [2, 4), 2 above
+  c = bits.bits_f32(((q + 150) << 23).astype(U32))
+  r = (a + c) - c
+  rb = bits.f32_bits(r)
+  er = (rb >> 23).astype(I32) - 127
+  m = ((rb >> 22) & U32(1)).astype(I32)
+  mag = jnp.where(er < 0, 1, (er + 1) * 2 + m)
+  mag = jnp.where(r == 0, 0, jnp.minimum(mag, 7))
+  return mag.astype(U32)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+  """2^e as float32 for int32 e in [-126, 127]."""
+  return bits.bits_f32(((e + 127) << 23).astype(U32))
+
+
+def e2m1_nearest_pow2(sp: bits.Split, exp_shift: jax.Array) -> jax.Array:
+  """E2M1 codes of ``x / 2^exp_shift`` (nearest-even, saturating): equals
+  ``encode(sp, E2M1, "nearest", exp_shift=exp_shift)``."""
+  k = sp.k - jnp.asarray(exp_shift, I32)
+  tiny = k < -126  # |x / 2^s| < 2^24 * 2^-127: code 0
+  a = sp.M.astype(jnp.float32) * _pow2(jnp.clip(k, -126, 127))
+  a = jnp.where(tiny, jnp.float32(0.0), a)
+  a = jnp.where(sp.is_inf, jnp.float32(jnp.inf), a)
+  mag = jnp.where(sp.is_nan, U32(0), _e2m1_magnitude_nearest(a))
+  sign = jnp.where(sp.is_nan, U32(0), sp.sign.astype(U32))
+  return (sign << 3) | mag
+
+
+def e2m1_nearest_product(sx: bits.Split, sr: bits.Split) -> jax.Array:
+  """E2M1 codes of the float32 product ``x * r`` (IEEE, as :func:`fp4jax.bits.mul_f32`),
+  nearest-even, saturating: equals ``encode(split(f32_bits(mul_f32(x, r))), E2M1)``."""
+  # x * r = Mx * Mr * 2^(kx + kr): one rounding of the 48-bit integer product to 24 bits,
+  # then an exact power-of-two scaling (results below 2^-126 are far below code 1).
+  p = sx.M.astype(jnp.float32) * sr.M.astype(jnp.float32)
+  e = sx.k + sr.k
+  pe = (bits.f32_bits(p) >> 23).astype(I32) - 127  # p >= 1 for nonzero operands
+  a = p * _pow2(jnp.clip(e, -126, 127))
+  a = jnp.where(e + pe < -126, jnp.float32(0.0), a)
+  a = jnp.where(e + pe > 127, jnp.float32(jnp.inf), a)  # saturates
+  zx, zr = (sx.M == 0) & ~sx.is_nan & ~sx.is_inf, (sr.M == 0) & ~sr.is_nan & ~sr.is_inf
+  nan = sx.is_nan | sr.is_nan | (sx.is_inf & zr) | (zx & sr.is_inf)
+  inf = (sx.is_inf | sr.is_inf) & ~nan
+  zero = (zx | zr) & ~nan
+  a = jnp.where(zero, jnp.float32(0.0), jnp.where(inf, jnp.float32(jnp.inf), a))
+  sign = jnp.where(nan, U32(0), (sx.sign ^ sr.sign).astype(U32))
+  mag = jnp.where(nan, U32(0), _e2m1_magnitude_nearest(a))
+  return (sign << 3) | mag

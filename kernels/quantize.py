@@ -95,26 +95,44 @@ def _quantize_rows(b, spec: QuantSpec, ts, rbits):
   b3 = b.reshape(r, c // bs, bs)
   amax = jnp.max(bits.abs_bits(b3), axis=-1)
   rb3 = None if rbits is None else rbits.reshape(r, c // bs, bs)
+  fast = _is_e2m1(elem) and spec.rounding == "nearest"  # float fast path, same codes
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
     shift = scales.pow2_scale_exponent(code, sfmt)[..., None]
-    codes = rounding_lib.encode(bits.split_f32(b3), elem, spec.rounding, rb3, spec.saturate,
-                                exp_shift=shift)
+    if fast:
+      codes = rounding_lib.e2m1_nearest_pow2(bits.split_f32(b3), shift)
+    else:
+      codes = rounding_lib.encode(bits.split_f32(b3), elem, spec.rounding, rb3,
+                                  spec.saturate, exp_shift=shift)
     nan_block = scales.pow2_scale_is_nan(code, sfmt)[..., None]
     codes = jnp.where(nan_block, U32(elem.nan_code or 0), codes)
     scale_codes = code
   else:
     s = scales.float_block_scale(amax, elem, sfmt, ts)
     recip = scales.float_scale_reciprocal(s, ts)
-    y = bits.mul_f32(bits.bits_f32(b3), recip[..., None])
-    codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding, rb3,
-                                spec.saturate)
+    if fast:
+      codes = rounding_lib.e2m1_nearest_product(bits.split_f32(b3), _split_bcast(recip))
+    else:
+      y = bits.mul_f32(bits.bits_f32(b3), recip[..., None])
+      codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding,
+                                  rb3, spec.saturate)
     scale_codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(s)), sfmt.element)
   codes = codes.reshape(r, c)
   if elem.bits == 4:  # two codes per byte, the first in the low nibble (OCP order)
     lo, hi = jnp.unstack(codes.reshape(r, c // 2, 2), axis=-1)
     codes = lo | (hi << 4)
   return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
+
+
+def _is_e2m1(elem) -> bool:
+  return (elem.ebits, elem.mbits, elem.bias, elem.special, elem.is_int) == (2, 1, 1, "none",
+                                                                             False)
+
+
+def _split_bcast(recip):
+  """Split of a per-block value, with a trailing axis to broadcast over the block."""
+  sp = bits.split_f32(bits.f32_bits(recip))
+  return bits.Split(*(f[..., None] for f in sp))
 
 
 def _tile_counters(i, j, bm, bk, width):

@@ -76,7 +76,7 @@ def test_fused_hadamard(name, axis, rng):
   _equal(got, kq.hadamard_quantize_reference(x, spec, axis, key, 16))
   # The butterfly is the Hadamard transform of fp4jax.hadamard (up to summation order).
   w = fp4jax.hadamard.sign_seed_words(kq.key_for_signs(key))
-  signs = fp4jax.hadamard.butterfly_signs(16, w[0], w[1])
+  signs = jnp.stack(fp4jax.hadamard.butterfly_signs(16, w[0], w[1]))
   y = fp4jax.hadamard.rht_butterfly(x.astype(jnp.float32), 16, w[0], w[1])
   r = signs[:, None] * jnp.asarray(fp4jax.hadamard.hadamard_matrix(16))
   want = (x.astype(jnp.float32).reshape(64, 8, 16) @ r).reshape(64, 128)
