@@ -64,7 +64,11 @@ def to_f32_exact(x: jax.Array) -> jax.Array:
 
 
 def _is_constant(x) -> bool:
-  """A small concrete value (a literal of the numerics), not a traced or large array."""
+  """A small concrete value (a literal of the numerics), not a traced or large array.
+
+  Literals of the numerics are numpy values: ``jnp.float32(c)`` inside a trace is a tracer
+  (a Literal), which Pallas' Triton lowering cannot bitcast.
+  """
   if isinstance(x, (int, float, np.generic)):
     return True
   if isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer):
@@ -189,7 +193,7 @@ def _normalized(sp: Split) -> tuple[jax.Array, jax.Array]:
 def _special_result(nan, inf, zero, sign, finite_value):
   out = jnp.where(zero, bits_f32(sign << 31), finite_value)
   out = jnp.where(inf, bits_f32((sign << 31) | U32(F32_INF_BITS)), out)
-  return jnp.where(nan, bits_f32(U32(F32_NAN_BITS)), out)
+  return jnp.where(nan, bits_f32(np.uint32(F32_NAN_BITS)), out)
 
 
 def _mul24(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

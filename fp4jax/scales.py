@@ -50,6 +50,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fp4jax import bits
 from fp4jax import rounding
@@ -65,8 +66,7 @@ def pow2_scale_code(amax_bits: jax.Array, element: ElementFormat, scale_format: 
   a = amax_bits.astype(U32)
   bias, nan = scale_format.bias, scale_format.nan_code
   if mode == "rceil":
-    max_f32 = jnp.float32(element.max_value)
-    descale = bits.mul_f32(bits.bits_f32(a), jnp.float32(1.0) / max_f32)
+    descale = bits.mul_f32(bits.bits_f32(a), np.float32(1.0) / np.float32(element.max_value))
     d = bits.f32_bits(descale)
     E = ((d >> 23) & 0xFF).astype(I32)
     F = d & U32(bits.MANT_MASK)
@@ -101,11 +101,11 @@ def tensor_scale_from_amax(amax: jax.Array, element: ElementFormat,
                            scale_format: ScaleFormat) -> jax.Array:
   """NVFP4's FP32 tensor scale ``amax / (max(scale) * max(element))`` (1 for amax = 0)."""
   amax = jnp.asarray(amax, jnp.float32)
-  denom = jnp.float32(scale_format.max_value * element.max_value)
+  denom = np.float32(scale_format.max_value * element.max_value)
   t = bits.div_f32(amax, denom)
   # Smallest t with (1/t)/s finite for every block scale s >= min_normal (see module doc).
   t_min = 2.0 ** (-126 - math.floor(math.log2(scale_format.min_normal)))
-  t_min_bits = bits.abs_bits(bits.f32_bits(jnp.float32(t_min)))
+  t_min_bits = bits.abs_bits(bits.f32_bits(np.float32(t_min)))
   tb = bits.abs_bits(bits.f32_bits(t))
   t = jnp.where(tb < t_min_bits, jnp.float32(t_min), t)  # NaN bit patterns sort above
   return jnp.where(bits.abs_bits(bits.f32_bits(amax)) == 0, jnp.float32(1.0), t)
@@ -116,7 +116,7 @@ def round_to_scale_format(s: jax.Array, scale_format: ScaleFormat) -> jax.Array:
 
   Returns float32 values (exactly representable in the scale format). NaN stays NaN.
   """
-  lo, hi = jnp.float32(scale_format.min_normal), jnp.float32(scale_format.max_value)
+  lo, hi = np.float32(scale_format.min_normal), np.float32(scale_format.max_value)
   # Clamp on bit patterns (positive floats order as integers), so a subnormal s is
   # seen as itself, not as zero, on backends that flush subnormals.
   sb = bits.abs_bits(bits.f32_bits(s))
@@ -134,7 +134,7 @@ def float_block_scale(amax_bits: jax.Array, element: ElementFormat, scale_format
                       tensor_scale: jax.Array | None = None) -> jax.Array:
   """The float32 value of each block's stored scale (see module doc)."""
   amax = bits.bits_f32(amax_bits.astype(U32))
-  block = bits.div_f32(amax, jnp.float32(element.max_value))
+  block = bits.div_f32(amax, np.float32(element.max_value))
   if tensor_scale is not None:
     block = bits.div_f32(block, tensor_scale)
   return round_to_scale_format(block, scale_format)
@@ -142,7 +142,7 @@ def float_block_scale(amax_bits: jax.Array, element: ElementFormat, scale_format
 
 def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = None) -> jax.Array:
   """``1/s`` (one level) or ``(1/t)/s`` (two level), as torchao multiplies."""
-  one = jnp.float32(1.0)
+  one = np.float32(1.0)
   if tensor_scale is None:
     return bits.div_f32(one, scale)
   return bits.div_f32(bits.div_f32(one, tensor_scale), scale)

@@ -196,8 +196,8 @@ def main(argv):
     n = 8192
     x = jnp.asarray(rng.standard_normal((n, n)).astype(np.float32)).astype(jnp.bfloat16)
     for name, cands in {
-        "mxfp4_floor_rows": [(32, 256), (16, 512), (64, 128)],
-        "nvfp4_rows": [(32, 256), (16, 256), (64, 128)],
+        "mxfp4_floor_rows": [(32, 256), (64, 128), (64, 256), (32, 512)],
+        "nvfp4_rows": [(32, 256), (64, 128), (64, 256)],
         "mxfp4_both": [(32, 64), (64, 64), (32, 128)],
         "nvfp4_both": [(32, 64), (64, 64), (32, 128)],
     }.items():
