@@ -34,6 +34,7 @@ flags.DEFINE_string("out", None, "JSON path (default kernels/results/quantize_<g
 flags.DEFINE_integer("reps", 20, "timed repetitions per measurement (median of 5 runs)")
 flags.DEFINE_bool("sweep", True, "try several tiles / warps for the main kernels at 8192")
 flags.DEFINE_bool("check", True, "run the correctness checks first")
+flags.DEFINE_list("configs", [], "kernel configurations to run (default: all)")
 flags.DEFINE_bool("full_check", False, "check bf16 and f32, ragged and tile-multiple shapes")
 flags.DEFINE_list("sweep_kernels", ["mxfp4_floor_rows", "mxfp4_both"], "kernels to tune")
 
@@ -183,6 +184,10 @@ def naive_nvfp4(x):
 
 def main(argv):
   del argv
+  if FLAGS.configs:
+    for name in list(CONFIGS):
+      if name not in FLAGS.configs:
+        del CONFIGS[name]
   dev = jax.devices()[0]
   gpu = dev.device_kind.replace(" ", "_").lower()
   out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
