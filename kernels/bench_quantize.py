@@ -57,6 +57,7 @@ CONFIGS = {
     "nvfp4_both": (NV, "both", None),
     "nvfp4_hadamard16_rows": (NV, "rows", 16),
 }
+ALL_CONFIGS = dict(CONFIGS)
 
 
 def _bytes_equal(a, b) -> bool:
@@ -142,7 +143,7 @@ def bench(fn, *args, reps=20):
 
 
 def ideal_bytes(n, name):
-  spec, orient, _ = CONFIGS[name]
+  spec, orient, _ = ALL_CONFIGS[name]
   writes = n * n // 2 + n * n // spec.block_size
   return 2 * n * n + writes * (2 if orient == "both" else 1)
 
