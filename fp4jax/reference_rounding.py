@@ -69,7 +69,10 @@ def grid_neighbours(x: jax.Array, spec: str | QuantSpec, axis: int = -1,
   g0 = element_values(q)
   grid = jnp.asarray(signed_grid(spec.element))
   idx = jnp.clip(jnp.searchsorted(grid, g0), 0, grid.size - 1)
-  xs = bits.div_f32(bits.to_f32_exact(x), s)
+  # Plain float32 division: exact for power-of-two scales; for float scales only the side
+  # of the quantizer's grid value is decided with it. (bits.div_f32 per element would be
+  # exact but makes XLA compile a training step for minutes.)
+  xs = bits.to_f32_exact(x) / s
   # The other neighbour lies on the side of g0 where x / s is (none beyond the range).
   other_idx = jnp.clip(jnp.where(xs > g0, idx + 1, jnp.where(xs < g0, idx - 1, idx)),
                        0, grid.size - 1)
@@ -102,7 +105,7 @@ def round_toward_reference(x: jax.Array, reference: jax.Array, spec: str | Quant
   if reference.shape != x.shape:
     raise ValueError(f"reference must have x's shape {x.shape}, got {reference.shape}")
   n = grid_neighbours(x, spec, axis, **quantize_kwargs)
-  rs = bits.div_f32(bits.to_f32_exact(reference), n.scale)
+  rs = bits.to_f32_exact(reference) / n.scale
   take_other = ((jnp.abs(n.other - rs) < jnp.abs(n.nearest - rs)) & (rs != n.value)
                 & jnp.isfinite(n.base) & jnp.isfinite(rs))
   return jnp.where(take_other, bits.mul_f32(n.other, n.scale), n.base)
