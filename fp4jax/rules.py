@@ -201,8 +201,6 @@ class QuantizedLinenModel:
     return getattr(self.model, name)
 
   def _interceptor(self, record):
-    import flax.linen as nn
-
     from fp4jax import linen as qlinen
 
     def intercept(next_fun, args, kwargs, context):
@@ -232,7 +230,6 @@ class QuantizedLinenModel:
                                 n, _weight_bits(recipe)))
       return out
 
-    del nn
     return intercept
 
   def _run(self, fn, *args, record=None, **kwargs):

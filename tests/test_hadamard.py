@@ -48,3 +48,11 @@ def test_bad_sizes():
     hadamard.hadamard_matrix(12)
   with pytest.raises(ValueError, match="multiple of the Hadamard block"):
     hadamard.rht(jnp.ones((4, 24)), 1, None, 16)
+
+
+def test_butterfly_bad_block_and_length():
+  w = jnp.zeros(2, jnp.uint32)
+  with pytest.raises(ValueError, match="power of two"):
+    hadamard.rht_butterfly(jnp.ones((2, 24)), 12, w[0], w[1])
+  with pytest.raises(ValueError, match="not a multiple of the block size 16"):
+    hadamard.rht_butterfly(jnp.ones((2, 24)), 16, w[0], w[1])

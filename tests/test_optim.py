@@ -163,3 +163,19 @@ def test_fp8_all_reduce_mean(rng):
   assert bool(jnp.all(err <= jnp.abs(gs).sum(0) / 4 * 2.0 ** -3 + 1e-12))
   zero = jax.vmap(lambda g: optim.fp8_all_reduce_mean(g, "d"), axis_name="d")(jnp.zeros((2, 8)))
   assert bool(jnp.all(zero == 0))
+
+
+def test_bad_arguments_of_the_transforms():
+  params = {"kernel": jnp.ones((32, 2))}
+  with pytest.raises(ValueError, match="window and min_reversals"):
+    optim.track_oscillation(window=0)
+  with pytest.raises(ValueError, match="max_factor a power of two"):
+    optim.q_ramping(optax.sgd(0.1), max_factor=3)
+  for tx in (optim.track_oscillation(), optim.q_ema(), optim.q_ramping(optax.sgd(0.1))):
+    st = tx.init(params)
+    with pytest.raises(ValueError, match="needs params"):
+      tx.update(params, st)
+  with pytest.raises(ValueError, match="no q_ema state"):
+    optim.q_ema_reference(optax.sgd(0.1).init(params), params)
+  with pytest.raises(ValueError, match="no q_ramping state"):
+    optim.ramp_factors(optax.sgd(0.1).init(params))
