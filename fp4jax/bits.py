@@ -10,9 +10,9 @@ subnormals included (:func:`compose_f32`).
 Products and quotients that the numerics need (NVFP4's ``x * (1/s)``, ``amax / 6``)
 go through :func:`mul_f32` / :func:`div_f32`, which equal IEEE float32 ``a*b`` / ``a/b``
 bit for bit, subnormal operands and results included: the product of the 24-bit
-significands is formed exactly in two 24-bit limbs, and a quotient is taken from the
-hardware on normalised significands and then corrected with an exact remainder sign,
-so every result is rounded once.
+significands is formed exactly in two 24-bit limbs, and a quotient is estimated by the
+hardware on normalised significands and then corrected with an exact integer
+remainder, so every result is rounded once.
 
 All functions are elementwise ``jnp``/``lax`` integer ops with shift amounts kept in
 ``[0, 31]``, so they also lower inside Pallas kernels.
@@ -224,28 +224,43 @@ def mul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   return _special_result(nan, inf, (za | zb) & ~nan, sign, value)
 
 
+def _quotient_estimate(r: jax.Array, d: jax.Array) -> jax.Array:
+  """A float32 approximation of ``r / d`` (any division will do: Triton's is approximate,
+  XLA may rewrite it as a product with a reciprocal). :func:`div_f32` corrects it."""
+  return r.astype(jnp.float32) / d.astype(jnp.float32)
+
+
 def div_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   """IEEE float32 ``a / b`` (round to nearest even), exact also for subnormals.
 
-  Integer restoring division of the significands: no hardware division is used, so the
-  result does not depend on how a compiler lowers ``/`` (XLA rewrites ``x / broadcast(d)``
-  as ``x * (1/d)``; Triton's f32 ``/`` is approximate), and the same code runs inside
-  Pallas kernels. 26 quotient bits plus a sticky bit, rounded once.
+  The 26-bit quotient ``Q = floor(r * 2^25 / Mb)`` of the normalised significands is
+  estimated with a float division on normal values (so flush-to-zero cannot touch it,
+  and an approximate division is fine), then made exact: the remainder
+  ``R = r * 2^25 - Q * Mb`` is small (``|R| < 2^31`` for any estimate within 2^-20
+  relative), so uint32 arithmetic modulo 2^32 gives it exactly; one integer step from
+  ``floor(R / Mb)`` and one +-1 step put ``R`` in ``[0, Mb)``. The result does not depend
+  on how a compiler lowers ``/``, and the same code runs inside Pallas kernels. The 26
+  quotient bits plus a sticky bit (``R != 0``) are rounded once.
   """
   sa, sb = split_f32(f32_bits(a)), split_f32(f32_bits(b))
   Ma, ka = _normalized(sa)
   Mb, kb = _normalized(sb)
-  Mb = jnp.maximum(Mb, U32(1))
+  Mb = jnp.maximum(Mb, U32(1 << 23))  # b = 0 (handled below): keep the estimate finite
   small = Ma < Mb  # quotient in [1/2, 1): take one more numerator bit
   r = jnp.where(small, Ma << 1, Ma)  # r / Mb in [1, 2), r < 2^25
-  q = jnp.zeros(jnp.broadcast_shapes(r.shape, Mb.shape), U32)
-  for _ in range(26):  # q: 26 bits of r / Mb, the leading one first
-    ge = r >= Mb
-    q = (q << 1) | ge.astype(U32)
-    r = (jnp.where(ge, r - Mb, r)) << 1
-  sticky = (r != 0).astype(U32)
+  est = _quotient_estimate(r, Mb) * np.float32(2.0**25)
+  q = jnp.clip(est, np.float32(2.0**25), np.float32(2.0**26)).astype(U32)
+  rem = lax.bitcast_convert_type((r << 25) - q * Mb, I32)  # exact: |R| < 2^31
+  step = jnp.floor(_quotient_estimate(rem, Mb.astype(I32))).astype(I32)
+  q = (q.astype(I32) + step)
+  rem = rem - step * Mb.astype(I32)
+  under, mb = rem < 0, Mb.astype(I32)
+  q, rem = jnp.where(under, q - 1, q), jnp.where(under, rem + mb, rem)
+  over = rem >= mb
+  q, rem = jnp.where(over, q + 1, q), jnp.where(over, rem - mb, rem)
+  sticky = (rem != 0).astype(U32)
   sign = sa.sign ^ sb.sign
-  value = compose_f32(sign, (q << 1) | sticky, ka - kb - 26 - small.astype(I32))
+  value = compose_f32(sign, (q.astype(U32) << 1) | sticky, ka - kb - 26 - small.astype(I32))
   za, zb = (sa.M == 0) & ~sa.is_nan & ~sa.is_inf, (sb.M == 0) & ~sb.is_nan & ~sb.is_inf
   nan = sa.is_nan | sb.is_nan | (za & zb) | (sa.is_inf & sb.is_inf)
   inf = (sa.is_inf | zb) & ~nan

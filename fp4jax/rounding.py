@@ -212,3 +212,51 @@ def e2m1_nearest_product(sx: bits.Split, sr: bits.Split) -> jax.Array:
   sign = jnp.where(nan, U32(0), (sx.sign ^ sr.sign).astype(U32))
   mag = jnp.where(nan, U32(0), _e2m1_magnitude_nearest(a))
   return (sign << 3) | mag
+
+
+_F32_QUARTER, _F32_THREE_QUARTERS, _F32_ONE = 0x3E800000, 0x3F400000, 0x3F800000
+
+
+def e2m1_magnitude_of_bits(ab: jax.Array, rounding: str = "nearest",
+                           random_bits: jax.Array | None = None) -> jax.Array:
+  """E2M1 magnitude code (uint32 in [0, 7], saturating) of ``a >= 0`` given by its
+  float32 bits ``ab``: equals ``encode(split_f32(ab), E2M1, rounding, random_bits) & 7``
+  for every normal or zero ``a`` and +Inf, and gives 0 for subnormal ``a`` (so it does not
+  matter whether a backend flushed ``a`` to zero). Tested exhaustively against
+  :func:`encode`.
+
+  A dozen integer operations instead of :func:`encode`'s general ones (what the fused
+  kernels spend per element):
+
+  * ``a >= 1`` (E2M1 normals, one mantissa bit): round the 23-bit mantissa field to its top
+    bit by an integer add (nearest-even: ``0x1FFFFF + lsb``; stochastic: the complement
+    of the top 22 random bits, so the carry happens exactly when ``r < rem``), letting
+    the carry run into the exponent; then the code is ``((E << 1) | m) - 252``.
+  * ``a < 1`` (the subnormal step 0.5): nearest-even compares with the two midpoints
+    0.25 (ties down to 0) and 0.75 (ties up to 1.0); stochastic is
+    :func:`fp4jax.bits.round_shift_right` of the significand by ``149 - E``, written out.
+  """
+  ab = ab.astype(U32)
+  if rounding == "nearest":
+    lsb = (ab >> 22) & U32(1)
+    hi = ((ab + U32(0x1FFFFF) + lsb) >> 22).astype(I32) - 252
+    lo = (ab > U32(_F32_QUARTER)).astype(I32) + (ab >= U32(_F32_THREE_QUARTERS)).astype(I32)
+  elif rounding == "stochastic":
+    if random_bits is None:
+      raise ValueError("stochastic rounding needs random_bits")
+    rb = random_bits.astype(U32)
+    hi = ((ab + ((rb >> 10) ^ U32(0x3FFFFF))) >> 22).astype(I32) - 252
+    # a < 1: code = round(M / 2^(149 - E)) with round_shift_right's handling of shifts
+    # above 31 (the significand is first truncated by the excess, at most 31 bits).
+    E = (ab >> 23).astype(I32)
+    M = (ab & U32(bits.MANT_MASK)) | U32(0x800000)
+    sh = 149 - E  # >= 23 here
+    q = M >> jnp.clip(sh - 31, 0, 31).astype(U32)
+    s = jnp.minimum(sh, 31).astype(U32)
+    rem = q & ((U32(1) << s) - U32(1))
+    up = (rb >> (U32(32) - s)) < rem
+    lo = (q >> s).astype(I32) + up.astype(I32)
+  else:
+    raise ValueError(f"e2m1_magnitude_of_bits rounds nearest or stochastic, got {rounding!r}")
+  mag = jnp.where(ab >= U32(_F32_ONE), jnp.minimum(hi, 7), lo)
+  return mag.astype(U32)

@@ -140,12 +140,57 @@ def float_block_scale(amax_bits: jax.Array, element: ElementFormat, scale_format
   return round_to_scale_format(block, scale_format)
 
 
-def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = None) -> jax.Array:
-  """``1/s`` (one level) or ``(1/t)/s`` (two level), as torchao multiplies."""
+def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = None,
+                           tensor_scale_reciprocal: jax.Array | None = None) -> jax.Array:
+  """``1/s`` (one level) or ``(1/t)/s`` (two level), as torchao multiplies.
+
+  ``tensor_scale_reciprocal``: ``1/t`` when the caller already has it (kernels compute
+  it once per tensor, outside the per-block code)."""
   one = np.float32(1.0)
   if tensor_scale is None:
     return bits.div_f32(one, scale)
-  return bits.div_f32(bits.div_f32(one, tensor_scale), scale)
+  if tensor_scale_reciprocal is None:
+    tensor_scale_reciprocal = bits.div_f32(one, tensor_scale)
+  return bits.div_f32(tensor_scale_reciprocal, scale)
+
+
+def _is_e4m3fn(scale_format: ScaleFormat) -> bool:
+  e = scale_format.element
+  return e is not None and (e.ebits, e.mbits, e.bias, e.special) == (4, 3, 7, "fn")
+
+
+def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
+                               scale_format: ScaleFormat,
+                               tensor_scale: jax.Array | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
+  """``(float_block_scale(...), its code in the scale format)``, uint32 codes.
+
+  For E4M3 scales (NVFP4's UE4M3) the clamped scale is a positive normal, so its code is
+  a round of the float32 mantissa field to 3 bits by an integer add (nearest-even, the
+  carry running into the exponent) and its value is the code's bits moved back: a few
+  operations per block instead of the general :func:`fp4jax.rounding.encode` twice and
+  :func:`fp4jax.rounding.decode_to_f32` (what the kernels spend per block). Other formats
+  take the general path. Equal to the general path bit for bit (tested).
+  """
+  if not _is_e4m3fn(scale_format):
+    s = float_block_scale(amax_bits, element, scale_format, tensor_scale)
+    code = rounding.encode(bits.split_f32(bits.f32_bits(s)), scale_format.element)
+    return s, code
+  amax = bits.bits_f32(amax_bits.astype(U32))
+  block = bits.div_f32(amax, np.float32(element.max_value))
+  if tensor_scale is not None:
+    block = bits.div_f32(block, tensor_scale)
+  lo = bits.abs_bits(bits.f32_bits(np.float32(scale_format.min_normal)))
+  hi = bits.abs_bits(bits.f32_bits(np.float32(scale_format.max_value)))
+  sb = bits.abs_bits(bits.f32_bits(block))
+  nan = sb > bits.F32_INF_BITS
+  sb = jnp.clip(sb, lo, hi).astype(U32)  # a normal in [2^-6, 448]: E4M3 normal, no overflow
+  rounded = (sb + U32(0x7FFFF) + ((sb >> 20) & U32(1))) >> 20
+  code = rounded - U32((127 - 7) << 3)
+  s = bits.bits_f32(rounded << 20)
+  code = jnp.where(nan, U32(scale_format.element.nan_code), code)
+  s = jnp.where(nan, bits.bits_f32(np.uint32(bits.F32_NAN_BITS)), s)
+  return s, code
 
 
 def encode_float_scale(scale: jax.Array, scale_format: ScaleFormat) -> jax.Array:

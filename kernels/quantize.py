@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -84,44 +85,93 @@ def _f32_bits_of(x):
   return lax.bitcast_convert_type(x, U32)
 
 
-def _quantize_rows(b, spec: QuantSpec, ts, rbits):
+def _quantize_rows(b, spec: QuantSpec, ts, inv_ts, rbits):
   """Quantizes a tile of f32 bit patterns with blocks along its last axis.
 
   Returns (element codes packed along the last axis, uint8 scale codes (rows, blocks)).
-  The math is the reference's (fp4jax.quantize), on a (rows, blocks, block) view.
+  The math is the reference's (fp4jax.quantize), on a (rows, blocks, block) view. For
+  E2M1 elements a tile whose blocks are all ordinary takes the fast path
+  (:func:`_e2m1_codes_fast`); a tile with an extreme scale or a non-finite value takes
+  the general integer path. Both give the reference's codes.
   """
   elem, sfmt, bs = spec.element, spec.scale_format, spec.block_size
   r, c = b.shape
   b3 = b.reshape(r, c // bs, bs)
   amax = jnp.max(bits.abs_bits(b3), axis=-1)
   rb3 = None if rbits is None else rbits.reshape(r, c // bs, bs)
-  fast = _is_e2m1(elem) and spec.rounding == "nearest"  # float fast path, same codes
+  fast = _is_e2m1(elem) and spec.rounding in ("nearest", "stochastic")
+  # Fast-path limits (see _e2m1_codes_fast): below them a subnormal x could reach a
+  # nonzero code (nearest: x * m >= 0.25; stochastic: any chance of rounding up).
+  m_limit = 124 if spec.rounding == "nearest" else 93
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
-    shift = scales.pow2_scale_exponent(code, sfmt)[..., None]
+    shift = scales.pow2_scale_exponent(code, sfmt)
+    nan_block = scales.pow2_scale_is_nan(code, sfmt)
+
+    def general():
+      sp = bits.split_f32(b3)
+      if _is_e2m1(elem) and spec.rounding == "nearest":
+        return rounding_lib.e2m1_nearest_pow2(sp, shift[..., None])
+      return rounding_lib.encode(sp, elem, spec.rounding, rb3, spec.saturate,
+                                 exp_shift=shift[..., None])
+
     if fast:
-      codes = rounding_lib.e2m1_nearest_pow2(bits.split_f32(b3), shift)
+      # multiplier 2^-s, a normal float32; the product x * 2^-s is then exact wherever
+      # it is a normal number (a NaN block's codes are replaced below).
+      ok = ((shift >= -m_limit) & (shift <= 126)) | nan_block
+      mult = bits.bits_f32(((127 - jnp.clip(shift, -126, 126)) << 23).astype(U32))
+      codes = _fast_or_general(ok, b3, mult, spec.rounding, rb3, general)
     else:
-      codes = rounding_lib.encode(bits.split_f32(b3), elem, spec.rounding, rb3,
-                                  spec.saturate, exp_shift=shift)
-    nan_block = scales.pow2_scale_is_nan(code, sfmt)[..., None]
-    codes = jnp.where(nan_block, U32(elem.nan_code or 0), codes)
+      codes = general()
+    codes = jnp.where(nan_block[..., None], U32(elem.nan_code or 0), codes)
     scale_codes = code
   else:
-    s = scales.float_block_scale(amax, elem, sfmt, ts)
-    recip = scales.float_scale_reciprocal(s, ts)
-    if fast:
-      codes = rounding_lib.e2m1_nearest_product(bits.split_f32(b3), _split_bcast(recip))
-    else:
+    s, scale_codes = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
+    recip = scales.float_scale_reciprocal(s, ts, inv_ts)
+
+    def general():
+      sp = bits.split_f32(b3)
+      if _is_e2m1(elem) and spec.rounding == "nearest":
+        return rounding_lib.e2m1_nearest_product(sp, _split_bcast(recip))
       y = bits.mul_f32(bits.bits_f32(b3), recip[..., None])
-      codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding,
-                                  rb3, spec.saturate)
-    scale_codes = rounding_lib.encode(bits.split_f32(bits.f32_bits(s)), sfmt.element)
+      return rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding,
+                                 rb3, spec.saturate)
+
+    if fast:
+      # x * (1/s) by the hardware is the IEEE product wherever both are normal and the
+      # product is normal; blocks with Inf/NaN, or a reciprocal that is not a normal
+      # below 2^m_limit, go the general way.
+      re = (bits.f32_bits(recip) >> 23).astype(I32)
+      ok = (re >= 1) & (re < 127 + m_limit) & (amax < bits.F32_INF_BITS)
+      codes = _fast_or_general(ok, b3, recip, spec.rounding, rb3, general)
+    else:
+      codes = general()
   codes = codes.reshape(r, c)
   if elem.bits == 4:  # two codes per byte, the first in the low nibble (OCP order)
     lo, hi = jnp.unstack(codes.reshape(r, c // 2, 2), axis=-1)
     codes = lo | (hi << 4)
   return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
+
+
+def _e2m1_codes_fast(b3, mult, rounding, rb3):
+  """E2M1 codes of ``x * mult`` (x: f32 bits (rows, blocks, block); mult: a positive
+  normal float32 per block) from one hardware multiply and
+  :func:`fp4jax.rounding.e2m1_magnitude_of_bits`.
+
+  Exact where the callers allow it: the product of two normals is the IEEE product
+  whenever it is normal, and a product below 2^-126 (flushed to zero or not) has code 0
+  in the reference too; a subnormal x could be flushed by the backend, which the callers
+  exclude by bounding mult (then ``x * mult`` is below every rounding threshold).
+  """
+  y = bits.bits_f32(b3 & U32(bits.ABS_MASK)) * mult[..., None]
+  mag = rounding_lib.e2m1_magnitude_of_bits(bits.f32_bits(y), rounding, rb3)
+  return ((b3 >> 28) & U32(8)) | mag
+
+
+def _fast_or_general(ok, b3, mult, rounding, rb3, general):
+  """The fast codes if every block of the tile is ``ok``, else ``general()``."""
+  all_ok = jnp.min(ok.astype(I32)) == 1
+  return lax.cond(all_ok, lambda: _e2m1_codes_fast(b3, mult, rounding, rb3), general)
 
 
 def _is_e2m1(elem) -> bool:
@@ -135,10 +185,12 @@ def _split_bcast(recip):
   return bits.Split(*(f[..., None] for f in sp))
 
 
-def _tile_counters(i, j, bm, bk, width):
-  """Row-major element indices of tile (i, j) in a matrix ``width`` columns wide."""
-  row = (i * bm + lax.broadcasted_iota(I32, (bm, bk), 0)).astype(U32)
-  col = (j * bk + lax.broadcasted_iota(I32, (bm, bk), 1)).astype(U32)
+def _tile_counters(i, j, bm, bk, width, transposed=False):
+  """Row-major element indices of tile (i, j) in a matrix ``width`` columns wide; with
+  ``transposed``, laid out as the transposed tile (bk, bm) without a transpose."""
+  shape, (ra, ca) = ((bk, bm), (1, 0)) if transposed else ((bm, bk), (0, 1))
+  row = (i * bm + lax.broadcasted_iota(I32, shape, ra)).astype(U32)
+  col = (j * bk + lax.broadcasted_iota(I32, shape, ca)).astype(U32)
   return row * U32(width) + col
 
 
@@ -146,26 +198,32 @@ def _kernel(x_ref, seed_ref, ts_ref, *out_refs, spec, orient, bm, bk, width, rht
   i, j = pl.program_id(0), pl.program_id(1)
   x = x_ref[...]
   b = _f32_bits_of(x)
-  ts = None if ts_ref is None else ts_ref[0]
-  rbits = None
+  ts = inv_ts = None
+  if ts_ref is not None:
+    ts, inv_ts = ts_ref[0], ts_ref[1]
+  rbits = rbits_t = None
   if spec.rounding == "stochastic":
-    rbits = prng.counter_hash_words(seed_ref[0], seed_ref[1],
-                                    _tile_counters(i, j, bm, bk, width))
+    if orient != "cols":
+      rbits = prng.counter_hash_words(seed_ref[0], seed_ref[1],
+                                      _tile_counters(i, j, bm, bk, width))
+    # cols alone: hash the transposed counters directly; both: transpose the bits
+    rbits_t = rbits.T if orient == "both" else prng.counter_hash_words(
+        seed_ref[0], seed_ref[1], _tile_counters(i, j, bm, bk, width, transposed=True))
   outs = iter(out_refs)
   if orient in ("rows", "both"):
     br = b
     if rht_block:
       br = bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(b), rht_block, seed_ref[2],
                                                 seed_ref[3]))
-    codes, sc = _quantize_rows(br, spec, ts, rbits)
+    codes, sc = _quantize_rows(br, spec, ts, inv_ts, rbits)
     next(outs)[...] = codes
     next(outs)[...] = sc
   if orient in ("cols", "both"):
-    bt = b.T
+    bt = _f32_bits_of(x.T)  # transpose the 2-byte input, not the widened bits
     if rht_block:
       bt = bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(bt), rht_block, seed_ref[2],
                                                 seed_ref[3]))
-    codes, sc = _quantize_rows(bt, spec, ts, None if rbits is None else rbits.T)
+    codes, sc = _quantize_rows(bt, spec, ts, inv_ts, rbits_t)
     next(outs)[...] = codes.T
     next(outs)[...] = sc.T
 
@@ -203,8 +261,10 @@ def _quantize_call(x, seed, ts, *, spec, orient, bm, bk, interpret, rht_block, n
               pl.BlockSpec((4,), lambda i, j: (0,))]
   args = [xp, seed]
   if ts is not None:
-    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
-    args.append(ts.reshape(1))
+    # [t, 1/t]: the reciprocal once per tensor, not in every program
+    in_specs.append(pl.BlockSpec((2,), lambda i, j: (0,)))
+    ts = ts.reshape(())
+    args.append(jnp.stack([ts, bits.div_f32(np.float32(1.0), ts)]))
   kernel = functools.partial(_kernel, spec=spec, orient=orient, bm=bm, bk=bk, width=k,
                              rht_block=rht_block)
   if ts is None:

@@ -105,3 +105,18 @@ def test_per_tensor_fp32_scale_is_the_ieee_quotient(rng):
   q = jax.jit(lambda x: fp4jax.quantize(x, "fp8_e4m3_tensor", -1))(x)
   want = np.float32(np.max(np.abs(np.asarray(x)))) / np.float32(448.0)
   assert np.asarray(q.scales).reshape(()).view(np.uint32) == np.asarray(want).view(np.uint32)
+
+
+@pytest.mark.parametrize("rel_error", [-2.0**-20, -3 * 2.0**-23, 2.0**-23, 2.0**-20])
+def test_div_is_exact_with_an_approximate_hardware_quotient(rng, monkeypatch, rel_error):
+  # div_f32 takes only an estimate from float division (Triton's `/` is approximate,
+  # XLA may use a reciprocal); an estimate off by up to 2^-20 must still give IEEE a / b.
+  exact_estimate = bits._quotient_estimate
+  monkeypatch.setattr(bits, "_quotient_estimate",
+                      lambda r, d: exact_estimate(r, d) * np.float32(1.0 + rel_error))
+  a, b = _adversarial_f32(rng, 20_000), _adversarial_f32(rng, 20_000)[::-1].copy()
+  with np.errstate(all="ignore"):
+    expected = a / b
+  out = np.asarray(jax.jit(bits.div_f32)(a, b))
+  ok = bits_equal_or_both_nan(out, expected)
+  assert ok.all(), f"{(~ok).sum()} quotients differ from IEEE with a {rel_error:+.2e} estimate"

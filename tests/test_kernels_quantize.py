@@ -56,6 +56,34 @@ def test_kernel_equals_reference(name, axis, dtype, shape, adversarial, rng):
   _equal(got, want)
 
 
+def _banded_input(rng, dtype):
+  """Row bands that put tiles on both sides of the fast path's limits: ordinary values;
+  blocks around 2^-126 (scales near 2^-124, subnormal elements); blocks around 2^-95
+  with subnormal elements mixed in (the stochastic limit 2^-93); NaN/Inf in a few
+  blocks only."""
+  x = rng.standard_normal((128, 256)).astype(np.float32)
+  x[32:64] *= np.exp2(rng.integers(-130, -116, size=(32, 1))).astype(np.float32)
+  x[64:96] *= np.exp2(rng.integers(-98, -90, size=(32, 1))).astype(np.float32)
+  x[64:96:3, ::5] = (rng.standard_normal((11, 52)) * 1e-39).astype(np.float32)
+  x[96, 7], x[100, 130], x[120, 255] = np.nan, np.inf, -np.inf
+  return jnp.asarray(x).astype(dtype)
+
+
+@pytest.mark.parametrize("name", ["mxfp4_floor", "mxfp4_rceil", "mxfp4_sr", "nvfp4", "nvfp4_sr"])
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("data", ["banded", "tiny_tensor"])
+def test_fast_and_general_tiles_agree_with_reference(name, axis, dtype, data, rng):
+  # Tiles of 32x64: some take the E2M1 fast path, some the general one (extreme scales,
+  # subnormal-heavy blocks, non-finite values; for NVFP4 a tiny tensor makes 1/s huge).
+  x = _banded_input(rng, dtype)
+  if data == "tiny_tensor":
+    x = (x.astype(jnp.float32) * np.float32(2.0**-128)).astype(dtype)
+  spec, key = SPECS[name], jax.random.key(3)
+  got = kq.quantize(x, spec, axis, key=key, tile=(32, 64), interpret=INTERPRET)
+  _equal(got, fp4jax.quantize(x, spec, axis, key=key))
+
+
 @pytest.mark.parametrize("name", ["mxfp4_floor", "nvfp4_sr"])
 def test_both_orientations_from_one_read(name, rng):
   spec = SPECS[name]

@@ -8,6 +8,7 @@ import pytest
 
 import fp4jax
 from fp4jax import bits, formats as F, scales
+from conftest import bits_equal_or_both_nan
 
 MODES = ["floor", "ceil", "even", "rceil"]
 
@@ -138,3 +139,22 @@ def test_nvfp4_two_level_formula(rng):
   s = np.clip((amax_b / np.float32(6.0)) / t, 2**-6, 448).astype(ml_dtypes.float8_e4m3fn)
   np.testing.assert_array_equal(np.asarray(q.scales).view(np.uint8), s.view(np.uint8))
   assert np.float32(q.tensor_scale.ravel()[0]) == t
+
+
+@pytest.mark.parametrize("sfmt", ["ue4m3", "bf16"])
+@pytest.mark.parametrize("two_level", [False, True])
+def test_block_scale_and_code_equals_the_general_path(rng, sfmt, two_level):
+  # The kernels' per-block scale (an integer round for UE4M3) against float_block_scale
+  # followed by the general encoder, on every class of amax.
+  scale_format = F.get_scale_format(sfmt)
+  n = 200_000
+  a = rng.integers(0, 0x7FFFFFFF, n, dtype=np.int64).astype(np.int32)
+  a[: n // 2] = np.abs(rng.standard_normal(n // 2).astype(np.float32)
+                       * np.exp2(rng.integers(-140, 128, n // 2)).astype(np.float32)).view(np.int32)
+  a[:6] = np.array([0, 1, 0x7F800000, 0x7FC00000, 0x7F7FFFFF, 0x00800000], np.int32)
+  t = jnp.float32(rng.uniform(0.5, 2.0) * 2.0**-10) if two_level else None
+  s, code = jax.jit(lambda a: scales.float_block_scale_and_code(a, F.E2M1, scale_format, t))(a)
+  s_ref = scales.float_block_scale(a, F.E2M1, scale_format, t)
+  code_ref = fp4jax.rounding.encode(bits.split_f32(bits.f32_bits(s_ref)), scale_format.element)
+  assert (np.asarray(code) == np.asarray(code_ref)).all(), "scale codes differ"
+  assert bits_equal_or_both_nan(np.asarray(s), np.asarray(s_ref)).all(), "scale values differ"
