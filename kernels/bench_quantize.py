@@ -105,8 +105,9 @@ def run_reference(x, name, key):
   return kq.quantize_reference(x, spec, -1 if orient == "rows" else -2, key=key)
 
 
-def check_all(rng) -> dict:
+def check_all(rng, save=lambda results: None) -> dict:
   results = {}
+  start = time.perf_counter()
   for name in CONFIGS:
     variants = ([(jnp.bfloat16, (192, 416)), (jnp.float32, (192, 416)),
                  (jnp.bfloat16, (256, 512)), (jnp.float32, (256, 512))]
@@ -123,7 +124,9 @@ def check_all(rng) -> dict:
       except Exception as e:  # report and go on: one config must not hide the others
         results[label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         traceback.print_exc()
-      print(f"check {label:45} {results[label]}", flush=True)
+      print(f"check {label:45} {results[label]}  "
+            f"({time.perf_counter() - start:.0f} s)", flush=True)
+      save(results)
   return results
 
 
@@ -202,7 +205,7 @@ def main(argv):
       json.dump(res, f, indent=1)
 
   if FLAGS.check:
-    res["checks"] = check_all(rng)
+    res["checks"] = check_all(rng, save=lambda r: (res.__setitem__("checks", r), save()))
     save()
     ok = sum(v is True for v in res["checks"].values())
     print(f"checks: {ok} / {len(res['checks'])} bit-exact", flush=True)

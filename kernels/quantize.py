@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,93 +85,146 @@ def _f32_bits_of(x):
   return lax.bitcast_convert_type(x, U32)
 
 
-def _quantize_rows(b, spec: QuantSpec, ts, inv_ts, rbits):
-  """Quantizes a tile of f32 bit patterns with blocks along its last axis.
+class _BlockScales(NamedTuple):
+  """Per-block results shared by every element of a block (shape: the block grid)."""
 
-  Returns (element codes packed along the last axis, uint8 scale codes (rows, blocks)).
-  The math is the reference's (fp4jax.quantize), on a (rows, blocks, block) view. For
-  E2M1 elements a tile whose blocks are all ordinary takes the fast path
-  (:func:`_e2m1_codes_fast`); a tile with an extreme scale or a non-finite value takes
-  the general integer path. Both give the reference's codes.
-  """
-  elem, sfmt, bs = spec.element, spec.scale_format, spec.block_size
-  r, c = b.shape
-  b3 = b.reshape(r, c // bs, bs)
-  amax = jnp.max(bits.abs_bits(b3), axis=-1)
-  rb3 = None if rbits is None else rbits.reshape(r, c // bs, bs)
-  fast = _is_e2m1(elem) and spec.rounding in ("nearest", "stochastic")
-  # Fast-path limits (see _e2m1_codes_fast): below them a subnormal x could reach a
+  scale_codes: jax.Array          # uint32 stored scale codes
+  shift: jax.Array | None         # power-of-two scales: the exponent s (scale 2^s)
+  nan_block: jax.Array | None     # power-of-two scales: the NaN scale code
+  recip: jax.Array | None         # float scales: (1/t)/s, the multiplier of x
+  mult: jax.Array | None          # E2M1 fast path: the multiplier of x (2^-s or recip)
+  ok: jax.Array | None            # E2M1 fast path: the block is ordinary (see below)
+
+
+def _block_scales(amax, spec: QuantSpec, ts, inv_ts) -> _BlockScales:
+  """Scale codes and multipliers from block maxima (amax bit patterns, int32)."""
+  elem, sfmt = spec.element, spec.scale_format
+  fast = _fast_e2m1(spec)
+  # Fast-path limits (see _e2m1_codes_fast): beyond them a subnormal x could reach a
   # nonzero code (nearest: x * m >= 0.25; stochastic: any chance of rounding up).
   m_limit = 124 if spec.rounding == "nearest" else 93
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
     shift = scales.pow2_scale_exponent(code, sfmt)
     nan_block = scales.pow2_scale_is_nan(code, sfmt)
-
-    def general():
-      sp = bits.split_f32(b3)
-      if _is_e2m1(elem) and spec.rounding == "nearest":
-        return rounding_lib.e2m1_nearest_pow2(sp, shift[..., None])
-      return rounding_lib.encode(sp, elem, spec.rounding, rb3, spec.saturate,
-                                 exp_shift=shift[..., None])
-
+    mult = ok = None
     if fast:
-      # multiplier 2^-s, a normal float32; the product x * 2^-s is then exact wherever
-      # it is a normal number (a NaN block's codes are replaced below).
+      # 2^-s as a normal float32: x * 2^-s is then exact wherever it is a normal number
+      # (a NaN block's codes are replaced afterwards).
       ok = ((shift >= -m_limit) & (shift <= 126)) | nan_block
       mult = bits.bits_f32(((127 - jnp.clip(shift, -126, 126)) << 23).astype(U32))
-      codes = _fast_or_general(ok, b3, mult, spec.rounding, rb3, general)
-    else:
-      codes = general()
-    codes = jnp.where(nan_block[..., None], U32(elem.nan_code or 0), codes)
-    scale_codes = code
-  else:
-    s, scale_codes = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
-    recip = scales.float_scale_reciprocal(s, ts, inv_ts)
+    return _BlockScales(code, shift, nan_block, None, mult, ok)
+  s, code = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
+  recip = scales.float_scale_reciprocal(s, ts, inv_ts)
+  ok = None
+  if fast:
+    # x * (1/s) by the hardware is the IEEE product wherever both are normal and the
+    # product is normal; blocks with Inf/NaN, or a reciprocal that is not a normal below
+    # 2^m_limit, go the general way.
+    re = (bits.f32_bits(recip) >> 23).astype(I32)
+    ok = (re >= 1) & (re < 127 + m_limit) & (amax < bits.F32_INF_BITS)
+  return _BlockScales(code, None, None, recip, recip, ok)
 
-    def general():
+
+def _element_codes(parts, rparts, bsc: _BlockScales, spec: QuantSpec, expand):
+  """Element codes (uint32) of each f32-bit array in ``parts`` (each a 3D view with one
+  block axis; ``expand`` adds that axis to a per-block array) with the blocks' scales.
+
+  E2M1 with nearest or stochastic rounding: if every block of the tile is ordinary, the
+  fast path (:func:`_e2m1_codes_fast`); else the general integer path. Both give the
+  reference's codes, so the choice (a ``lax.cond`` per tile) is invisible in the output.
+  """
+  elem = spec.element
+  e2m1_nearest = _is_e2m1(elem) and spec.rounding == "nearest"
+
+  def general():
+    out = []
+    for b3, rb3 in zip(parts, rparts):
       sp = bits.split_f32(b3)
-      if _is_e2m1(elem) and spec.rounding == "nearest":
-        return rounding_lib.e2m1_nearest_product(sp, _split_bcast(recip))
-      y = bits.mul_f32(bits.bits_f32(b3), recip[..., None])
-      return rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem, spec.rounding,
-                                 rb3, spec.saturate)
+      if bsc.shift is not None:
+        shift = expand(bsc.shift)
+        if e2m1_nearest:
+          out.append(rounding_lib.e2m1_nearest_pow2(sp, shift))
+        else:
+          out.append(rounding_lib.encode(sp, elem, spec.rounding, rb3, spec.saturate,
+                                         exp_shift=shift))
+      elif e2m1_nearest:
+        out.append(rounding_lib.e2m1_nearest_product(sp, bits.Split(
+            *(expand(f) for f in bits.split_f32(bits.f32_bits(bsc.recip))))))
+      else:
+        y = bits.mul_f32(bits.bits_f32(b3), expand(bsc.recip))
+        out.append(rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem,
+                                       spec.rounding, rb3, spec.saturate))
+    return tuple(out)
 
-    if fast:
-      # x * (1/s) by the hardware is the IEEE product wherever both are normal and the
-      # product is normal; blocks with Inf/NaN, or a reciprocal that is not a normal
-      # below 2^m_limit, go the general way.
-      re = (bits.f32_bits(recip) >> 23).astype(I32)
-      ok = (re >= 1) & (re < 127 + m_limit) & (amax < bits.F32_INF_BITS)
-      codes = _fast_or_general(ok, b3, recip, spec.rounding, rb3, general)
-    else:
-      codes = general()
+  if _fast_e2m1(spec):
+    def fast():
+      return tuple(_e2m1_codes_fast(b3, expand(bsc.mult), spec.rounding, rb3)
+                   for b3, rb3 in zip(parts, rparts))
+    all_ok = jnp.min(bsc.ok.astype(I32)) == 1
+    codes = lax.cond(all_ok, fast, general)
+  else:
+    codes = general()
+  if bsc.nan_block is not None:
+    nan = expand(bsc.nan_block)
+    codes = tuple(jnp.where(nan, U32(elem.nan_code or 0), c) for c in codes)
+  return codes
+
+
+def _quantize_rows(b, spec: QuantSpec, ts, inv_ts, rbits):
+  """Quantizes a tile of f32 bit patterns with blocks along its last axis.
+
+  Returns (element codes packed along the last axis, uint8 scale codes (rows, blocks)).
+  The math is the reference's (fp4jax.quantize), on a (rows, blocks, block) view.
+  """
+  bs = spec.block_size
+  r, c = b.shape
+  b3 = b.reshape(r, c // bs, bs)
+  amax = jnp.max(bits.abs_bits(b3), axis=-1)
+  rb3 = None if rbits is None else rbits.reshape(r, c // bs, bs)
+  bsc = _block_scales(amax, spec, ts, inv_ts)
+  [codes] = _element_codes([b3], [rb3], bsc, spec, lambda v: v[..., None])
   codes = codes.reshape(r, c)
-  if elem.bits == 4:  # two codes per byte, the first in the low nibble (OCP order)
+  if spec.element.bits == 4:  # two codes per byte, the first in the low nibble (OCP order)
     lo, hi = jnp.unstack(codes.reshape(r, c // 2, 2), axis=-1)
     codes = lo | (hi << 4)
-  return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
+  return codes.astype(jnp.uint8), bsc.scale_codes.astype(jnp.uint8)
+
+
+def _quantize_cols_even_odd(be, bo, spec: QuantSpec, ts, inv_ts, rbe, rbo):
+  """Blocks along columns of a tile given as its even rows ``be`` and odd rows ``bo``
+  (each (bm/2, bk), f32 bits): 4-bit codes packed two rows per byte (even row in the low
+  nibble) and scale codes (bm/bs, bk), with no transpose (a transpose in a Triton kernel
+  goes through shared memory, and next to the general path it made compiles take
+  minutes). A block of ``bs`` rows is ``bs/2`` rows of each half."""
+  bs = spec.block_size
+  h, c = be.shape
+  view = lambda v: None if v is None else v.reshape(h // (bs // 2), bs // 2, c)
+  be3, bo3 = view(be), view(bo)
+  amax = jnp.maximum(jnp.max(bits.abs_bits(be3), axis=1), jnp.max(bits.abs_bits(bo3), axis=1))
+  bsc = _block_scales(amax, spec, ts, inv_ts)
+  ce, co = _element_codes([be3, bo3], [view(rbe), view(rbo)], bsc, spec,
+                          lambda v: v[:, None, :])
+  codes = ce.reshape(h, c) | (co.reshape(h, c) << 4)
+  return codes.astype(jnp.uint8), bsc.scale_codes.astype(jnp.uint8)
+
+
+def _fast_e2m1(spec: QuantSpec) -> bool:
+  return _is_e2m1(spec.element) and spec.rounding in ("nearest", "stochastic")
 
 
 def _e2m1_codes_fast(b3, mult, rounding, rb3):
-  """E2M1 codes of ``x * mult`` (x: f32 bits (rows, blocks, block); mult: a positive
-  normal float32 per block) from one hardware multiply and
-  :func:`fp4jax.rounding.e2m1_magnitude_of_bits`.
+  """E2M1 codes of ``x * mult`` (x: f32 bits; mult: a positive normal float32 per block,
+  broadcast) from one hardware multiply and :func:`fp4jax.rounding.e2m1_magnitude_of_bits`.
 
   Exact where the callers allow it: the product of two normals is the IEEE product
   whenever it is normal, and a product below 2^-126 (flushed to zero or not) has code 0
   in the reference too; a subnormal x could be flushed by the backend, which the callers
   exclude by bounding mult (then ``x * mult`` is below every rounding threshold).
   """
-  y = bits.bits_f32(b3 & U32(bits.ABS_MASK)) * mult[..., None]
+  y = bits.bits_f32(b3 & U32(bits.ABS_MASK)) * mult
   mag = rounding_lib.e2m1_magnitude_of_bits(bits.f32_bits(y), rounding, rb3)
   return ((b3 >> 28) & U32(8)) | mag
-
-
-def _fast_or_general(ok, b3, mult, rounding, rb3, general):
-  """The fast codes if every block of the tile is ``ok``, else ``general()``."""
-  all_ok = jnp.min(ok.astype(I32)) == 1
-  return lax.cond(all_ok, lambda: _e2m1_codes_fast(b3, mult, rounding, rb3), general)
 
 
 def _is_e2m1(elem) -> bool:
@@ -179,53 +232,60 @@ def _is_e2m1(elem) -> bool:
                                                                              False)
 
 
-def _split_bcast(recip):
-  """Split of a per-block value, with a trailing axis to broadcast over the block."""
-  sp = bits.split_f32(bits.f32_bits(recip))
-  return bits.Split(*(f[..., None] for f in sp))
-
-
-def _tile_counters(i, j, bm, bk, width, transposed=False):
-  """Row-major element indices of tile (i, j) in a matrix ``width`` columns wide; with
-  ``transposed``, laid out as the transposed tile (bk, bm) without a transpose."""
-  shape, (ra, ca) = ((bk, bm), (1, 0)) if transposed else ((bm, bk), (0, 1))
-  row = (i * bm + lax.broadcasted_iota(I32, shape, ra)).astype(U32)
+def _tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,
+                   transposed=False):
+  """Row-major element indices (uint32) of rows ``row_offset + row_step * r`` of tile
+  (i, j) in a matrix ``width`` columns wide; ``transposed``: laid out (bk, rows)."""
+  rows = bm if rows is None else rows
+  shape, (ra, ca) = ((bk, rows), (1, 0)) if transposed else ((rows, bk), (0, 1))
+  row = (i * bm + row_offset + row_step * lax.broadcasted_iota(I32, shape, ra)).astype(U32)
   col = (j * bk + lax.broadcasted_iota(I32, shape, ca)).astype(U32)
   return row * U32(width) + col
 
 
 def _kernel(x_ref, seed_ref, ts_ref, *out_refs, spec, orient, bm, bk, width, rht_block):
   i, j = pl.program_id(0), pl.program_id(1)
-  x = x_ref[...]
-  b = _f32_bits_of(x)
   ts = inv_ts = None
   if ts_ref is not None:
     ts, inv_ts = ts_ref[0], ts_ref[1]
-  rbits = rbits_t = None
-  if spec.rounding == "stochastic":
-    if orient != "cols":
-      rbits = prng.counter_hash_words(seed_ref[0], seed_ref[1],
-                                      _tile_counters(i, j, bm, bk, width))
-    # cols alone: hash the transposed counters directly; both: transpose the bits
-    rbits_t = rbits.T if orient == "both" else prng.counter_hash_words(
-        seed_ref[0], seed_ref[1], _tile_counters(i, j, bm, bk, width, transposed=True))
+  sr = spec.rounding == "stochastic"
+
+  def random_bits(**where):
+    if not sr:
+      return None
+    return prng.counter_hash_words(seed_ref[0], seed_ref[1],
+                                   _tile_counters(i, j, bm, bk, width, **where))
+
+  def hadamard_of(b):
+    return bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(b), rht_block, seed_ref[2],
+                                                seed_ref[3]))
+
   outs = iter(out_refs)
   if orient in ("rows", "both"):
-    br = b
-    if rht_block:
-      br = bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(b), rht_block, seed_ref[2],
-                                                seed_ref[3]))
-    codes, sc = _quantize_rows(br, spec, ts, inv_ts, rbits)
+    b = _f32_bits_of(x_ref[...])
+    codes, sc = _quantize_rows(hadamard_of(b) if rht_block else b, spec, ts, inv_ts,
+                               random_bits())
     next(outs)[...] = codes
     next(outs)[...] = sc
   if orient in ("cols", "both"):
-    bt = _f32_bits_of(x.T)  # transpose the 2-byte input, not the widened bits
-    if rht_block:
-      bt = bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(bt), rht_block, seed_ref[2],
-                                                seed_ref[3]))
-    codes, sc = _quantize_rows(bt, spec, ts, inv_ts, rbits_t)
-    next(outs)[...] = codes.T
-    next(outs)[...] = sc.T
+    if spec.element.bits == 4 and not rht_block:
+      # Even and odd rows as two strided loads (from L1/L2 when rows were loaded too):
+      # a column block is bs/2 rows of each, and a packed byte is one even + one odd row.
+      h = bm // 2
+      be = _f32_bits_of(x_ref[pl.ds(0, h, stride=2), :])
+      bo = _f32_bits_of(x_ref[pl.ds(1, h, stride=2), :])
+      codes, sc = _quantize_cols_even_odd(
+          be, bo, spec, ts, inv_ts, random_bits(rows=h, row_step=2),
+          random_bits(rows=h, row_step=2, row_offset=1))
+      next(outs)[...] = codes
+      next(outs)[...] = sc
+    else:
+      # 8-bit codes, or a Hadamard transform along the columns: through a transpose.
+      bt = _f32_bits_of(x_ref[...].T)  # transpose the 2-byte input, not the widened bits
+      codes, sc = _quantize_rows(hadamard_of(bt) if rht_block else bt, spec, ts, inv_ts,
+                                 random_bits(transposed=True))
+      next(outs)[...] = codes.T
+      next(outs)[...] = sc.T
 
 
 def _round_up(n, m):
