@@ -94,9 +94,10 @@ class _BlockScales(NamedTuple):
   recip: jax.Array | None         # float scales: (1/t)/s, the multiplier of x
   mult: jax.Array | None          # E2M1 fast path: the multiplier of x (2^-s or recip)
   ok: jax.Array | None            # E2M1 fast path: the block is ordinary (see below)
+  exact: Any = None               # float scales, fast path: thunk of the exact scales
 
 
-def _block_scales(amax, spec: QuantSpec, ts, inv_ts) -> _BlockScales:
+def _block_scales(amax, spec: QuantSpec, ts, inv_ts, fconst=None) -> _BlockScales:
   """Scale codes and multipliers from block maxima (amax bit patterns, int32)."""
   elem, sfmt = spec.element, spec.scale_format
   fast = _fast_e2m1(spec)
@@ -114,35 +115,60 @@ def _block_scales(amax, spec: QuantSpec, ts, inv_ts) -> _BlockScales:
       ok = ((shift >= -m_limit) & (shift <= 126)) | nan_block
       mult = bits.bits_f32(((127 - jnp.clip(shift, -126, 126)) << 23).astype(U32))
     return _BlockScales(code, shift, nan_block, None, mult, ok)
-  s, code = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
-  recip = scales.float_scale_reciprocal(s, ts, inv_ts)
-  ok = None
-  if fast:
-    # x * (1/s) by the hardware is the IEEE product wherever both are normal and the
-    # product is normal; blocks with Inf/NaN, or a reciprocal that is not a normal below
-    # 2^m_limit, go the general way.
-    re = (bits.f32_bits(recip) >> 23).astype(I32)
-    ok = (re >= 1) & (re < 127 + m_limit) & (amax < bits.F32_INF_BITS)
-  return _BlockScales(code, None, None, recip, recip, ok)
+  def exact():
+    s, code = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
+    recip = scales.float_scale_reciprocal(s, ts, inv_ts)
+    return _BlockScales(code, None, None, recip, recip, None)
+
+  if not (fast and fconst is not None and scales._is_e4m3fn(sfmt)):
+    return exact()
+  # Fast float scales (UE4M3, E2M1 elements). The reference's block scale is
+  # E4M3(clamp(fl(fl(amax / 6) / t))); here v' = fl(amax * c) with c = fl(1/(6 t)) is
+  # within 4 float32 ulps of that quotient, so its E4M3 rounding is the reference's
+  # unless v' lies within 16 ulps of an E4M3 rounding midpoint (such blocks, about 3e-5
+  # of all, send their tile the exact way). The reciprocal fl((1/t) / s) of
+  # s = (8 + m) 2^(E - 10) is D[m] = fl((1/t) / (8 + m)) times 2^(10 - E), exact while
+  # normal (D from the wrapper, once per tensor).
+  c, table, tensor_ok = fconst
+  vb = bits.f32_bits(bits.bits_f32(amax.astype(U32)) * c)
+  low = (vb & U32(0xFFFFF)).astype(I32)
+  near_midpoint = jnp.abs(low - 0x80000) <= 16
+  lo = bits.f32_bits(np.float32(sfmt.min_normal))
+  hi = bits.f32_bits(np.float32(sfmt.max_value))
+  sb = jnp.clip(vb, lo, hi)
+  rounded = (sb + U32(0x7FFFF) + ((sb >> 20) & U32(1))) >> 20
+  code = rounded - U32((127 - 7) << 3)
+  mant, e = code & U32(7), (code >> 3).astype(I32)
+  d = table[0]
+  for mm in range(1, 8):
+    d = jnp.where(mant == mm, table[mm], d)
+  db = bits.f32_bits(d)
+  new_e = ((db >> 23) & U32(0xFF)).astype(I32) + 10 - e
+  recip = bits.bits_f32((db & U32(0x807FFFFF)) | (jnp.clip(new_e, 1, 254).astype(U32) << 23))
+  ok = (~near_midpoint & (amax < bits.F32_INF_BITS) & (new_e >= 1) & (new_e < 127 + m_limit)
+        & tensor_ok)
+  return _BlockScales(code, None, None, None, recip, ok, exact)
 
 
 def _element_codes(parts, rparts, bsc: _BlockScales, spec: QuantSpec, expand):
   """Element codes (uint32) of each f32-bit array in ``parts`` (each a 3D view with one
-  block axis; ``expand`` adds that axis to a per-block array) with the blocks' scales.
+  block axis; ``expand`` adds that axis to a per-block array) and the scale codes.
 
   E2M1 with nearest or stochastic rounding: if every block of the tile is ordinary, the
-  fast path (:func:`_e2m1_codes_fast`); else the general integer path. Both give the
-  reference's codes, so the choice (a ``lax.cond`` per tile) is invisible in the output.
+  fast path (:func:`_e2m1_codes_fast`); else the general integer path (with the scales
+  recomputed exactly where the fast ones were estimates). Both give the reference's
+  codes, so the choice (a ``lax.cond`` per tile) is invisible in the output.
   """
   elem = spec.element
   e2m1_nearest = _is_e2m1(elem) and spec.rounding == "nearest"
 
   def general():
+    eb = bsc.exact() if bsc.exact is not None else bsc
     out = []
     for b3, rb3 in zip(parts, rparts):
       sp = bits.split_f32(b3)
-      if bsc.shift is not None:
-        shift = expand(bsc.shift)
+      if eb.shift is not None:
+        shift = expand(eb.shift)
         if e2m1_nearest:
           out.append(rounding_lib.e2m1_nearest_pow2(sp, shift))
         else:
@@ -150,28 +176,28 @@ def _element_codes(parts, rparts, bsc: _BlockScales, spec: QuantSpec, expand):
                                          exp_shift=shift))
       elif e2m1_nearest:
         out.append(rounding_lib.e2m1_nearest_product(sp, bits.Split(
-            *(expand(f) for f in bits.split_f32(bits.f32_bits(bsc.recip))))))
+            *(expand(f) for f in bits.split_f32(bits.f32_bits(eb.recip))))))
       else:
-        y = bits.mul_f32(bits.bits_f32(b3), expand(bsc.recip))
+        y = bits.mul_f32(bits.bits_f32(b3), expand(eb.recip))
         out.append(rounding_lib.encode(bits.split_f32(bits.f32_bits(y)), elem,
                                        spec.rounding, rb3, spec.saturate))
-    return tuple(out)
+    return tuple(out) + (eb.scale_codes,)
 
   if _fast_e2m1(spec):
     def fast():
       return tuple(_e2m1_codes_fast(b3, expand(bsc.mult), spec.rounding, rb3)
-                   for b3, rb3 in zip(parts, rparts))
+                   for b3, rb3 in zip(parts, rparts)) + (bsc.scale_codes,)
     all_ok = jnp.min(bsc.ok.astype(I32)) == 1
-    codes = lax.cond(all_ok, fast, general)
+    *codes, scale_codes = lax.cond(all_ok, fast, general)
   else:
-    codes = general()
+    *codes, scale_codes = general()
   if bsc.nan_block is not None:
     nan = expand(bsc.nan_block)
-    codes = tuple(jnp.where(nan, U32(elem.nan_code or 0), c) for c in codes)
-  return codes
+    codes = [jnp.where(nan, U32(elem.nan_code or 0), c) for c in codes]
+  return tuple(codes), scale_codes
 
 
-def _quantize_rows(b, spec: QuantSpec, ts, inv_ts, rbits):
+def _quantize_rows(b, spec: QuantSpec, ts, inv_ts, fconst, rbits):
   """Quantizes a tile of f32 bit patterns with blocks along its last axis.
 
   Returns (element codes packed along the last axis, uint8 scale codes (rows, blocks)).
@@ -182,16 +208,16 @@ def _quantize_rows(b, spec: QuantSpec, ts, inv_ts, rbits):
   b3 = b.reshape(r, c // bs, bs)
   amax = jnp.max(bits.abs_bits(b3), axis=-1)
   rb3 = None if rbits is None else rbits.reshape(r, c // bs, bs)
-  bsc = _block_scales(amax, spec, ts, inv_ts)
-  [codes] = _element_codes([b3], [rb3], bsc, spec, lambda v: v[..., None])
+  bsc = _block_scales(amax, spec, ts, inv_ts, fconst)
+  [codes], scale_codes = _element_codes([b3], [rb3], bsc, spec, lambda v: v[..., None])
   codes = codes.reshape(r, c)
   if spec.element.bits == 4:  # two codes per byte, the first in the low nibble (OCP order)
     lo, hi = jnp.unstack(codes.reshape(r, c // 2, 2), axis=-1)
     codes = lo | (hi << 4)
-  return codes.astype(jnp.uint8), bsc.scale_codes.astype(jnp.uint8)
+  return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
 
 
-def _quantize_cols_even_odd(be, bo, spec: QuantSpec, ts, inv_ts, rbe, rbo):
+def _quantize_cols_even_odd(be, bo, spec: QuantSpec, ts, inv_ts, fconst, rbe, rbo):
   """Blocks along columns of a tile given as its even rows ``be`` and odd rows ``bo``
   (each (bm/2, bk), f32 bits): 4-bit codes packed two rows per byte (even row in the low
   nibble) and scale codes (bm/bs, bk), with no transpose (a transpose in a Triton kernel
@@ -202,11 +228,11 @@ def _quantize_cols_even_odd(be, bo, spec: QuantSpec, ts, inv_ts, rbe, rbo):
   view = lambda v: None if v is None else v.reshape(h // (bs // 2), bs // 2, c)
   be3, bo3 = view(be), view(bo)
   amax = jnp.maximum(jnp.max(bits.abs_bits(be3), axis=1), jnp.max(bits.abs_bits(bo3), axis=1))
-  bsc = _block_scales(amax, spec, ts, inv_ts)
-  ce, co = _element_codes([be3, bo3], [view(rbe), view(rbo)], bsc, spec,
-                          lambda v: v[:, None, :])
+  bsc = _block_scales(amax, spec, ts, inv_ts, fconst)
+  (ce, co), scale_codes = _element_codes([be3, bo3], [view(rbe), view(rbo)], bsc, spec,
+                                         lambda v: v[:, None, :])
   codes = ce.reshape(h, c) | (co.reshape(h, c) << 4)
-  return codes.astype(jnp.uint8), bsc.scale_codes.astype(jnp.uint8)
+  return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
 
 
 def _fast_e2m1(spec: QuantSpec) -> bool:
@@ -243,11 +269,13 @@ def _tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,
   return row * U32(width) + col
 
 
-def _kernel(x_ref, seed_ref, ts_ref, *out_refs, spec, orient, bm, bk, width, rht_block):
+def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht_block):
   i, j = pl.program_id(0), pl.program_id(1)
-  ts = inv_ts = None
-  if ts_ref is not None:
-    ts, inv_ts = ts_ref[0], ts_ref[1]
+  ts = inv_ts = fconst = None
+  if fs_ref is not None:  # float scales: see _float_scale_constants
+    if spec.tensor_scale == "amax":
+      ts, inv_ts = fs_ref[0], fs_ref[1]
+    fconst = (fs_ref[2], [fs_ref[3 + m] for m in range(8)], fs_ref[11] > 0)
   sr = spec.rounding == "stochastic"
 
   def random_bits(**where):
@@ -263,7 +291,7 @@ def _kernel(x_ref, seed_ref, ts_ref, *out_refs, spec, orient, bm, bk, width, rht
   outs = iter(out_refs)
   if orient in ("rows", "both"):
     b = _f32_bits_of(x_ref[...])
-    codes, sc = _quantize_rows(hadamard_of(b) if rht_block else b, spec, ts, inv_ts,
+    codes, sc = _quantize_rows(hadamard_of(b) if rht_block else b, spec, ts, inv_ts, fconst,
                                random_bits())
     next(outs)[...] = codes
     next(outs)[...] = sc
@@ -275,14 +303,14 @@ def _kernel(x_ref, seed_ref, ts_ref, *out_refs, spec, orient, bm, bk, width, rht
       be = _f32_bits_of(x_ref[pl.ds(0, h, stride=2), :])
       bo = _f32_bits_of(x_ref[pl.ds(1, h, stride=2), :])
       codes, sc = _quantize_cols_even_odd(
-          be, bo, spec, ts, inv_ts, random_bits(rows=h, row_step=2),
+          be, bo, spec, ts, inv_ts, fconst, random_bits(rows=h, row_step=2),
           random_bits(rows=h, row_step=2, row_offset=1))
       next(outs)[...] = codes
       next(outs)[...] = sc
     else:
       # 8-bit codes, or a Hadamard transform along the columns: through a transpose.
       bt = _f32_bits_of(x_ref[...].T)  # transpose the 2-byte input, not the widened bits
-      codes, sc = _quantize_rows(hadamard_of(bt) if rht_block else bt, spec, ts, inv_ts,
+      codes, sc = _quantize_rows(hadamard_of(bt) if rht_block else bt, spec, ts, inv_ts, fconst,
                                  random_bits(transposed=True))
       next(outs)[...] = codes.T
       next(outs)[...] = sc.T
@@ -320,14 +348,12 @@ def _quantize_call(x, seed, ts, *, spec, orient, bm, bk, interpret, rht_block, n
   in_specs = [pl.BlockSpec((bm, bk), lambda i, j: (i, j)),
               pl.BlockSpec((4,), lambda i, j: (0,))]
   args = [xp, seed]
-  if ts is not None:
-    # [t, 1/t]: the reciprocal once per tensor, not in every program
-    in_specs.append(pl.BlockSpec((2,), lambda i, j: (0,)))
-    ts = ts.reshape(())
-    args.append(jnp.stack([ts, bits.div_f32(np.float32(1.0), ts)]))
+  if not spec.scale_format.is_pow2:
+    in_specs.append(pl.BlockSpec((16,), lambda i, j: (0,)))
+    args.append(_float_scale_constants(ts, spec))
   kernel = functools.partial(_kernel, spec=spec, orient=orient, bm=bm, bk=bk, width=k,
                              rht_block=rht_block)
-  if ts is None:
+  if spec.scale_format.is_pow2:
     kernel = functools.partial(_call_without_ts, kernel)
   extra = {}
   if not interpret:
@@ -347,6 +373,24 @@ def _quantize_call(x, seed, ts, *, spec, orient, bm, bk, interpret, rht_block, n
     codes, sc = outs[:2]
     res.append((codes[:m // per_byte, :k], sc[:m // bs, :k]))
   return res
+
+
+def _float_scale_constants(ts, spec: QuantSpec):
+  """Per-tensor float32 constants of the float-scale kernels, computed once (exactly):
+  ``[t, 1/t, c = fl((1/t) / max(element)), D[m] = fl((1/t) / (8 + m)) for m < 8, ok]``
+  (``t = 1`` for one-level scales). ``ok`` says the fast path's bounds hold for the
+  tensor: every constant normal and ``c <= 2^118`` (so a subnormal amax stays below the
+  smallest scale)."""
+  one = np.float32(1.0)
+  t = jnp.float32(1.0) if ts is None else ts.reshape(())
+  inv_t = bits.div_f32(one, t)
+  c = bits.div_f32(inv_t, np.float32(spec.element.max_value))
+  table = [bits.div_f32(inv_t, np.float32(8 + m)) for m in range(8)]
+  consts = jnp.stack([t, inv_t, c] + table)
+  e = (bits.f32_bits(consts) >> 23) & U32(0xFF)
+  ok = jnp.all((e >= 1) & (e <= 254)) & (bits.f32_bits(c) <= bits.f32_bits(np.float32(2.0**118)))
+  return jnp.concatenate([consts, jnp.where(ok, one, np.float32(0.0)).reshape(1),
+                          jnp.zeros(4, jnp.float32)])
 
 
 def _call_without_ts(kernel, x_ref, seed_ref, *out_refs):

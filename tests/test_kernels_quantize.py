@@ -84,6 +84,27 @@ def test_fast_and_general_tiles_agree_with_reference(name, axis, dtype, data, rn
   _equal(got, fp4jax.quantize(x, spec, axis, key=key))
 
 
+@pytest.mark.parametrize("name", ["nvfp4", "nvfp4_sr", "nvfp4_one_level"])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_nvfp4_block_maxima_at_e4m3_rounding_midpoints(name, axis, rng):
+  # The fast NVFP4 scale is estimated as amax * fl(1/(6t)) and is only trusted away from
+  # E4M3 rounding midpoints; block maxima a few ulps around 6 t * midpoint must come out
+  # as in the reference (their tiles take the exact way).
+  x = rng.uniform(-1.0, 1.0, (64, 256)).astype(np.float32)
+  mids = np.array([1.0625, 1.1875, 3.25, 0.02734375, 13.0, 416.0 + 16.0], np.float64)
+  offsets = np.arange(-24, 25, 3)
+  t = 2.0**-3
+  vals = [np.float32(6 * t * m * (1 + k * 2.0**-23)) for m in mids for k in offsets]
+  blocks = x.reshape(-1, 16) if axis == -1 else x.T.reshape(-1, 16)
+  for i, v in enumerate(vals):  # one crafted maximum per block, in the first half
+    blocks[2 * i, 5] = v
+  x = blocks.reshape(64, 256) if axis == -1 else blocks.reshape(256, 64).T
+  kw = {} if name == "nvfp4_one_level" else {"tensor_scale": t}
+  spec, key = SPECS[name], jax.random.key(5)
+  got = kq.quantize(jnp.asarray(x), spec, axis, key=key, tile=(32, 64), interpret=INTERPRET, **kw)
+  _equal(got, fp4jax.quantize(jnp.asarray(x), spec, axis, key=key, **kw))
+
+
 @pytest.mark.parametrize("name", ["mxfp4_floor", "nvfp4_sr"])
 def test_both_orientations_from_one_read(name, rng):
   spec = SPECS[name]
