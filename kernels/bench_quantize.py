@@ -84,7 +84,7 @@ def adversarial(rng, shape, dtype):
   return jnp.asarray(x).astype(dtype)
 
 
-def run_kernel(x, name, key, tile=None, num_warps=4, num_stages=1):
+def run_kernel(x, name, key, tile=None, num_warps=None, num_stages=1):
   spec, orient, had = CONFIGS[name]
   interpret = not kq.on_gpu()  # a CPU smoke run of this script interprets the kernels
   if orient == "both":
@@ -262,7 +262,7 @@ def main(argv):
     for name in CONFIGS:
       base = name.replace("_sr", "").replace("_rceil", "_floor").replace("_b16", "_floor")
       base = base.replace("_hadamard16", "").replace("mxfp4_rows", "mxfp4_floor_rows")
-      tile, warps = tiles.get(name, tiles.get(base, (None, 4)))
+      tile, warps = tiles.get(name, tiles.get(base, (None, None)))
       tile = tuple(tile) if tile else None
       try:
         f = jax.jit(lambda x, k, name=name, tile=tile, warps=warps: run_kernel(

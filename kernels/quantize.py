@@ -406,6 +406,12 @@ def _store_scales(codes_u8, spec):
   return codes_u8
 
 
+def _default_warps(orient, spec):
+  # Measured on an H100 (kernels/results): power-of-two-scale rows kernels are faster with
+  # 8 warps (1.46 vs 1.24 TB/s at 8192^2); float-scale kernels with 4 (1.02 vs 0.90).
+  return 8 if orient == "rows" and spec.scale_format.is_pow2 else 4
+
+
 def _default_tile(orient, spec):
   # Rows: wide tiles along the blocked axis; both/cols transpose in the kernel, so square.
   if orient == "rows":
@@ -450,7 +456,7 @@ def _qarray(codes, sc, ts, spec, axis, dtype):
 def quantize(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | None = None, *,
              tensor_scale: Any = None, hadamard_block: int | None = None,
              interpret: bool = False, tile: tuple[int, int] | None = None,
-             num_warps: int = 4, num_stages: int = 1) -> QArray:
+             num_warps: int | None = None, num_stages: int = 1) -> QArray:
   """Quantizes a 2D ``x`` with one kernel launch; equals ``fp4jax.quantize(x, spec,
   axis, key=key)`` bit for bit (with ``hadamard_block``: of the Hadamard-transformed x,
   see :func:`hadamard_quantize_reference`).
@@ -471,6 +477,7 @@ def quantize(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | Non
   orient = "rows" if axis % 2 == 1 else "cols"
   seed4, ts = _prepare(x, spec, key, tensor_scale, hadamard_block, axis)
   bm, bk = tile or _default_tile(orient, spec)
+  num_warps = num_warps or _default_warps(orient, spec)
   [(codes, sc)] = _quantize_call(x, seed4, ts, spec=spec, orient=orient, bm=bm, bk=bk,
                                  interpret=interpret, rht_block=hadamard_block,
                                  num_warps=num_warps, num_stages=num_stages)
@@ -480,7 +487,7 @@ def quantize(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | Non
 
 def quantize_both(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None, *,
                   tensor_scale: Any = None, interpret: bool = False,
-                  tile: tuple[int, int] | None = None, num_warps: int = 4,
+                  tile: tuple[int, int] | None = None, num_warps: int | None = None,
                   num_stages: int = 1) -> tuple[QArray, QArray]:
   """``(quantize(x, spec, -1), quantize(x, spec, -2))`` from one read of ``x``."""
   for ax in (-1, -2):
@@ -489,6 +496,7 @@ def quantize_both(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None, *
       raise ValueError(f"fp4jax kernels: unsupported configuration: {why}")
   seed4, ts = _prepare(x, spec, key, tensor_scale, None)
   bm, bk = tile or _default_tile("both", spec)
+  num_warps = num_warps or _default_warps("both", spec)
   (rc, rs), (cc, cs) = _quantize_call(x, seed4, ts, spec=spec, orient="both", bm=bm, bk=bk,
                                       interpret=interpret, rht_block=None,
                                       num_warps=num_warps, num_stages=num_stages)
