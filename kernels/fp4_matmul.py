@@ -1,0 +1,493 @@
+r"""FP4 GEMM: ``QArray (M, K) x QArray (K, N) -> (M, N)`` on Hopper (emulated) and Blackwell.
+
+Operands are :class:`fp4jax.QArray`\ s blocked along the contraction axis: ``a`` with
+``axis=-1`` (codes ``(M, K/2)``, scales ``(M, K/bs)``), ``b`` with ``axis=-2`` (codes
+``(K/2, N)``, scales ``(K/bs, N)``), as :func:`kernels.quantize.quantize` and
+:func:`fp4jax.quantize` produce them. Paths (``impl``):
+
+* ``"fp8"`` (MX E2M1 with E8M0 scales; Hopper FP8 tensor cores). Per K tile of ``bk``
+  and per row of ``a`` (column of ``b``) the kernel takes the largest block-scale
+  exponent ``r`` of the tile and writes each element as E4M3 ``value * 2^(s - r)``:
+  exact for ``s - r >= -8`` (E2M1 values 0.5..6 times 2^-8..2^0 are E4M3 numbers, down
+  to its subnormal 2^-9). The tile's FP8 product is scaled by ``2^(rA + rB)`` and added
+  to a float32 accumulator (promotion per K tile). **Exact products:** every product
+  ``a_ik b_kj`` is formed exactly whenever each tile's per-row/column scale spread is at
+  most 8 binades; a tile with a wider spread or a NaN scale is computed the exact way
+  instead (dequantized to float32, float32 dot), so every product is exact always. What
+  differs from the reference is only the order and precision of the accumulation
+  (Hopper's FP8 MMA accumulates tile sums with a shortened mantissa; see the tests'
+  bound).
+* ``"bf16"`` (E2M1 with any 8-bit scale: NVFP4's UE4M3, or E8M0; BF16 tensor cores).
+  ``value * s`` is exact in BF16 (E2M1 x E4M3 has at most 5 significant bits; E2M1 x
+  2^s is a power-of-two scaling), the dot accumulates in float32 and the FP32 tensor
+  scales ``tA * tB`` multiply the result in the epilogue.
+* ``"xla"``: the fallback for every other format: both operands dequantized to float32 by
+  :func:`fp4jax.dequantize`, XLA dot in float32 (what :func:`matmul_reference` does).
+* ``"blackwell"``: :func:`jax.nn.scaled_matmul` (cuDNN block-scaled GEMM on sm_100+) with
+  the codes as ``float4_e2m1fn`` and the scales as ``float8_e8m0fnu`` / ``float8_e4m3fn``;
+  NVFP4 tensor scales in the epilogue. Written and dispatch-tested; it cannot run on
+  Hopper (see kernels/NOTES.md).
+* :func:`weight_only_matmul`: BF16 activations times FP4 weights, the weights unpacked in
+  the kernel (skinny GEMMs read 4.25-4.5 instead of 16 bits per weight).
+
+Both Triton kernels split K into even and odd positions: the low nibble of a packed byte
+is an even ``k``, the high nibble the next odd one, for ``a`` along its rows and for ``b``
+along its columns alike, so ``sum_k a_ik b_kj = A_even B_even + A_odd B_odd`` and no
+nibble is ever interleaved back (Triton can only join along a trailing axis).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fp4jax import bits, rounding as rounding_lib
+from fp4jax.formats import E4M3
+from fp4jax.qarray import QArray
+from fp4jax.quantize import dequantize
+
+log = logging.getLogger("fp4jax")
+U32, I32 = jnp.uint32, jnp.int32
+IMPLS = ("auto", "fp8", "bf16", "xla", "blackwell", "reference")
+_HIGHEST = lax.Precision.HIGHEST
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def matmul_reference(a: QArray, b: QArray, out_dtype: Any = jnp.float32) -> jax.Array:
+  """The float32 product of the dequantized operands (``Precision.HIGHEST``)."""
+  _check(a, b)
+  y = jnp.dot(dequantize(a, jnp.float32), dequantize(b, jnp.float32), precision=_HIGHEST,
+              preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _check(a, b, what=("a", "b")):
+  for q, name, axis in ((a, what[0], -1), (b, what[1], -2)):
+    if not isinstance(q, QArray):
+      raise TypeError(f"fp4_matmul: {name} must be a QArray, got {type(q).__name__}")
+    if q.ndim != 2:
+      raise ValueError(f"fp4_matmul: {name} must be 2D, got shape {q.shape}")
+    if q.axis % 2 != axis % 2:
+      raise ValueError(f"fp4_matmul: {name} must be blocked along the contraction axis "
+                       f"(axis={axis}), got axis={q.axis}; quantize it with axis={axis}")
+  if a.shape[1] != b.shape[0]:
+    raise ValueError(f"fp4_matmul: contraction lengths differ: a {a.shape}, b {b.shape}")
+
+
+def _is_e2m1(spec) -> bool:
+  e = spec.element
+  return (e.ebits, e.mbits, e.bias, e.special, e.is_int) == (2, 1, 1, "none", False)
+
+
+def kernel_path(a: QArray, b: QArray) -> str | None:
+  """The Triton path these operands can take on Hopper ("fp8" / "bf16"), or None."""
+  sa, sb = a.spec, b.spec
+  if not (_is_e2m1(sa) and _is_e2m1(sb) and sa.packed and sb.packed):
+    return None
+  if any(a.padding) or any(b.padding) or sa.granularity != "block" or sb.granularity != "block":
+    return None
+  if sa.block_size not in (16, 32) or sb.block_size not in (16, 32):
+    return None
+  pow2 = sa.scale_format.is_pow2 and sb.scale_format.is_pow2
+  if pow2 and sa.scale_format.bias == 127 and sb.scale_format.bias == 127:
+    return "fp8"
+  if all(s.scale_format.storage_bits == 8 for s in (sa, sb)):
+    return "bf16"
+  return None
+
+
+# -------------------------------------------------------------------- in-kernel decoding
+
+
+def _e2m1_f32_bits(c):
+  """float32 bits of the E2M1 values of 4-bit codes (uint32): 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
+  e, m = (c >> 1) & U32(3), c & U32(1)
+  normal = ((e + U32(126)) << 23) | (m << 22)
+  mag = jnp.where(e == 0, m * U32(0x3F000000), normal)
+  return mag | ((c & U32(8)) << 28)
+
+
+def _pow2_f32(e):
+  """2^e as float32 for int32 e, in two normal factors' worth of range: returns a pair
+  whose product is 2^e for e in [-252, 254] (each factor in [-126, 127])."""
+  e1 = jnp.clip(e, -126, 127)
+  e2 = jnp.clip(e - e1, -126, 127)
+  f = lambda k: bits.bits_f32(((k + 127) << 23).astype(U32))
+  return f(e1), f(e2)
+
+
+def _fold_e4m3(c, d):
+  """E4M3 (float8_e4m3fn) of ``value(c) * 2^d`` for 4-bit codes ``c`` and int32 ``d`` in
+  [-8, 6] (broadcast): exact, as the value is an E4M3 number there."""
+  v = _e2m1_f32_bits(c)
+  nonzero = (v & U32(0x7FFFFFFF)) != 0
+  v = jnp.where(nonzero, (v.astype(I32) + (d << 23)).astype(U32), v)  # exponent + d
+  return bits.bits_f32(v).astype(jnp.float8_e4m3fn)
+
+
+def _e4m3_scale_f32(code):
+  """float32 value of UE4M3 scale codes (uint32), subnormals and NaN (0x7F/0xFF) included."""
+  return rounding_lib.decode_to_f32(code, E4M3)
+
+
+def _halves(codes):
+  """Packed uint8 codes -> (low nibbles, high nibbles) as uint32 (even, odd k)."""
+  c = codes.astype(U32)
+  return c & U32(15), c >> 4
+
+
+# ---------------------------------------------------------------- MXFP4 on FP8 tensor cores
+
+
+def _mx_fp8_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk):
+  bm, bn = o_ref.shape
+  hk = bk // 2
+  na, nb = bk // bs_a, bk // bs_b
+
+  def body(kt, acc):
+    ac = ac_ref[:, pl.ds(kt * hk, hk)]
+    bc = bc_ref[pl.ds(kt * hk, hk), :]
+    asc = as_ref[:, pl.ds(kt * na, na)].astype(I32)   # (bm, na) E8M0 codes
+    bsc = bs_ref[pl.ds(kt * nb, nb), :].astype(I32)   # (nb, bn)
+    ra = jnp.max(asc, axis=1)                          # (bm,)
+    rb = jnp.max(bsc, axis=0)                          # (bn,)
+    da, db = asc - ra[:, None], bsc - rb[None, :]
+    ok = ((jnp.min(da) >= -8) & (jnp.min(db) >= -8) & (jnp.max(ra) < 255)
+          & (jnp.max(rb) < 255))
+    a_lo, a_hi = _halves(ac)   # (bm, hk) each: even / odd k
+    b_lo, b_hi = _halves(bc)   # (hk, bn)
+    # block of half-position p along K: p // (bs / 2)
+    exp_a = lambda v: jnp.broadcast_to(v[:, :, None], (bm, na, bs_a // 2)).reshape(bm, hk)
+    exp_b = lambda v: jnp.broadcast_to(v[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
+
+    def fast():
+      dae, dbe = exp_a(da), exp_b(db)
+      part = (jnp.dot(_fold_e4m3(a_lo, dae), _fold_e4m3(b_lo, dbe),
+                      preferred_element_type=jnp.float32)
+              + jnp.dot(_fold_e4m3(a_hi, dae), _fold_e4m3(b_hi, dbe),
+                        preferred_element_type=jnp.float32))
+      fa1, fa2 = _pow2_f32(ra - 127)
+      fb1, fb2 = _pow2_f32(rb - 127)
+      return ((part * fa1[:, None]) * fb1[None, :]) * (fa2[:, None] * fb2[None, :])
+
+    def exact():  # dequantize to float32 and multiply in float32: any scale spread, NaN
+      def deq_a(c):
+        e1, e2 = _pow2_f32(exp_a(asc) - 127)
+        v = bits.bits_f32(_e2m1_f32_bits(c)) * e1 * e2
+        return jnp.where(exp_a(asc) == 255, jnp.float32(jnp.nan), v)
+
+      def deq_b(c):
+        e1, e2 = _pow2_f32(exp_b(bsc) - 127)
+        v = bits.bits_f32(_e2m1_f32_bits(c)) * e1 * e2
+        return jnp.where(exp_b(bsc) == 255, jnp.float32(jnp.nan), v)
+
+      return (jnp.dot(deq_a(a_lo), deq_b(b_lo), precision=_HIGHEST,
+                      preferred_element_type=jnp.float32)
+              + jnp.dot(deq_a(a_hi), deq_b(b_hi), precision=_HIGHEST,
+                        preferred_element_type=jnp.float32))
+
+    return acc + lax.cond(ok, fast, exact)
+
+  acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+# ------------------------------------------------------------- E2M1 on BF16 tensor cores
+
+
+def _bf16_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk, pow2_a,
+                 pow2_b):
+  bm, bn = o_ref.shape
+  hk = bk // 2
+  na, nb = bk // bs_a, bk // bs_b
+
+  def scale_f32(code, pow2):
+    if pow2:
+      e1, e2 = _pow2_f32(code.astype(I32) - 127)
+      return jnp.where(code == 255, jnp.float32(jnp.nan), e1 * e2)
+    return _e4m3_scale_f32(code)
+
+  def body(kt, acc):
+    ac = ac_ref[:, pl.ds(kt * hk, hk)]
+    bc = bc_ref[pl.ds(kt * hk, hk), :]
+    sa = scale_f32(as_ref[:, pl.ds(kt * na, na)].astype(U32), pow2_a)   # (bm, na)
+    sb = scale_f32(bs_ref[pl.ds(kt * nb, nb), :].astype(U32), pow2_b)   # (nb, bn)
+    sae = jnp.broadcast_to(sa[:, :, None], (bm, na, bs_a // 2)).reshape(bm, hk)
+    sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
+    a_lo, a_hi = _halves(ac)
+    b_lo, b_hi = _halves(bc)
+    # value * scale is exact in bf16 (<= 5 significant bits; see the module doc)
+    va = lambda c: (bits.bits_f32(_e2m1_f32_bits(c)) * sae).astype(jnp.bfloat16)
+    vb = lambda c: (bits.bits_f32(_e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
+    return (acc + jnp.dot(va(a_lo), vb(b_lo), preferred_element_type=jnp.float32)
+            + jnp.dot(va(a_hi), vb(b_hi), preferred_element_type=jnp.float32))
+
+  acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+# ------------------------------------------------- weight-only: BF16 activations x FP4 weights
+
+
+def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
+  bm, bn = o_ref.shape
+  hk = bk // 2
+  nb = bk // bs_b
+
+  def body(kt, acc):
+    # even / odd k of the activations as two strided loads, matching the nibbles of w
+    xe = x_ref[:, pl.ds(kt * bk, hk, stride=2)].astype(jnp.bfloat16)
+    xo = x_ref[:, pl.ds(kt * bk + 1, hk, stride=2)].astype(jnp.bfloat16)
+    bc = bc_ref[pl.ds(kt * hk, hk), :]
+    code = bs_ref[pl.ds(kt * nb, nb), :].astype(U32)
+    if pow2_b:
+      e1, e2 = _pow2_f32(code.astype(I32) - 127)
+      sb = jnp.where(code == 255, jnp.float32(jnp.nan), e1 * e2)
+    else:
+      sb = _e4m3_scale_f32(code)
+    sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
+    b_lo, b_hi = _halves(bc)
+    vb = lambda c: (bits.bits_f32(_e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
+    return (acc + jnp.dot(xe, vb(b_lo), preferred_element_type=jnp.float32)
+            + jnp.dot(xo, vb(b_hi), preferred_element_type=jnp.float32))
+
+  acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "out_dtype", "interpret",
+                                             "num_warps", "num_stages"))
+def _weight_only_call(x, w: QArray, *, bm, bn, bk, out_dtype, interpret, num_warps,
+                      num_stages):
+  m, k = x.shape
+  n = w.shape[1]
+  bs_b = w.spec.block_size
+  mp = -(-m // bm) * bm
+  xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+  kernel = functools.partial(_weight_only_kernel, bk=bk, bs_b=bs_b, nk=k // bk,
+                             pow2_b=w.spec.scale_format.is_pow2)
+  extra = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
+                                                       num_stages=num_stages)
+  kernel_dtype = jnp.float32 if w.tensor_scale is not None else out_dtype
+  y = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((mp, n), kernel_dtype), grid=(mp // bm, n // bn),
+      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((k // bs_b, bn), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      interpret=interpret, name="fp4jax_matmul_weight_only", **extra,
+  )(xp, w.codes, _scale_codes(w))
+  if w.tensor_scale is not None:
+    y = (y.astype(jnp.float32) * w.tensor_scale.reshape(()).astype(jnp.float32))
+  return y[:m].astype(out_dtype)
+
+
+def weight_only_reference(x: jax.Array, w: QArray, out_dtype: Any = jnp.float32) -> jax.Array:
+  """float32 product of ``x`` (as bf16, what the kernel multiplies) and dequantized ``w``."""
+  xb = x.astype(jnp.bfloat16).astype(jnp.float32)
+  return jnp.dot(xb, dequantize(w, jnp.float32), precision=_HIGHEST,
+                 preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
+                       tile: tuple[int, int, int] | None = None,
+                       interpret: bool | None = None, num_warps: int = 4,
+                       num_stages: int = 3) -> jax.Array:
+  """``x @ w`` for BF16/F32 activations ``x`` (M, K) and FP4 weights ``w`` (K, N), blocked
+  along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
+  is what pays on Hopper for skinny M (decoding, evaluation). ``x`` is rounded to bf16.
+
+  tile: (bm, bn, bk), default (16, 128, 256); M is padded to bm, K and N must be multiples.
+  """
+  if not isinstance(w, QArray) or w.ndim != 2 or w.axis % 2 != 0:
+    raise ValueError("weight_only_matmul: w must be a 2D QArray blocked along K (axis=-2)")
+  if x.ndim != 2 or x.shape[1] != w.shape[0]:
+    raise ValueError(f"weight_only_matmul: x {x.shape} and w {w.shape} do not contract")
+  if not (_is_e2m1(w.spec) and w.spec.packed and not any(w.padding)
+          and w.spec.scale_format.storage_bits == 8 and w.spec.block_size in (16, 32)):
+    raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
+                     f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
+  bm, bn, bk = tile or (16, 128, 256)
+  why = _tile_ok(bm, w.shape[1], x.shape[1], bm, bn, bk, w.spec.block_size, w.spec.block_size)
+  if why:
+    raise ValueError(f"weight_only_matmul: {why}")
+  if interpret is None:
+    interpret = _device_kind()[0] != "gpu"
+  return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype),
+                           interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _scale_codes(q: QArray) -> jax.Array:
+  s = q.scales
+  if s.dtype in (jnp.float8_e8m0fnu, jnp.float8_e4m3fn):
+    return lax.bitcast_convert_type(s, jnp.uint8)
+  if s.dtype != jnp.uint8:
+    raise ValueError(f"fp4_matmul kernels take 8-bit scales, got {s.dtype}")
+  return s
+
+
+def _tile_ok(m, n, k, bm, bn, bk, bs_a, bs_b) -> str | None:
+  if m % bm or n % bn or k % bk:
+    return (f"shape (M={m}, K={k}, N={n}) is not a multiple of the tile "
+            f"(bm={bm}, bk={bk}, bn={bn}); pad the operands or pass a smaller tile=")
+  if bk % bs_a or bk % bs_b:
+    return f"bk={bk} is not a multiple of the block sizes {bs_a}, {bs_b}"
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("path", "bm", "bn", "bk", "out_dtype",
+                                             "interpret", "num_warps", "num_stages"))
+def _triton_matmul(a: QArray, b: QArray, *, path, bm, bn, bk, out_dtype, interpret,
+                   num_warps, num_stages):
+  m, k = a.shape
+  n = b.shape[1]
+  bs_a, bs_b = a.spec.block_size, b.spec.block_size
+  nk = k // bk
+  if path == "fp8":
+    kernel = functools.partial(_mx_fp8_kernel, bk=bk, bs_a=bs_a, bs_b=bs_b, nk=nk)
+  else:
+    kernel = functools.partial(_bf16_kernel, bk=bk, bs_a=bs_a, bs_b=bs_b, nk=nk,
+                               pow2_a=a.spec.scale_format.is_pow2,
+                               pow2_b=b.spec.scale_format.is_pow2)
+  extra = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
+                                                       num_stages=num_stages)
+  scaled = a.tensor_scale is not None or b.tensor_scale is not None
+  kernel_dtype = jnp.float32 if scaled else out_dtype  # round once, after the tensor scales
+  y = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((m, n), kernel_dtype), grid=(m // bm, n // bn),
+      in_specs=[pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)),
+                pl.BlockSpec((bm, k // bs_a), lambda i, j: (i, 0)),
+                pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((k // bs_b, bn), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      interpret=interpret, name=f"fp4jax_matmul_{path}", **extra,
+  )(a.codes, _scale_codes(a), b.codes, _scale_codes(b))
+  return _apply_tensor_scales(y, a, b, out_dtype)
+
+
+def _apply_tensor_scales(y, a, b, out_dtype):
+  t = None
+  for q in (a, b):
+    if q.tensor_scale is not None:
+      tq = q.tensor_scale.reshape(()).astype(jnp.float32)
+      t = tq if t is None else t * tq
+  if t is None:
+    return y
+  return (y.astype(jnp.float32) * t).astype(out_dtype)
+
+
+def blackwell_operands(a: QArray, b: QArray):
+  """``(lhs (1, M, K), rhs (1, N, K), lhs_scales, rhs_scales)`` for
+  :func:`jax.nn.scaled_matmul`: codes as float4_e2m1fn values, scales as their float8
+  dtypes, ``b`` transposed to K-major. Tensor scales are applied by the caller."""
+  from fp4jax import packing
+  def values(q, axis):
+    c = packing.unpack(q.codes, 4, axis, True)
+    return bits.bits_f32(_e2m1_f32_bits(c.astype(U32))).astype(jnp.float4_e2m1fn)
+  lhs = values(a, -1)[None]
+  rhs = values(b, -2).T[None]
+  return lhs, rhs, a.scales[None], b.scales.T[None]
+
+
+def _blackwell_matmul(a, b, out_dtype):
+  lhs, rhs, ls, rs = blackwell_operands(a, b)
+  y = jax.nn.scaled_matmul(lhs, rhs, ls, rs, preferred_element_type=jnp.float32)[0]
+  return _apply_tensor_scales(y, a, b, out_dtype)
+
+
+def _device_kind() -> tuple[str, int]:
+  """("gpu", compute capability major) or (platform, 0)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return "cpu", 0
+  if dev.platform != "gpu":
+    return dev.platform, 0
+  cc = getattr(dev, "compute_capability", "0")
+  return "gpu", int(str(cc).split(".")[0])
+
+
+def choose_impl(a: QArray, b: QArray, device: tuple[str, int] | None = None) -> str:
+  """What ``impl="auto"`` runs for these operands on ``device`` (default: this one):
+  Blackwell (sm_100+) and MXFP8/NVFP4-shaped operands -> "blackwell"; a GPU and E2M1
+  operands -> "fp8" (MX) or "bf16" (NVFP4 and other 8-bit scales); otherwise "xla"."""
+  platform, major = device or _device_kind()
+  path = kernel_path(a, b)
+  if platform != "gpu" or path is None:
+    return "xla"
+  if major >= 10 and _blackwell_ok(a, b):
+    return "blackwell"
+  return path
+
+
+def _blackwell_ok(a, b) -> bool:
+  sa, sb = a.spec, b.spec
+  mx = sa.scale_format.is_pow2 and sa.block_size == 32
+  nv = (not sa.scale_format.is_pow2) and sa.block_size == 16
+  return sa.scale_format == sb.scale_format and sa.block_size == sb.block_size and (mx or nv)
+
+
+def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp.bfloat16,
+               tile: tuple[int, int, int] | None = None, interpret: bool | None = None,
+               num_warps: int = 4, num_stages: int = 3) -> jax.Array:
+  """``a @ b`` of two quantized operands.
+
+  Args:
+    a: (M, K) QArray blocked along K (``axis=-1``).
+    b: (K, N) QArray blocked along K (``axis=-2``).
+    impl: "auto" (see :func:`choose_impl`), "fp8", "bf16", "xla", "blackwell" or
+      "reference".
+    out_dtype: result dtype (the accumulation is float32).
+    tile: (bm, bn, bk) of the Triton kernels (default 128, 128, 128; shapes must be
+      multiples).
+    interpret: run the Triton kernels in Pallas interpret mode (default: off a GPU).
+
+  Returns:
+    (M, N) array of ``out_dtype``.
+  """
+  _check(a, b)
+  if impl not in IMPLS:
+    raise ValueError(f"fp4_matmul: unknown impl {impl!r}; choose one of {IMPLS}")
+  if impl == "auto":
+    impl = choose_impl(a, b)
+    log.debug("fp4_matmul: impl=%s for %s x %s", impl, a.spec.name, b.spec.name)
+  if impl in ("reference", "xla"):
+    return matmul_reference(a, b, out_dtype)
+  if impl == "blackwell":
+    return _blackwell_matmul(a, b, out_dtype)
+  path = kernel_path(a, b)
+  if path is None or (impl == "fp8" and path != "fp8"):
+    raise ValueError(f"fp4_matmul: impl={impl!r} takes E2M1 operands with 8-bit scales "
+                     f"({'E8M0 only' if impl == 'fp8' else 'E8M0 or UE4M3'}), unpadded, "
+                     f"blocks 16/32; got {a.spec.name} x {b.spec.name}: use impl='xla'")
+  bm, bn, bk = tile or (128, 128, 128)
+  m, k = a.shape
+  why = _tile_ok(m, b.shape[1], k, bm, bn, bk, a.spec.block_size, b.spec.block_size)
+  if why:
+    raise ValueError(f"fp4_matmul: {why}")
+  if interpret is None:
+    interpret = _device_kind()[0] != "gpu"
+  return _triton_matmul(a, b, path=impl, bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype),
+                        interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+
+
+__all__ = ["IMPLS", "blackwell_operands", "choose_impl", "fp4_matmul", "kernel_path",
+           "matmul_reference", "weight_only_matmul", "weight_only_reference"]

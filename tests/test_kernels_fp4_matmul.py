@@ -1,0 +1,160 @@
+"""kernels/fp4_matmul.py against the float32 product of the dequantized operands.
+
+Products are exact in every path (see the module doc); only the accumulation differs,
+so results must agree within ``TOL * sum_k |a_ik b_kj|``: 2^-20 in interpret mode (CPU,
+float32 accumulation in another order), 2^-10 compiled on Hopper (its FP8 tensor cores
+accumulate tile sums with a shortened mantissa). NaN positions must match exactly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fp4jax
+from fp4jax.quantize import dequantize
+from kernels import fp4_matmul as fm
+from kernels.quantize import on_gpu
+
+INTERPRET = not on_gpu()
+TOL = 2.0**-20 if INTERPRET else 2.0**-10
+
+
+def _assert_close(y, a, b, what):
+  da, db = np.asarray(dequantize(a, jnp.float32)), np.asarray(dequantize(b, jnp.float32))
+  with np.errstate(all="ignore"):
+    ref = da.astype(np.float64) @ db.astype(np.float64)
+    mag = np.abs(da).astype(np.float64) @ np.abs(db).astype(np.float64)
+  y = np.asarray(y, np.float64)
+  assert (np.isnan(y) == np.isnan(ref)).all(), f"{what}: NaN positions differ from the reference"
+  fin = np.isfinite(ref) & np.isfinite(mag)
+  err = np.abs(y - ref)[fin]
+  bound = TOL * mag[fin] + 1e-30
+  worst = np.max(err / bound) if err.size else 0.0
+  assert (err <= bound).all(), f"{what}: error up to {worst:.2f}x the bound TOL*sum|ab|"
+
+
+def _operands(rng, m, k, n, spec_a, spec_b, spread=0, zero_blocks=False):
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  if spread:  # a different power of two per 32-block: scale exponents far apart
+    x *= np.exp2(rng.integers(-spread, spread + 1, (m, k // 32))).repeat(32, 1).astype(np.float32)
+    w *= np.exp2(rng.integers(-spread, spread + 1, (k // 32, n))).repeat(32, 0).astype(np.float32)
+  if zero_blocks:
+    x[:, 32:64] = 0.0
+    w[64:96, :] = 0.0
+  return fp4jax.quantize(jnp.asarray(x), spec_a, -1), fp4jax.quantize(jnp.asarray(w), spec_b, -2)
+
+
+MX, NV = fp4jax.get_spec("mxfp4"), fp4jax.get_spec("nvfp4")
+CASES = {
+    "mxfp4_fp8": (MX, MX, "fp8"), "mxfp4_b16_fp8": (MX.replace(block_size=16),) * 2 + ("fp8",),
+    "mxfp4_bf16": (MX, MX, "bf16"), "nvfp4_bf16": (NV, NV, "bf16"),
+    "nvfp4_one_level_bf16": (NV.replace(tensor_scale=None),) * 2 + ("bf16",),
+    "mxfp4_x_nvfp4_bf16": (MX, NV, "bf16"), "mxfp4_xla": (MX, MX, "xla"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("data", ["random", "wide_spread", "zero_blocks"])
+def test_matmul_matches_dequantized_product(case, data, rng):
+  spec_a, spec_b, impl = CASES[case]
+  a, b = _operands(rng, 64, 256, 64, spec_a, spec_b, spread=40 if data == "wide_spread" else 0,
+                   zero_blocks=data == "zero_blocks")
+  y = fm.fp4_matmul(a, b, impl=impl, out_dtype=jnp.float32, tile=(32, 32, 128),
+                    interpret=INTERPRET)
+  assert y.shape == (64, 64) and y.dtype == jnp.float32
+  _assert_close(y, a, b, f"{case}/{data}")
+
+
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+def test_nan_scales_poison_exactly_their_rows_and_columns(impl, rng):
+  a, b = _operands(rng, 64, 256, 64, MX, MX)
+  sa = np.asarray(jax.lax.bitcast_convert_type(a.scales, jnp.uint8)).copy()
+  sb = np.asarray(jax.lax.bitcast_convert_type(b.scales, jnp.uint8)).copy()
+  sa[5, 3] = 255   # E8M0 NaN: row 5 of the product is NaN
+  sb[1, 40] = 255  # column 40
+  a = a.__class__(a.codes, jax.lax.bitcast_convert_type(jnp.asarray(sa), jnp.float8_e8m0fnu),
+                  a.tensor_scale, a.spec, a.axis, a.padding, a.orig_dtype)
+  b = b.__class__(b.codes, jax.lax.bitcast_convert_type(jnp.asarray(sb), jnp.float8_e8m0fnu),
+                  b.tensor_scale, b.spec, b.axis, b.padding, b.orig_dtype)
+  y = np.asarray(fm.fp4_matmul(a, b, impl=impl, out_dtype=jnp.float32, tile=(32, 32, 128),
+                               interpret=INTERPRET))
+  assert np.isnan(y[5]).all() and np.isnan(y[:, 40]).all()
+  assert np.isfinite(np.delete(np.delete(y, 5, 0), 40, 1)).all()
+  _assert_close(y, a, b, f"nan scales/{impl}")
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+def test_output_dtype_bf16_rounds_the_float32_result(name, rng):
+  a, b = _operands(rng, 32, 128, 32, fp4jax.get_spec(name), fp4jax.get_spec(name))
+  y32 = fm.fp4_matmul(a, b, out_dtype=jnp.float32, tile=(32, 32, 64), interpret=INTERPRET,
+                      impl=fm.kernel_path(a, b))
+  y16 = fm.fp4_matmul(a, b, out_dtype=jnp.bfloat16, tile=(32, 32, 64), interpret=INTERPRET,
+                      impl=fm.kernel_path(a, b))
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+def test_blackwell_operands_through_scaled_matmul(name, rng):
+  # jax.nn.scaled_matmul runs (as XLA ops) on CPU: the operand conversion of the Blackwell
+  # path is checked here; the cuDNN kernel itself needs an sm_100 GPU.
+  spec = fp4jax.get_spec(name)
+  a, b = _operands(rng, 32, 128, 48, spec, spec)
+  lhs, rhs, ls, rs = fm.blackwell_operands(a, b)
+  assert lhs.dtype == jnp.float4_e2m1fn and rhs.shape == (1, 48, 128)
+  assert ls.dtype == (jnp.float8_e8m0fnu if name == "mxfp4" else jnp.float8_e4m3fn)
+  y = fm._blackwell_matmul(a, b, jnp.float32)
+  _assert_close(y, a, b, f"blackwell operands/{name}")
+
+
+@pytest.mark.parametrize("name,device,expected", [
+    ("mxfp4", ("cpu", 0), "xla"), ("mxfp4", ("gpu", 9), "fp8"), ("nvfp4", ("gpu", 9), "bf16"),
+    ("mxfp4", ("gpu", 10), "blackwell"), ("nvfp4", ("gpu", 10), "blackwell"),
+    ("mxfp8_e4m3", ("gpu", 9), "xla"), ("mxfp8_e4m3", ("gpu", 10), "xla"),
+    ("int8_channel", ("gpu", 9), "xla"),
+])
+def test_dispatch_picks_the_documented_path(name, device, expected, rng):
+  spec = fp4jax.get_spec(name)
+  a, b = _operands(rng, 32, 64, 32, spec, spec)
+  assert fm.choose_impl(a, b, device) == expected
+
+
+def test_auto_runs_the_dispatched_path(rng):
+  a, b = _operands(rng, 128, 128, 128, MX, MX)
+  y = fm.fp4_matmul(a, b, out_dtype=jnp.float32)  # xla on CPU, fp8 on Hopper
+  _assert_close(y, a, b, "auto")
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_weight_only_matches_reference(name, m, rng):
+  w = fp4jax.quantize(jnp.asarray(rng.standard_normal((256, 128)).astype(np.float32)), name, -2)
+  x = jnp.asarray(rng.standard_normal((m, 256)).astype(np.float32))
+  y = np.asarray(fm.weight_only_matmul(x, w, out_dtype=jnp.float32, tile=(16, 64, 128),
+                                       interpret=INTERPRET), np.float64)
+  ref = np.asarray(fm.weight_only_reference(x, w), np.float64)
+  xb = np.abs(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64))
+  mag = xb @ np.abs(np.asarray(dequantize(w, jnp.float32), np.float64))
+  assert y.shape == (m, 128)
+  assert (np.abs(y - ref) <= 2.0**-20 * mag + 1e-30).all()
+
+
+def test_bad_operands_are_rejected_with_the_fix(rng):
+  a, b = _operands(rng, 64, 128, 64, MX, MX)
+  with pytest.raises(ValueError, match="blocked along the contraction axis"):
+    fm.fp4_matmul(fp4jax.quantize(jnp.ones((64, 128)), MX, -2), b)
+  with pytest.raises(ValueError, match="contraction lengths differ"):
+    fm.fp4_matmul(a, fp4jax.quantize(jnp.ones((64, 64)), MX, -2))
+  with pytest.raises(TypeError, match="must be a QArray"):
+    fm.fp4_matmul(jnp.ones((64, 128)), b)
+  with pytest.raises(ValueError, match="not a multiple of the tile"):
+    fm.fp4_matmul(a, b, impl="fp8", tile=(48, 32, 128), interpret=True)
+  nv_a, nv_b = _operands(rng, 64, 128, 64, NV, NV)
+  with pytest.raises(ValueError, match="E8M0 only"):
+    fm.fp4_matmul(nv_a, nv_b, impl="fp8")
+  with pytest.raises(ValueError, match="unknown impl"):
+    fm.fp4_matmul(a, b, impl="fp4")
+  with pytest.raises(ValueError, match="blocked along K"):
+    fm.weight_only_matmul(jnp.ones((4, 128)), a)
