@@ -22,6 +22,7 @@ for the three Hadamard transforms), so one step key reproduces a run bit for bit
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -44,27 +45,75 @@ def _key(key_data, i):
 
 
 def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
-                      estimator: str = "ste", params=(), asym: bool = False, reference=None):
-  """Float32 fake-quantized ``x`` (x itself when spec is None) and, for a non-STE
-  estimator, the surrogate-derivative multiplier at ``x`` (else None). A ``reference``
-  (Q-EMA) decides the rounding direction between x's grid neighbours."""
+                      estimator: str = "ste", params=(), asym: bool = False, reference=None,
+                      impl: str = "xla"):
+  """Float32 fake-quantized ``x`` (x itself when spec is None), for a non-STE estimator
+  the surrogate-derivative multiplier at ``x`` (else None), and the QArray (None where
+  there is none: no spec, asymmetric or reference rounding). A ``reference`` (Q-EMA)
+  decides the rounding direction between x's grid neighbours. ``impl`` is
+  :func:`fp4jax.quantize`'s (the Pallas kernels for 2D operands of a batch of one)."""
   x = x.astype(jnp.float32)
   if spec is None:
-    return x, None
+    return x, None, None
   key = _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
+  q = None
   if asym:
-    z, q = asymmetric.quantize_shifted(x, spec, axis, key=key)
-    value, centred = z + dequantize(q, jnp.float32), x - z
+    z, q_asym = asymmetric.quantize_shifted(x, spec, axis, key=key)
+    value, centred, scale_of = z + dequantize(q_asym, jnp.float32), x - z, q_asym
   else:
-    q = quantize(x, spec, axis, key=key)
-    value, centred = dequantize(q, jnp.float32), x
+    if impl != "xla" and x.shape[0] == 1:  # the kernels take 2D operands
+      from kernels import quantize as kq  # kernels import the core; never the reverse
+      supported = kq.unsupported_reason(x.shape[1:], x.dtype, spec, axis) is None
+      q2 = quantize(x[0], spec, axis, key=key, impl=impl if supported else "xla")
+      value = dequantize(q2, jnp.float32)[None]
+      q = q2
+    else:
+      q = quantize(x, spec, axis, key=key)
+      value = dequantize(q, jnp.float32)
+    centred, scale_of = x, q
     if reference is not None:
       value = reference_rounding.round_toward_reference(x, reference, spec, axis, key=key)
+      q = None  # the GEMM must use the reference-rounded values
   if estimator == "ste":
-    return value, None
-  mult = estimators.get_estimator(estimator)(centred / element_scales(q), spec.element,
+    return value, None, q
+  scales_full = element_scales(scale_of)
+  if scales_full.ndim == centred.ndim - 1:
+    scales_full = scales_full[None]
+  mult = estimators.get_estimator(estimator)(centred / scales_full, spec.element,
                                              **dict(params))
-  return value, mult
+  return value, mult, q
+
+
+def _transposed(q):
+  """The QArray of ``q``'s 2D transpose (codes and scales transposed, axis flipped)."""
+  return q.__class__(q.codes.T, q.scales.T, q.tensor_scale, q.spec, -1 if q.axis % 2 == 0
+                     else -2, tuple(reversed(q.padding)), q.orig_dtype)
+
+
+def _tile_for(m, k, n):
+  """A (bm, bn, bk) tile of the FP4 GEMM kernels dividing (m, n, k), or None."""
+  pick = lambda d, opts: next((t for t in opts if d % t == 0), None)
+  bm, bn, bk = pick(m, (128, 64, 32, 16)), pick(n, (128, 64, 32, 16)), pick(k, (128, 64, 32))
+  return None if None in (bm, bn, bk) else (bm, bn, bk)
+
+
+def _gemm(xv, xq, yv, yq, eq, impl):
+  """``einsum(eq, x, y)`` in float32: through :func:`kernels.fp4_matmul.fp4_matmul` when
+  ``impl`` asks for kernels and both operands are 2D QArrays of a supported pair (``xq``
+  (M, K) blocked along K, ``yq`` (K, N) blocked along K), else XLA on the fake-quantized
+  values. Both give the product of the same quantized values; only the accumulation
+  order differs."""
+  if impl != "xla" and xq is not None and yq is not None:
+    from kernels import fp4_matmul as fm  # kernels import the core; never the reverse
+    path = fm.kernel_path(xq, yq)
+    tile = _tile_for(xq.shape[0], xq.shape[1], yq.shape[1])
+    if path is not None and tile is not None:
+      fm_impl = path if impl == "pallas" else fm.choose_impl(xq, yq)
+      if fm_impl != "xla":
+        logging.getLogger("fp4jax").debug("qdot: GEMM %s via kernels/fp4_matmul (%s)", eq,
+                                          fm_impl)
+        return fm.fp4_matmul(xq, yq, impl=fm_impl, out_dtype=jnp.float32, tile=tile)[None]
+  return _mm(xv, yv, eq)
 
 
 def _rht(x, axis, key_data, block, which, transpose=False):
@@ -77,55 +126,66 @@ def _mm(a, b, eq):
   return jnp.einsum(eq, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _backward_gemm(x, y, axis, key_data, block, which, ops, specs, eq):
+def _backward_gemm(x, y, axis, key_data, block, which, ops, specs, eq, impl):
   """One backward GEMM: Hadamard both operands along the contraction ``axis``, quantize
-  each along it with its spec, multiply in float32."""
-  xq, _ = _quantize_operand(_rht(x, axis, key_data, block, which), specs[0], axis, key_data,
-                            ops[0])
-  yq, _ = _quantize_operand(_rht(y, axis, key_data, block, which), specs[1], axis, key_data,
-                            ops[1])
-  return _mm(xq, yq, eq)
+  each along it with its spec, multiply in float32 (dgrad contracts the last axis of
+  both, wgrad the first non-batch axis of both)."""
+  xv, _, xq = _quantize_operand(_rht(x, axis, key_data, block, which), specs[0], axis,
+                                key_data, ops[0], impl=impl)
+  yv, _, yq = _quantize_operand(_rht(y, axis, key_data, block, which), specs[1], axis,
+                                key_data, ops[1], impl=impl)
+  if xq is not None and yq is not None and xq.ndim == 2:
+    if axis == -1:   # dgrad: x (M, N) . y (K, N)^T
+      yq = _transposed(yq)
+    else:            # wgrad: x (M, K)^T . y (M, N)
+      xq = _transposed(xq)
+  return _gemm(xv, xq, yv, yq, eq, impl)
 
 
 @functools.lru_cache(maxsize=None)
-def _qmatmul_for(recipe: recipes_lib.Recipe, out_dtype):
-  """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N)`` of one recipe and output dtype."""
+def _qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, impl: str = "xla"):
+  """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N)`` of one recipe, output dtype and
+  implementation."""
 
   @jax.custom_vjp
   def qmatmul(a, w, key_data, w_ref):
-    return _qmatmul_fwd(a, w, key_data, w_ref, recipe, out_dtype)[0]
+    return _qmatmul_fwd(a, w, key_data, w_ref, recipe, out_dtype, impl)[0]
 
-  qmatmul.defvjp(lambda a, w, kd, wr: _qmatmul_fwd(a, w, kd, wr, recipe, out_dtype),
-                 lambda res, g: _qmatmul_bwd(recipe, res, g))
+  qmatmul.defvjp(lambda a, w, kd, wr: _qmatmul_fwd(a, w, kd, wr, recipe, out_dtype, impl),
+                 lambda res, g: _qmatmul_bwd(recipe, impl, res, g))
   return qmatmul
 
 
-def _qmatmul_fwd(a, w, key_data, w_ref, recipe, out_dtype):
+def _qmatmul_fwd(a, w, key_data, w_ref, recipe, out_dtype, impl="xla"):
   r = recipe
   a1 = _rht(a, -1, key_data, r.hadamard_fwd, _H_FWD)
   w1 = _rht(w, -2, key_data, r.hadamard_fwd, _H_FWD)
   ref1 = None if w_ref is None else _rht(w_ref, -2, key_data, r.hadamard_fwd, _H_FWD)
-  aq, a_mult = _quantize_operand(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", r.lhs_estimator,
-                                 r.estimator_params, r.lhs_asymmetric)
-  wq, w_mult = _quantize_operand(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", r.rhs_estimator,
-                                 r.estimator_params, reference=ref1)
-  y = _mm(aq, wq, "bmk,bkn->bmn").astype(out_dtype)
+  aq, a_mult, a_q = _quantize_operand(a1, r.fwd_lhs, -1, key_data, "fwd_lhs",
+                                      r.lhs_estimator, r.estimator_params, r.lhs_asymmetric,
+                                      impl=impl)
+  wq, w_mult, w_q = _quantize_operand(w1, r.fwd_rhs, -2, key_data, "fwd_rhs",
+                                      r.rhs_estimator, r.estimator_params, reference=ref1,
+                                      impl=impl)
+  y = _gemm(aq, a_q, wq, w_q, "bmk,bkn->bmn", impl).astype(out_dtype)
   # Empty arrays carry the input dtypes (residuals must be arrays); multipliers may be None.
   ref_like = None if w_ref is None else jnp.zeros_like(w_ref)
   return y, (a1, w1, aq, wq, a_mult, w_mult, key_data, jnp.zeros((0,), a.dtype),
              jnp.zeros((0,), w.dtype), ref_like)
 
 
-def _qmatmul_bwd(recipe, res, g):
+def _qmatmul_bwd(recipe, impl, res, g):
   r = recipe
   a1, w1, aq, wq, a_mult, w_mult, key_data, a_like, w_like, ref_grad = res
   g = g.astype(jnp.float32)
   a_src, w_src = (aq, wq) if r.double_quant else (a1, w1)
   # dgrad: dA' = dY W'^T, contracting N; wgrad: dW' = A'^T dY, contracting M.
   da = _backward_gemm(g, w_src, -1, key_data, r.hadamard_dgrad, _H_DGRAD,
-                      ("dgrad_grad", "dgrad_rhs"), (r.dgrad_grad, r.dgrad_rhs), "bmn,bkn->bmk")
+                      ("dgrad_grad", "dgrad_rhs"), (r.dgrad_grad, r.dgrad_rhs), "bmn,bkn->bmk",
+                      impl)
   dw = _backward_gemm(a_src, g, -2, key_data, r.hadamard_wgrad, _H_WGRAD,
-                      ("wgrad_lhs", "wgrad_grad"), (r.wgrad_lhs, r.wgrad_grad), "bmk,bmn->bkn")
+                      ("wgrad_lhs", "wgrad_grad"), (r.wgrad_lhs, r.wgrad_grad), "bmk,bmn->bkn",
+                      impl)
   if a_mult is not None:
     da = da * a_mult
   if w_mult is not None:
@@ -158,7 +218,7 @@ def _check_dims(lhs, rhs, dimension_numbers):
 def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                  recipe: str | recipes_lib.Recipe = "mxfp4", key: jax.Array | None = None, *,
                  preferred_element_type: Any = None,
-                 rhs_reference: jax.Array | None = None) -> jax.Array:
+                 rhs_reference: jax.Array | None = None, impl: str = "xla") -> jax.Array:
   """``lax.dot_general`` with every GEMM of forward and backward quantized by ``recipe``.
 
   Args:
@@ -172,6 +232,12 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     rhs_reference: optional array of rhs's shape (e.g. an EMA of the weights) that decides
       the rounding direction of the forward weight quantizer (TetraJet's Q-EMA,
       :mod:`fp4jax.reference_rounding`); no gradient flows into it.
+    impl: "xla" (pure JAX, the reference), "auto" (on a GPU: the fused quantize kernels
+      and the FP4 GEMM kernels of ``kernels/`` for forward, dgrad and wgrad wherever the
+      operand pair is supported (2D after flattening, E2M1 with 8-bit block scales),
+      XLA elsewhere; off a GPU: "xla") or "pallas" (the kernels wherever supported, in
+      interpret mode off a GPU). The kernels quantize bit for bit as the reference; the
+      GEMM differs only in accumulation order.
 
   Returns:
     ``lax.dot_general``'s output layout: batch dims, lhs free dims, rhs free dims.
@@ -216,7 +282,9 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
 
   if recipe.occ_quantile is not None:
     a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
-  y = _qmatmul_for(recipe, out_dtype)(a, w, key_data, w_ref)
+  if impl not in ("xla", "auto", "pallas"):
+    raise ValueError(f"qdot_general: impl must be 'xla', 'auto' or 'pallas', got {impl!r}")
+  y = _qmatmul_for(recipe, out_dtype, impl)(a, w, key_data, w_ref)
   if recipe.occ_quantile is not None:
     y = (y.astype(jnp.float32) + _mm(residual.astype(jnp.float32), w.astype(jnp.float32),
                                      "bmk,bkn->bmn")).astype(out_dtype)
