@@ -10,7 +10,7 @@ from fp4jax.formats import (BF16_SCALE, E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FP32
                             INT8, MXINT8, UE4M3, ElementFormat, ScaleFormat, exmy, intn,
                             pow2_scale)
 from fp4jax.qarray import QArray
-from fp4jax.qdot import qdot_general, qeinsum, qmatmul
+from fp4jax.qdot import gemm_impl, qdot_general, qeinsum, qmatmul
 from fp4jax.quantize import dequantize, element_scales, fake_quant, quantize
 from fp4jax.rounding import round_to_format
 from fp4jax.spec import PRESETS, QuantSpec, get_spec
@@ -35,7 +35,7 @@ def __getattr__(name):
 __all__ = [
     "BF16_SCALE", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "E8M0", "FP32_SCALE", "INT4", "INT8",
     "MXINT8", "UE4M3", "ElementFormat", "PRESETS", "QArray", "QuantSpec", "ScaleFormat",
-    "dequantize", "element_scales", "estimators", "exmy", "fake_quant", "formats", "get_spec", "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
+    "dequantize", "element_scales", "estimators", "exmy", "fake_quant", "formats", "gemm_impl", "get_spec", "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
     "recipes", "round_to_format", "quantize_model", "Rule", "linen", "nnx", "rules", "optim",
     "ptq", "checkpoint",
 ]

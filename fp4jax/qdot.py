@@ -21,8 +21,11 @@ for the three Hadamard transforms), so one step key reproduces a run bit for bit
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
+import math
 from typing import Any
 
 import jax
@@ -38,6 +41,30 @@ from fp4jax.spec import QuantSpec
 _HIGHEST = lax.Precision.HIGHEST
 _OP_INDEX = {op: i for i, op in enumerate(recipes_lib.OPERANDS)}
 _H_FWD, _H_DGRAD, _H_WGRAD = 6, 7, 8
+
+
+IMPLS = ("xla", "auto", "pallas")
+_DEFAULT_IMPL = contextvars.ContextVar("fp4jax_gemm_impl", default="xla")
+
+
+@contextlib.contextmanager
+def gemm_impl(impl: str):
+  """Sets the ``impl`` of every :func:`qdot_general` traced inside (layers of
+  :mod:`fp4jax.linen` / :mod:`fp4jax.nnx` included) that does not pass its own::
+
+      with fp4jax.gemm_impl("auto"):      # kernels on a GPU, XLA elsewhere
+        loss, grads = train_step(params, batch)   # traced (jit-compiled) in here
+
+  It acts at trace time: a function jit-compiled before keeps the implementation it was
+  traced with.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"gemm_impl: impl must be one of {IMPLS}, got {impl!r}")
+  token = _DEFAULT_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _DEFAULT_IMPL.reset(token)
 
 
 def _key(key_data, i):
@@ -126,10 +153,30 @@ def _mm(a, b, eq):
   return jnp.einsum(eq, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
+def _axis_multiple(spec: QuantSpec | None, axis: int) -> int:
+  """What the length of ``axis`` must be a multiple of for ``spec``'s scale blocks."""
+  if spec is None:
+    return 1
+  if spec.granularity == "block":
+    return spec.block_size
+  if spec.granularity == "tile":
+    return spec.tile[axis]
+  return 1
+
+
 def _backward_gemm(x, y, axis, key_data, block, which, ops, specs, eq, impl):
   """One backward GEMM: Hadamard both operands along the contraction ``axis``, quantize
   each along it with its spec, multiply in float32 (dgrad contracts the last axis of
   both, wgrad the first non-batch axis of both)."""
+  if axis == -2:
+    # wgrad contracts M (batch x tokens), which need not be a multiple of the block: pad
+    # both operands with zero rows (exact: zero rows add nothing to A'^T dY, and a
+    # Hadamard transform is orthogonal, so (H [A; 0])^T (H [dY; 0]) = A^T dY).
+    m = x.shape[1]
+    mult = math.lcm(*[_axis_multiple(sp, axis) for sp in specs], block or 1)
+    if m % mult:
+      pad = [(0, 0), (0, -m % mult), (0, 0)]
+      x, y = jnp.pad(x, pad), jnp.pad(y, pad)
   xv, _, xq = _quantize_operand(_rht(x, axis, key_data, block, which), specs[0], axis,
                                 key_data, ops[0], impl=impl)
   yv, _, yq = _quantize_operand(_rht(y, axis, key_data, block, which), specs[1], axis,
@@ -218,7 +265,7 @@ def _check_dims(lhs, rhs, dimension_numbers):
 def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                  recipe: str | recipes_lib.Recipe = "mxfp4", key: jax.Array | None = None, *,
                  preferred_element_type: Any = None,
-                 rhs_reference: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+                 rhs_reference: jax.Array | None = None, impl: str | None = None) -> jax.Array:
   """``lax.dot_general`` with every GEMM of forward and backward quantized by ``recipe``.
 
   Args:
@@ -232,7 +279,8 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     rhs_reference: optional array of rhs's shape (e.g. an EMA of the weights) that decides
       the rounding direction of the forward weight quantizer (TetraJet's Q-EMA,
       :mod:`fp4jax.reference_rounding`); no gradient flows into it.
-    impl: "xla" (pure JAX, the reference), "auto" (on a GPU: the fused quantize kernels
+    impl: None (the :func:`gemm_impl` context's, "xla" by default), "xla" (pure JAX,
+      the reference), "auto" (on a GPU: the fused quantize kernels
       and the FP4 GEMM kernels of ``kernels/`` for forward, dgrad and wgrad wherever the
       operand pair is supported (2D after flattening, E2M1 with 8-bit block scales),
       XLA elsewhere; off a GPU: "xla") or "pallas" (the kernels wherever supported, in
@@ -282,7 +330,8 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
 
   if recipe.occ_quantile is not None:
     a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
-  if impl not in ("xla", "auto", "pallas"):
+  impl = _DEFAULT_IMPL.get() if impl is None else impl
+  if impl not in IMPLS:
     raise ValueError(f"qdot_general: impl must be 'xla', 'auto' or 'pallas', got {impl!r}")
   y = _qmatmul_for(recipe, out_dtype, impl)(a, w, key_data, w_ref)
   if recipe.occ_quantile is not None:

@@ -260,3 +260,41 @@ def test_unknown_impl_is_rejected():
   with pytest.raises(ValueError, match="impl must be"):
     fp4jax.qdot_general(jnp.ones((4, 32)), jnp.ones((32, 4)), (((1,), (0,)), ((), ())),
                         "mxfp4", impl="triton")
+
+
+def test_gemm_impl_context_reaches_flax_layers(rng, caplog):
+  import logging
+  import fp4jax.linen as qnn
+  layer = qnn.QDense(features=32, recipe="mxfp4")
+  x = jnp.asarray(rng.standard_normal((32, 64)).astype(np.float32))
+  params = layer.init(jax.random.key(0), x)
+  with caplog.at_level(logging.DEBUG, logger="fp4jax"):
+    with fp4jax.gemm_impl("pallas"):
+      y_kernels = layer.apply(params, x)
+  assert any("via kernels/fp4_matmul" in m for m in caplog.messages)
+  y_xla = layer.apply(params, x)
+  np.testing.assert_allclose(np.asarray(y_kernels), np.asarray(y_xla), rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(y_xla))))
+  with pytest.raises(ValueError, match="impl must be one of"):
+    with fp4jax.gemm_impl("cuda"):
+      pass
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "quartet"])
+def test_wgrad_pads_token_counts_that_are_not_block_multiples(recipe, rng):
+  # 34 tokens: the wgrad GEMM contracts them in blocks of 16/32 (and Hadamard blocks);
+  # zero padding must give the gradient of the unpadded product's quantized version,
+  # i.e. the same as padding the inputs by hand (zero rows change no gradient).
+  x = jnp.asarray(rng.standard_normal((34, 64)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal((64, 32)).astype(np.float32) * 0.1)
+  c = jnp.asarray(rng.standard_normal((34, 32)).astype(np.float32))
+  key = jax.random.key(2)
+  f = lambda x, w, c: jnp.sum(fp4jax.qmatmul(x, w, recipe, key) * c)
+  gw = jax.grad(f, argnums=1)(x, w, c)
+  xp, cp = jnp.pad(x, ((0, 30), (0, 0))), jnp.pad(c, ((0, 30), (0, 0)))
+  gw_padded = jax.grad(f, argnums=1)(xp, w, cp)
+  assert np.isfinite(np.asarray(gw)).all()
+  # Same operands after padding to 64 rows, except rounding randomness tied to shapes:
+  # deterministic recipes must agree exactly.
+  if not fp4jax.recipes.get(recipe).needs_key:
+    np.testing.assert_array_equal(np.asarray(gw), np.asarray(gw_padded))

@@ -1,0 +1,91 @@
+"""Models of the experiments: a Vision Transformer (Dosovitskiy et al., 2021).
+
+Every linear layer is ``fp4jax.linen.QDense`` with the model's ``recipe`` (plain
+``flax.linen.Dense`` when the recipe is None or "bf16"), except the classifier head,
+which stays in high precision as in NVIDIA's NVFP4 recipe and TetraJet. The attention
+products (QK^T, AV) are not quantized: the recipes quantize the linear layers' GEMMs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+import fp4jax.linen as qnn
+
+VIT_CONFIGS = {  # name -> (patch, width, depth, heads, mlp)
+    "vit_s16": (16, 384, 12, 6, 1536),
+    "vit_b16": (16, 768, 12, 12, 3072),
+    "vit_tiny": (8, 64, 4, 4, 256),       # 32x32 images: 16 patches of 8x8x3
+}
+
+
+def dense(features: int, recipe: Any, dtype: Any, name: str) -> nn.Module:
+  """A quantized dense layer of ``recipe`` (or a plain one for None / "bf16")."""
+  if recipe is None or recipe == "bf16":
+    return nn.Dense(features, dtype=dtype, name=name)
+  return qnn.QDense(features, recipe=recipe, dtype=dtype, name=name)
+
+
+class EncoderBlock(nn.Module):
+  width: int
+  heads: int
+  mlp: int
+  recipe: Any = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, _ = x.shape
+    hd = self.width // self.heads
+    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+    qkv = dense(3 * self.width, self.recipe, self.dtype, "qkv")(y)
+    q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, hd), 3, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, 0], k[:, :, 0]) / jnp.sqrt(hd).astype(x.dtype)
+    att = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    y = jnp.einsum("bhqk,bkhd->bqhd", att, v[:, :, 0]).reshape(b, t, self.width)
+    x = x + dense(self.width, self.recipe, self.dtype, "proj")(y)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+    y = nn.gelu(dense(self.mlp, self.recipe, self.dtype, "fc1")(y))
+    return x + dense(self.width, self.recipe, self.dtype, "fc2")(y)
+
+
+class ViT(nn.Module):
+  """Vision Transformer with a class token; images (B, H, W, C) -> logits (B, classes)."""
+
+  num_classes: int
+  patch: int = 16
+  width: int = 384
+  depth: int = 12
+  heads: int = 6
+  mlp: int = 1536
+  recipe: Any = None
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_name(cls, name: str, num_classes: int, **kw) -> "ViT":
+    if name not in VIT_CONFIGS:
+      raise ValueError(f"unknown ViT {name!r}; choose one of {sorted(VIT_CONFIGS)}")
+    p, w, d, h, m = VIT_CONFIGS[name]
+    return cls(num_classes, p, w, d, h, m, **kw)
+
+  @nn.compact
+  def __call__(self, images):
+    b, hh, ww, c = images.shape
+    p = self.patch
+    if hh % p or ww % p:
+      raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
+    x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, (hh // p) * (ww // p), p * p * c).astype(self.dtype)
+    x = dense(self.width, self.recipe, self.dtype, "embed")(x)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], 1)
+    pos = self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+    x = x + pos.astype(x.dtype)
+    for i in range(self.depth):
+      x = EncoderBlock(self.width, self.heads, self.mlp, self.recipe, self.dtype,
+                       name=f"block{i}")(x)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln")(x[:, 0])
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

@@ -1,0 +1,29 @@
+"""experiments.models: the ViT used by the experiments and kernels/bench_step.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.models import ViT
+
+
+@pytest.mark.parametrize("recipe", [None, "mxfp4"])
+def test_vit_shapes_and_quantized_layers(recipe, rng):
+  model = ViT.from_name("vit_tiny", 10, recipe=recipe)
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)).astype(np.float32))
+  params = model.init({"params": jax.random.key(0), "quant": jax.random.key(1)}, x)
+  y = model.apply(params, x, rngs={"quant": jax.random.key(2)})
+  assert y.shape == (2, 10) and np.isfinite(np.asarray(y)).all()
+  # same parameter tree with and without quantization (checkpoints load both ways)
+  plain = ViT.from_name("vit_tiny", 10).init(jax.random.key(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(plain)
+  if recipe is not None:  # the quantized model computes something else than the plain one
+    assert not np.allclose(np.asarray(y), np.asarray(ViT.from_name("vit_tiny", 10).apply(params, x)))
+
+
+def test_vit_rejects_bad_sizes():
+  with pytest.raises(ValueError, match="not a multiple of the patch size"):
+    ViT.from_name("vit_tiny", 10).init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))
+  with pytest.raises(ValueError, match="unknown ViT"):
+    ViT.from_name("vit_huge", 10)
