@@ -99,6 +99,7 @@ def _operands(rng, m, k, n, spec_a, spec_b, adversarial):
 def check_all(rng, save) -> dict:
   res = {}
   for label, (sa, sb, impl) in {"mxfp4_fp8": (MX, MX, "fp8"), "mxfp4_bf16": (MX, MX, "bf16"),
+                                "mxfp4_fp8_xla": (MX, MX, "fp8_xla"),
                                 "nvfp4_bf16": (NV, NV, "bf16")}.items():
     for adv in (False, True):
       key = f"{label}/{'adversarial' if adv else 'random'}"
@@ -174,8 +175,8 @@ def _variants(m, k, n, rng, tile):
   v["naive_fakequant_mxfp4_bf16"] = (jax.jit(lambda x, w: jnp.dot(
       naive_fake_quant_mxfp4(x, 1), naive_fake_quant_mxfp4(w, 0),
       preferred_element_type=jnp.float32).astype(jnp.bfloat16)), (x, w))
-  for name, spec, impl in (("mxfp4_fp8", MX, "fp8"), ("mxfp4_bf16", MX, "bf16"),
-                           ("nvfp4_bf16", NV, "bf16")):
+  for name, spec, impl in (("mxfp4_fp8", MX, "fp8"), ("mxfp4_fp8_xla", MX, "fp8_xla"),
+                           ("mxfp4_bf16", MX, "bf16"), ("nvfp4_bf16", NV, "bf16")):
     a, b = fp4jax.quantize(x, spec, -1), fp4jax.quantize(w, spec, -2)
     v[f"fp4jax_{name}"] = (jax.jit(lambda a, b, impl=impl: fm.fp4_matmul(
         a, b, impl=impl, tile=tile)), (a, b))

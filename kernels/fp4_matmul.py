@@ -21,6 +21,11 @@ Operands are :class:`fp4jax.QArray`\ s blocked along the contraction axis: ``a``
   ``value * s`` is exact in BF16 (E2M1 x E4M3 has at most 5 significant bits; E2M1 x
   2^s is a power-of-two scaling), the dot accumulates in float32 and the FP32 tensor
   scales ``tA * tB`` multiply the result in the epilogue.
+* ``"fp8_xla"`` (MX E2M1): both operands unpacked once to E4M3 with one reference
+  exponent per row of ``a`` / column of ``b`` (exact when each spans at most 8 binades of
+  block scales; checked at run time, else the float32 reference), then XLA's FP8 GEMM
+  (cuBLASLt on a GPU, "NT" layout) and the reference exponents in the epilogue. The
+  unpack pass costs two elementwise passes; the GEMM is the vendor's.
 * ``"xla"``: the fallback for every other format: both operands dequantized to float32 by
   :func:`fp4jax.dequantize`, XLA dot in float32 (what :func:`matmul_reference` does).
 * ``"blackwell"``: :func:`jax.nn.scaled_matmul` (cuDNN block-scaled GEMM on sm_100+) with
@@ -55,7 +60,7 @@ from fp4jax.quantize import dequantize
 
 log = logging.getLogger("fp4jax")
 U32, I32 = jnp.uint32, jnp.int32
-IMPLS = ("auto", "fp8", "bf16", "xla", "blackwell", "reference")
+IMPLS = ("auto", "fp8", "fp8_xla", "bf16", "xla", "blackwell", "reference")
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -233,6 +238,43 @@ def _bf16_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk, p
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
+
+
+# ------------------------------------------- MXFP4 through XLA's FP8 GEMM (cuBLASLt on GPU)
+
+
+def _unpack_fp8_rows(q: QArray, axis: int):
+  """E4M3 ``value * 2^(s - r)`` of every element, with ``r`` the largest block-scale
+  exponent of its row (``axis=-1``: rows of an (M, K) operand; ``axis=-2``: columns of
+  (K, N)), plus ``r`` (int32) and whether the whole operand is exact (every spread
+  ``s - r >= -8``, no NaN scale)."""
+  from fp4jax import packing
+  codes = packing.unpack(q.codes, 4, axis, True).astype(U32)
+  s = _scale_codes(q).astype(I32)
+  r = jnp.max(s, axis=axis, keepdims=True)
+  exact = (jnp.min(s - r) >= -8) & (jnp.max(r) < 255)
+  d = jnp.repeat(s - r, q.spec.block_size, axis=axis)
+  return _fold_e4m3(codes, jnp.clip(d, -8, 0)), r, exact
+
+
+def _fp8_xla_matmul(a: QArray, b: QArray, out_dtype):
+  """MXFP4 x MXFP4 as one XLA FP8 GEMM (B transposed: the "NT" form cuBLASLt runs fastest)
+  on operands unpacked to E4M3 with one reference exponent per row of ``a`` and column of
+  ``b``; exact products when every row/column spans at most 8 binades of block scales,
+  else (decided at run time) the float32 product of the dequantized operands."""
+  a8, ra, ok_a = _unpack_fp8_rows(a, -1)
+  b8, rb, ok_b = _unpack_fp8_rows(b, -2)
+
+  def fast():
+    y = lax.dot_general(a8, b8.T, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    fa1, fa2 = _pow2_f32(ra - 127)   # (M, 1)
+    fb1, fb2 = _pow2_f32(rb - 127)   # (1, N)
+    return ((y * fa1) * fb1) * (fa2 * fb2)
+
+  def fallback():
+    return matmul_reference(a, b, jnp.float32)
+
+  return lax.cond(ok_a & ok_b, fast, fallback).astype(out_dtype)
 
 
 # ------------------------------------------------- weight-only: BF16 activations x FP4 weights
@@ -473,6 +515,11 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
     return matmul_reference(a, b, out_dtype)
   if impl == "blackwell":
     return _blackwell_matmul(a, b, out_dtype)
+  if impl == "fp8_xla":
+    if kernel_path(a, b) != "fp8":
+      raise ValueError(f"fp4_matmul: impl='fp8_xla' takes MX E2M1 operands (E8M0 scales), "
+                       f"got {a.spec.name} x {b.spec.name}: use impl='xla'")
+    return _fp8_xla_matmul(a, b, out_dtype)
   path = kernel_path(a, b)
   if path is None or (impl == "fp8" and path != "fp8"):
     raise ValueError(f"fp4_matmul: impl={impl!r} takes E2M1 operands with 8-bit scales "

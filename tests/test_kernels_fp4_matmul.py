@@ -52,6 +52,7 @@ CASES = {
     "mxfp4_bf16": (MX, MX, "bf16"), "nvfp4_bf16": (NV, NV, "bf16"),
     "nvfp4_one_level_bf16": (NV.replace(tensor_scale=None),) * 2 + ("bf16",),
     "mxfp4_x_nvfp4_bf16": (MX, NV, "bf16"), "mxfp4_xla": (MX, MX, "xla"),
+    "mxfp4_fp8_xla": (MX, MX, "fp8_xla"),
 }
 
 
@@ -67,7 +68,7 @@ def test_matmul_matches_dequantized_product(case, data, rng):
   _assert_close(y, a, b, f"{case}/{data}")
 
 
-@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+@pytest.mark.parametrize("impl", ["fp8", "bf16", "fp8_xla"])
 def test_nan_scales_poison_exactly_their_rows_and_columns(impl, rng):
   a, b = _operands(rng, 64, 256, 64, MX, MX)
   sa = np.asarray(jax.lax.bitcast_convert_type(a.scales, jnp.uint8)).copy()
