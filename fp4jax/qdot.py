@@ -153,6 +153,16 @@ def _mm(a, b, eq):
   return jnp.einsum(eq, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
+def _check_block_multiple(length, what, specs, recipe):
+  mult = math.lcm(*[_axis_multiple(sp, -1) for sp in specs])
+  if length % mult:
+    raise ValueError(
+        f"qdot_general: the {what} = {length} is not a multiple of {mult}, the block size "
+        f"of recipe {recipe.name!r} along it: pad the operands along that axis with zeros "
+        "(exact for the product) or keep this layer in BF16 (fp4jax.Rule(pattern, None)). "
+        "(The token axis M of wgrad is zero-padded automatically.)")
+
+
 def _axis_multiple(spec: QuantSpec | None, axis: int) -> int:
   """What the length of ``axis`` must be a multiple of for ``spec``'s scale blocks."""
   if spec is None:
@@ -225,6 +235,8 @@ def _qmatmul_bwd(recipe, impl, res, g):
   r = recipe
   a1, w1, aq, wq, a_mult, w_mult, key_data, a_like, w_like, ref_grad = res
   g = g.astype(jnp.float32)
+  _check_block_multiple(g.shape[-1], "output width N (dgrad contracts it)",
+                        (r.dgrad_grad, r.dgrad_rhs), r)
   a_src, w_src = (aq, wq) if r.double_quant else (a1, w1)
   # dgrad: dA' = dY W'^T, contracting N; wgrad: dW' = A'^T dY, contracting M.
   da = _backward_gemm(g, w_src, -1, key_data, r.hadamard_dgrad, _H_DGRAD,
@@ -328,6 +340,7 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     w_ref = lax.stop_gradient(
         jnp.transpose(rhs_reference, (*rb, *rc, *rf)).reshape(B, k, N).astype(w.dtype))
 
+  _check_block_multiple(k, "contraction length K", (recipe.fwd_lhs, recipe.fwd_rhs), recipe)
   if recipe.occ_quantile is not None:
     a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
   impl = _DEFAULT_IMPL.get() if impl is None else impl

@@ -210,7 +210,10 @@ def test_composes_with_jit_grad_vmap_remat_and_scan():
 @pytest.mark.parametrize("call,err,match", [
     (lambda a, w: fp4jax.qmatmul(a, w, "mxfp5"), ValueError, "valid: .*mxfp4"),
     (lambda a, w: fp4jax.qmatmul(a[:, :100], w, "mxfp4"), ValueError, "sizes differ"),
-    (lambda a, w: fp4jax.qmatmul(a[:, :100], w[:100], "mxfp4"), ValueError, "pad=True"),
+    (lambda a, w: fp4jax.qmatmul(a[:, :100], w[:100], "mxfp4"), ValueError,
+     "K = 100 is not a multiple of 32.*pad the operands"),
+    (lambda a, w: jax.grad(lambda w: fp4jax.qmatmul(a, w, "mxfp4").sum())(w[:, :40]),
+     ValueError, "output width N .* = 40 is not a multiple of 32"),
     (lambda a, w: fp4jax.qmatmul(a, w, "nvfp4"), ValueError, "key="),
     (lambda a, w: fp4jax.qmatmul(a.astype(jnp.int32), w, "mxfp4"), TypeError, "float"),
     (lambda a, w: fp4jax.qeinsum("mk,kn", a, w), ValueError, "explicit output"),
