@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import traceback
 
@@ -34,6 +33,7 @@ import fp4jax
 from fp4jax.quantize import dequantize
 from kernels import fp4_matmul as fm
 from kernels import quantize as kq
+from kernels.timing import median_time as bench
 
 FLAGS = flags.FLAGS
 SHAPES = {  # name -> (M, K, N)
@@ -52,19 +52,6 @@ flags.DEFINE_bool("check", True, "run the correctness checks first")
 flags.DEFINE_bool("sweep", False, "try several tiles / warps for the FP8 and BF16 paths at 8192^3")
 
 MX, NV = fp4jax.get_spec("mxfp4"), fp4jax.get_spec("nvfp4")
-
-
-def bench(fn, *args, reps=10):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
 
 
 def _error_ratio(y, a, b):

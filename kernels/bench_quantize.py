@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import traceback
 
@@ -27,6 +26,7 @@ from absl import app, flags
 
 import fp4jax
 from kernels import quantize as kq
+from kernels.timing import median_time as bench
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["4096", "8192", "16384"], "square matrix sizes")
@@ -128,20 +128,6 @@ def check_all(rng, save=lambda results: None) -> dict:
             f"({time.perf_counter() - start:.0f} s)", flush=True)
       save(results)
   return results
-
-
-def bench(fn, *args, reps=20):
-  """Median over 5 runs of the mean time of ``reps`` back-to-back calls (seconds)."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
 
 
 def ideal_bytes(n, name):
