@@ -268,6 +268,13 @@ def div_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   return _special_result(nan, inf, zero, sign, value)
 
 
+def pow2_f32(e: jax.Array) -> jax.Array:
+  """2^e as float32 for int32 ``e``, clamped to the normal range [-126, 127] (built from
+  bits: no float arithmetic, so flush-to-zero cannot touch it)."""
+  e = jnp.clip(jnp.asarray(e, I32), -126, 127)
+  return bits_f32(((e + 127) << 23).astype(U32))
+
+
 def abs_bits(b: jax.Array) -> jax.Array:
   """|x| as int32 bit patterns: for non-negative floats, integer order is float order,
   and every NaN pattern sorts above Inf, so a max over these propagates NaN."""

@@ -117,13 +117,6 @@ def _transposed(q):
                      else -2, tuple(reversed(q.padding)), q.orig_dtype)
 
 
-def _tile_for(m, k, n):
-  """A (bm, bn, bk) tile of the FP4 GEMM kernels dividing (m, n, k), or None."""
-  pick = lambda d, opts: next((t for t in opts if d % t == 0), None)
-  bm, bn, bk = pick(m, (128, 64, 32, 16)), pick(n, (128, 64, 32, 16)), pick(k, (128, 64, 32))
-  return None if None in (bm, bn, bk) else (bm, bn, bk)
-
-
 def _gemm(xv, xq, yv, yq, eq, impl):
   """``einsum(eq, x, y)`` in float32: through :func:`kernels.fp4_matmul.fp4_matmul` when
   ``impl`` asks for kernels and both operands are 2D QArrays of a supported pair (``xq``
@@ -133,7 +126,7 @@ def _gemm(xv, xq, yv, yq, eq, impl):
   if impl != "xla" and xq is not None and yq is not None:
     from kernels import fp4_matmul as fm  # kernels import the core; never the reverse
     path = fm.kernel_path(xq, yq)
-    tile = _tile_for(xq.shape[0], xq.shape[1], yq.shape[1])
+    tile = fm.default_tile(xq.shape[0], xq.shape[1], yq.shape[1])
     if path is not None and tile is not None:
       fm_impl = path if impl == "pallas" else fm.choose_impl(xq, yq)
       if fm_impl != "xla":

@@ -175,17 +175,12 @@ def _e2m1_magnitude_nearest(a: jax.Array) -> jax.Array:
   return mag.astype(U32)
 
 
-def _pow2(e: jax.Array) -> jax.Array:
-  """2^e as float32 for int32 e in [-126, 127]."""
-  return bits.bits_f32(((e + 127) << 23).astype(U32))
-
-
 def e2m1_nearest_pow2(sp: bits.Split, exp_shift: jax.Array) -> jax.Array:
   """E2M1 codes of ``x / 2^exp_shift`` (nearest-even, saturating): equals
   ``encode(sp, E2M1, "nearest", exp_shift=exp_shift)``."""
   k = sp.k - jnp.asarray(exp_shift, I32)
   tiny = k < -126  # |x / 2^s| < 2^24 * 2^-127: code 0
-  a = sp.M.astype(jnp.float32) * _pow2(jnp.clip(k, -126, 127))
+  a = sp.M.astype(jnp.float32) * bits.pow2_f32(k)
   a = jnp.where(tiny, jnp.float32(0.0), a)
   a = jnp.where(sp.is_inf, jnp.float32(jnp.inf), a)
   mag = jnp.where(sp.is_nan, U32(0), _e2m1_magnitude_nearest(a))
@@ -201,7 +196,7 @@ def e2m1_nearest_product(sx: bits.Split, sr: bits.Split) -> jax.Array:
   p = sx.M.astype(jnp.float32) * sr.M.astype(jnp.float32)
   e = sx.k + sr.k
   pe = (bits.f32_bits(p) >> 23).astype(I32) - 127  # p >= 1 for nonzero operands
-  a = p * _pow2(jnp.clip(e, -126, 127))
+  a = p * bits.pow2_f32(e)
   a = jnp.where(e + pe < -126, jnp.float32(0.0), a)
   a = jnp.where(e + pe > 127, jnp.float32(jnp.inf), a)  # saturates
   zx, zr = (sx.M == 0) & ~sx.is_nan & ~sx.is_inf, (sr.M == 0) & ~sr.is_nan & ~sr.is_inf
@@ -212,6 +207,22 @@ def e2m1_nearest_product(sx: bits.Split, sr: bits.Split) -> jax.Array:
   sign = jnp.where(nan, U32(0), (sx.sign ^ sr.sign).astype(U32))
   mag = jnp.where(nan, U32(0), _e2m1_magnitude_nearest(a))
   return (sign << 3) | mag
+
+
+def is_e2m1(fmt: ElementFormat) -> bool:
+  """Whether ``fmt`` is FP4 E2M1 (the format of the fast paths here and in the kernels)."""
+  return (fmt.ebits, fmt.mbits, fmt.bias, fmt.special, fmt.is_int) == (2, 1, 1, "none", False)
+
+
+def e2m1_f32_bits(codes: jax.Array) -> jax.Array:
+  """float32 bit patterns of E2M1 codes (uint32, 4 bits: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and
+  their negatives): :func:`decode_to_f32` for E2M1 in a few integer operations (what the
+  GEMM kernels spend per element; tested against it)."""
+  c = codes.astype(U32)
+  e, m = (c >> 1) & U32(3), c & U32(1)
+  normal = ((e + U32(126)) << 23) | (m << 22)
+  mag = jnp.where(e == 0, m * U32(0x3F000000), normal)
+  return mag | ((c & U32(8)) << 28)
 
 
 _F32_QUARTER, _F32_THREE_QUARTERS, _F32_ONE = 0x3E800000, 0x3F400000, 0x3F800000

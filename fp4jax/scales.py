@@ -154,7 +154,16 @@ def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = No
   return bits.div_f32(tensor_scale_reciprocal, scale)
 
 
-def _is_e4m3fn(scale_format: ScaleFormat) -> bool:
+def e4m3_round_normal_bits(b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(value, code)`` of the E4M3 nearest (ties to even) to positive float32 bits ``b``
+  in E4M3's normal range [2^-6, 448]: the 23-bit mantissa field is rounded to 3 bits by an
+  integer add, the carry running into the exponent."""
+  b = b.astype(U32)
+  rounded = (b + U32(0x7FFFF) + ((b >> 20) & U32(1))) >> 20
+  return bits.bits_f32(rounded << 20), rounded - U32((127 - 7) << 3)
+
+
+def is_e4m3fn(scale_format: ScaleFormat) -> bool:
   e = scale_format.element
   return e is not None and (e.ebits, e.mbits, e.bias, e.special) == (4, 3, 7, "fn")
 
@@ -172,7 +181,7 @@ def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
   :func:`fp4jax.rounding.decode_to_f32` (what the kernels spend per block). Other formats
   take the general path. Equal to the general path bit for bit (tested).
   """
-  if not _is_e4m3fn(scale_format):
+  if not is_e4m3fn(scale_format):
     s = float_block_scale(amax_bits, element, scale_format, tensor_scale)
     code = rounding.encode(bits.split_f32(bits.f32_bits(s)), scale_format.element)
     return s, code
@@ -185,9 +194,7 @@ def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
   sb = bits.abs_bits(bits.f32_bits(block))
   nan = sb > bits.F32_INF_BITS
   sb = jnp.clip(sb, lo, hi).astype(U32)  # a normal in [2^-6, 448]: E4M3 normal, no overflow
-  rounded = (sb + U32(0x7FFFF) + ((sb >> 20) & U32(1))) >> 20
-  code = rounded - U32((127 - 7) << 3)
-  s = bits.bits_f32(rounded << 20)
+  s, code = e4m3_round_normal_bits(sb)
   code = jnp.where(nan, U32(scale_format.element.nan_code), code)
   s = jnp.where(nan, bits.bits_f32(np.uint32(bits.F32_NAN_BITS)), s)
   return s, code

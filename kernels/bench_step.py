@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ from absl import app, flags
 
 import fp4jax
 from experiments.models import ViT
+from kernels.timing import median_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 256, "images per step")
@@ -51,16 +50,9 @@ def make_step(model, tx):
 
 
 def time_step(step, params, opt_state, images, labels, key, reps):
-  out = step(params, opt_state, images, labels, key)  # compile
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(3):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = step(params, opt_state, images, labels, key)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times), float(out[2])
+  """(median step time in seconds, the step's loss)."""
+  t = median_time(step, params, opt_state, images, labels, key, reps=reps, runs=3)
+  return t, float(step(params, opt_state, images, labels, key)[2])
 
 
 def main(argv):

@@ -88,15 +88,10 @@ def _check(a, b, what=("a", "b")):
     raise ValueError(f"fp4_matmul: contraction lengths differ: a {a.shape}, b {b.shape}")
 
 
-def _is_e2m1(spec) -> bool:
-  e = spec.element
-  return (e.ebits, e.mbits, e.bias, e.special, e.is_int) == (2, 1, 1, "none", False)
-
-
 def kernel_path(a: QArray, b: QArray) -> str | None:
   """The Triton path these operands can take on Hopper ("fp8" / "bf16"), or None."""
   sa, sb = a.spec, b.spec
-  if not (_is_e2m1(sa) and _is_e2m1(sb) and sa.packed and sb.packed):
+  if not (rounding_lib.is_e2m1(sa.element) and rounding_lib.is_e2m1(sb.element) and sa.packed and sb.packed):
     return None
   if any(a.padding) or any(b.padding) or sa.granularity != "block" or sb.granularity != "block":
     return None
@@ -113,27 +108,17 @@ def kernel_path(a: QArray, b: QArray) -> str | None:
 # -------------------------------------------------------------------- in-kernel decoding
 
 
-def _e2m1_f32_bits(c):
-  """float32 bits of the E2M1 values of 4-bit codes (uint32): 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
-  e, m = (c >> 1) & U32(3), c & U32(1)
-  normal = ((e + U32(126)) << 23) | (m << 22)
-  mag = jnp.where(e == 0, m * U32(0x3F000000), normal)
-  return mag | ((c & U32(8)) << 28)
-
-
 def _pow2_f32(e):
   """2^e as float32 for int32 e, in two normal factors' worth of range: returns a pair
   whose product is 2^e for e in [-252, 254] (each factor in [-126, 127])."""
   e1 = jnp.clip(e, -126, 127)
-  e2 = jnp.clip(e - e1, -126, 127)
-  f = lambda k: bits.bits_f32(((k + 127) << 23).astype(U32))
-  return f(e1), f(e2)
+  return bits.pow2_f32(e1), bits.pow2_f32(e - e1)
 
 
 def _fold_e4m3(c, d):
   """E4M3 (float8_e4m3fn) of ``value(c) * 2^d`` for 4-bit codes ``c`` and int32 ``d`` in
   [-8, 6] (broadcast): exact, as the value is an E4M3 number there."""
-  v = _e2m1_f32_bits(c)
+  v = rounding_lib.e2m1_f32_bits(c)
   nonzero = (v & U32(0x7FFFFFFF)) != 0
   v = jnp.where(nonzero, (v.astype(I32) + (d << 23)).astype(U32), v)  # exponent + d
   return bits.bits_f32(v).astype(jnp.float8_e4m3fn)
@@ -185,19 +170,15 @@ def _mx_fp8_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk)
       return ((part * fa1[:, None]) * fb1[None, :]) * (fa2[:, None] * fb2[None, :])
 
     def exact():  # dequantize to float32 and multiply in float32: any scale spread, NaN
-      def deq_a(c):
-        e1, e2 = _pow2_f32(exp_a(asc) - 127)
-        v = bits.bits_f32(_e2m1_f32_bits(c)) * e1 * e2
-        return jnp.where(exp_a(asc) == 255, jnp.float32(jnp.nan), v)
+      def deq(c, code):
+        e1, e2 = _pow2_f32(code - 127)
+        v = bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * e1 * e2
+        return jnp.where(code == 255, jnp.float32(jnp.nan), v)
 
-      def deq_b(c):
-        e1, e2 = _pow2_f32(exp_b(bsc) - 127)
-        v = bits.bits_f32(_e2m1_f32_bits(c)) * e1 * e2
-        return jnp.where(exp_b(bsc) == 255, jnp.float32(jnp.nan), v)
-
-      return (jnp.dot(deq_a(a_lo), deq_b(b_lo), precision=_HIGHEST,
+      ae, be = exp_a(asc), exp_b(bsc)
+      return (jnp.dot(deq(a_lo, ae), deq(b_lo, be), precision=_HIGHEST,
                       preferred_element_type=jnp.float32)
-              + jnp.dot(deq_a(a_hi), deq_b(b_hi), precision=_HIGHEST,
+              + jnp.dot(deq(a_hi, ae), deq(b_hi, be), precision=_HIGHEST,
                         preferred_element_type=jnp.float32))
 
     return acc + lax.cond(ok, fast, exact)
@@ -231,8 +212,8 @@ def _bf16_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk, p
     a_lo, a_hi = _halves(ac)
     b_lo, b_hi = _halves(bc)
     # value * scale is exact in bf16 (<= 5 significant bits; see the module doc)
-    va = lambda c: (bits.bits_f32(_e2m1_f32_bits(c)) * sae).astype(jnp.bfloat16)
-    vb = lambda c: (bits.bits_f32(_e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
+    va = lambda c: (bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * sae).astype(jnp.bfloat16)
+    vb = lambda c: (bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
     return (acc + jnp.dot(va(a_lo), vb(b_lo), preferred_element_type=jnp.float32)
             + jnp.dot(va(a_hi), vb(b_hi), preferred_element_type=jnp.float32))
 
@@ -298,7 +279,7 @@ def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
       sb = _e4m3_scale_f32(code)
     sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
     b_lo, b_hi = _halves(bc)
-    vb = lambda c: (bits.bits_f32(_e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
+    vb = lambda c: (bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
     return (acc + jnp.dot(xe, vb(b_lo), preferred_element_type=jnp.float32)
             + jnp.dot(xo, vb(b_hi), preferred_element_type=jnp.float32))
 
@@ -357,7 +338,7 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
     raise ValueError("weight_only_matmul: w must be a 2D QArray blocked along K (axis=-2)")
   if x.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"weight_only_matmul: x {x.shape} and w {w.shape} do not contract")
-  if not (_is_e2m1(w.spec) and w.spec.packed and not any(w.padding)
+  if not (rounding_lib.is_e2m1(w.spec.element) and w.spec.packed and not any(w.padding)
           and w.spec.scale_format.storage_bits == 8 and w.spec.block_size in (16, 32)):
     raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
                      f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
@@ -381,6 +362,14 @@ def _scale_codes(q: QArray) -> jax.Array:
   if s.dtype != jnp.uint8:
     raise ValueError(f"fp4_matmul kernels take 8-bit scales, got {s.dtype}")
   return s
+
+
+def default_tile(m: int, k: int, n: int) -> tuple[int, int, int] | None:
+  """The largest (bm, bn, bk) of the GEMM kernels dividing (m, n, k) (128 down to 16;
+  bk a multiple of the 32-element blocks), or None if no tile divides them."""
+  pick = lambda d, opts: next((t for t in opts if d % t == 0), None)
+  bm, bn, bk = pick(m, (128, 64, 32, 16)), pick(n, (128, 64, 32, 16)), pick(k, (128, 64, 32))
+  return None if None in (bm, bn, bk) else (bm, bn, bk)
 
 
 def _tile_ok(m, n, k, bm, bn, bk, bs_a, bs_b) -> str | None:
@@ -440,10 +429,11 @@ def blackwell_operands(a: QArray, b: QArray):
   """``(lhs (1, M, K), rhs (1, N, K), lhs_scales, rhs_scales)`` for
   :func:`jax.nn.scaled_matmul`: codes as float4_e2m1fn values, scales as their float8
   dtypes, ``b`` transposed to K-major. Tensor scales are applied by the caller."""
+  _check(a, b)
   from fp4jax import packing
   def values(q, axis):
     c = packing.unpack(q.codes, 4, axis, True)
-    return bits.bits_f32(_e2m1_f32_bits(c.astype(U32))).astype(jnp.float4_e2m1fn)
+    return bits.bits_f32(rounding_lib.e2m1_f32_bits(c.astype(U32))).astype(jnp.float4_e2m1fn)
   lhs = values(a, -1)[None]
   rhs = values(b, -2).T[None]
   return lhs, rhs, a.scales[None], b.scales.T[None]
@@ -498,8 +488,8 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
     impl: "auto" (see :func:`choose_impl`), "fp8", "bf16", "xla", "blackwell" or
       "reference".
     out_dtype: result dtype (the accumulation is float32).
-    tile: (bm, bn, bk) of the Triton kernels (default 128, 128, 128; shapes must be
-      multiples).
+    tile: (bm, bn, bk) of the Triton kernels (default: :func:`default_tile`; shapes
+      must be multiples).
     interpret: run the Triton kernels in Pallas interpret mode (default: off a GPU).
 
   Returns:
@@ -525,8 +515,8 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
     raise ValueError(f"fp4_matmul: impl={impl!r} takes E2M1 operands with 8-bit scales "
                      f"({'E8M0 only' if impl == 'fp8' else 'E8M0 or UE4M3'}), unpadded, "
                      f"blocks 16/32; got {a.spec.name} x {b.spec.name}: use impl='xla'")
-  bm, bn, bk = tile or (128, 128, 128)
   m, k = a.shape
+  bm, bn, bk = tile or default_tile(m, k, b.shape[1]) or (128, 128, 128)
   why = _tile_ok(m, b.shape[1], k, bm, bn, bk, a.spec.block_size, b.spec.block_size)
   if why:
     raise ValueError(f"fp4_matmul: {why}")
@@ -536,5 +526,6 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
                         interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
 
-__all__ = ["IMPLS", "blackwell_operands", "choose_impl", "fp4_matmul", "kernel_path",
+__all__ = ["IMPLS", "blackwell_operands", "choose_impl", "default_tile", "fp4_matmul",
+           "kernel_path",
            "matmul_reference", "weight_only_matmul", "weight_only_reference"]

@@ -113,14 +113,14 @@ def _block_scales(amax, spec: QuantSpec, ts, inv_ts, fconst=None) -> _BlockScale
       # 2^-s as a normal float32: x * 2^-s is then exact wherever it is a normal number
       # (a NaN block's codes are replaced afterwards).
       ok = ((shift >= -m_limit) & (shift <= 126)) | nan_block
-      mult = bits.bits_f32(((127 - jnp.clip(shift, -126, 126)) << 23).astype(U32))
+      mult = bits.pow2_f32(-jnp.clip(shift, -126, 126))
     return _BlockScales(code, shift, nan_block, None, mult, ok)
   def exact():
     s, code = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
     recip = scales.float_scale_reciprocal(s, ts, inv_ts)
     return _BlockScales(code, None, None, recip, recip, None)
 
-  if not (fast and fconst is not None and scales._is_e4m3fn(sfmt)):
+  if not (fast and fconst is not None and scales.is_e4m3fn(sfmt)):
     return exact()
   # Fast float scales (UE4M3, E2M1 elements). The reference's block scale is
   # E4M3(clamp(fl(fl(amax / 6) / t))); here v' = fl(amax * c) with c = fl(1/(6 t)) is
@@ -135,9 +135,7 @@ def _block_scales(amax, spec: QuantSpec, ts, inv_ts, fconst=None) -> _BlockScale
   near_midpoint = jnp.abs(low - 0x80000) <= 16
   lo = bits.f32_bits(np.float32(sfmt.min_normal))
   hi = bits.f32_bits(np.float32(sfmt.max_value))
-  sb = jnp.clip(vb, lo, hi)
-  rounded = (sb + U32(0x7FFFF) + ((sb >> 20) & U32(1))) >> 20
-  code = rounded - U32((127 - 7) << 3)
+  _, code = scales.e4m3_round_normal_bits(jnp.clip(vb, lo, hi))
   mant, e = code & U32(7), (code >> 3).astype(I32)
   d = table[0]
   for mm in range(1, 8):
@@ -160,7 +158,7 @@ def _element_codes(parts, rparts, bsc: _BlockScales, spec: QuantSpec, expand):
   codes, so the choice (a ``lax.cond`` per tile) is invisible in the output.
   """
   elem = spec.element
-  e2m1_nearest = _is_e2m1(elem) and spec.rounding == "nearest"
+  e2m1_nearest = rounding_lib.is_e2m1(elem) and spec.rounding == "nearest"
 
   def general():
     eb = bsc.exact() if bsc.exact is not None else bsc
@@ -236,7 +234,7 @@ def _quantize_cols_even_odd(be, bo, spec: QuantSpec, ts, inv_ts, fconst, rbe, rb
 
 
 def _fast_e2m1(spec: QuantSpec) -> bool:
-  return _is_e2m1(spec.element) and spec.rounding in ("nearest", "stochastic")
+  return rounding_lib.is_e2m1(spec.element) and spec.rounding in ("nearest", "stochastic")
 
 
 def _e2m1_codes_fast(b3, mult, rounding, rb3):
@@ -251,11 +249,6 @@ def _e2m1_codes_fast(b3, mult, rounding, rb3):
   y = bits.bits_f32(b3 & U32(bits.ABS_MASK)) * mult
   mag = rounding_lib.e2m1_magnitude_of_bits(bits.f32_bits(y), rounding, rb3)
   return ((b3 >> 28) & U32(8)) | mag
-
-
-def _is_e2m1(elem) -> bool:
-  return (elem.ebits, elem.mbits, elem.bias, elem.special, elem.is_int) == (2, 1, 1, "none",
-                                                                             False)
 
 
 def _tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,

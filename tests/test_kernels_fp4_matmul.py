@@ -159,3 +159,9 @@ def test_bad_operands_are_rejected_with_the_fix(rng):
     fm.fp4_matmul(a, b, impl="fp4")
   with pytest.raises(ValueError, match="blocked along K"):
     fm.weight_only_matmul(jnp.ones((4, 128)), a)
+  with pytest.raises(ValueError, match="do not contract"):
+    fm.weight_only_matmul(jnp.ones((4, 96)), b)
+  with pytest.raises(ValueError, match="packed E2M1 weights"):
+    fm.weight_only_matmul(jnp.ones((4, 128)), fp4jax.quantize(jnp.ones((128, 64)), "mxfp8_e4m3", -2))
+  with pytest.raises(ValueError, match="blocked along the contraction axis"):
+    fm.blackwell_operands(b, b)

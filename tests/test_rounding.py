@@ -167,3 +167,10 @@ def test_e2m1_magnitude_of_bits_rejects_other_roundings():
     rounding.e2m1_magnitude_of_bits(jnp.uint32(0), "toward_zero")
   with pytest.raises(ValueError, match="random_bits"):
     rounding.e2m1_magnitude_of_bits(jnp.uint32(0), "stochastic")
+
+
+def test_e2m1_f32_bits_equals_decode():
+  codes = np.arange(16, dtype=np.uint32)
+  got = np.asarray(rounding.e2m1_f32_bits(codes)).view(np.float32)
+  want = np.asarray(rounding.decode_to_f32(codes, F.E2M1))
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
