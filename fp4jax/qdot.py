@@ -126,9 +126,9 @@ def _gemm(xv, xq, yv, yq, eq, impl):
   if impl != "xla" and xq is not None and yq is not None:
     from kernels import fp4_matmul as fm  # kernels import the core; never the reverse
     path = fm.kernel_path(xq, yq)
+    fm_impl = path if impl == "pallas" else fm.choose_impl(xq, yq)
     tile = fm.default_tile(xq.shape[0], xq.shape[1], yq.shape[1])
-    if path is not None and tile is not None:
-      fm_impl = path if impl == "pallas" else fm.choose_impl(xq, yq)
+    if path is not None and (tile is not None or fm_impl.endswith("_xla")):
       if fm_impl != "xla":
         logging.getLogger("fp4jax").debug("qdot: GEMM %s via kernels/fp4_matmul (%s)", eq,
                                           fm_impl)

@@ -2,17 +2,19 @@ r"""Correctness and speed of the FP4 GEMM paths, in one run.
 
     python -m kernels.bench_matmul [--shapes square4096,square8192,vit_qkv,...] [--sweep]
 
-1. Correctness (compiled on this device): every path (MXFP4 on FP8 tensor cores, NVFP4
-   and MXFP4 on BF16 tensor cores, weight-only) against the float32 product of the
+1. Correctness (compiled on this device): every path (MXFP4 through XLA's FP8 GEMM, NVFP4
+   and MXFP4 through its BF16 GEMM, weight-only; with ``--inkernel`` also the Triton GEMMs
+   that decode in the kernel) against the float32 product of the
    dequantized operands, on random operands and on operands with a wide per-block
    exponent spread, zero blocks and a NaN scale; the worst error as a multiple of
    ``sum_k |a_ik b_kj|`` is recorded (tests/test_kernels_fp4_matmul.py bounds it).
 2. Speed (median of 5 runs of ``--reps`` calls) per shape: XLA BF16 dot, XLA FP8 E4M3 dot
    (B transposed, "NT"), ``jax.nn.scaled_matmul`` on pre-quantized MXFP8,
    ``jax.nn.scaled_dot_general`` MXFP8 / NVFP4 including its quantization, naive
-   fake-quant (fp4jax.quantize + dequantize to bf16 + BF16 dot), and fp4jax's paths on
-   pre-quantized operands and including the fused quantize kernels. TFLOP/s = 2 M N K / t.
-   Skinny shapes time the weight-only kernel against the XLA BF16 dot.
+   fake-quant (fp4jax.quantize + dequantize to bf16 + BF16 dot), the unpack pass alone,
+   and fp4jax's paths on pre-quantized operands and including the fused quantize kernels.
+   TFLOP/s = 2 M N K / t. Skinny shapes time the weight-only kernel (default tile and
+   split, and a few others) against the XLA BF16 dot.
 
 Writes ``kernels/results/matmul_<gpu>.json`` after every measurement.
 """
@@ -32,6 +34,7 @@ from absl import app, flags
 import fp4jax
 from fp4jax.quantize import dequantize
 from kernels import fp4_matmul as fm
+from kernels import fp4_unpack as fu
 from kernels import quantize as kq
 from kernels.timing import median_time as bench
 
@@ -45,11 +48,16 @@ SHAPES = {  # name -> (M, K, N)
     # skinny: decoding / evaluation with 8192 x 8192 weights
     "skinny16": (16, 8192, 8192), "skinny64": (64, 8192, 8192), "skinny256": (256, 8192, 8192),
 }
-flags.DEFINE_list("shapes", list(SHAPES), f"shapes to time: {', '.join(SHAPES)}")
+SMOKE_SHAPES = {"smoke": (1024, 256, 256), "smoke_skinny": (16, 1024, 512)}  # CPU smoke runs
+flags.DEFINE_list("shapes", list(SHAPES), f"shapes to time: {', '.join(SHAPES)} "
+                  f"(or {', '.join(SMOKE_SHAPES)} for a CPU smoke run)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/matmul_<gpu>.json)")
 flags.DEFINE_integer("reps", 10, "timed calls per run (median of 5 runs)")
 flags.DEFINE_bool("check", True, "run the correctness checks first")
-flags.DEFINE_bool("sweep", False, "try several tiles / warps for the FP8 and BF16 paths at 8192^3")
+flags.DEFINE_bool("sweep", False, "try several tiles / warps for the in-kernel-decoding "
+                  "FP8 and BF16 GEMMs at 8192^3")
+flags.DEFINE_bool("inkernel", False, "also check and time the in-kernel-decoding Triton GEMMs "
+                  "(impl fp8 / bf16: slow, and long to compile)")
 
 MX, NV = fp4jax.get_spec("mxfp4"), fp4jax.get_spec("nvfp4")
 
@@ -85,9 +93,12 @@ def _operands(rng, m, k, n, spec_a, spec_b, adversarial):
 
 def check_all(rng, save) -> dict:
   res = {}
-  for label, (sa, sb, impl) in {"mxfp4_fp8": (MX, MX, "fp8"), "mxfp4_bf16": (MX, MX, "bf16"),
-                                "mxfp4_fp8_xla": (MX, MX, "fp8_xla"),
-                                "nvfp4_bf16": (NV, NV, "bf16")}.items():
+  cases = {"mxfp4_fp8_xla": (MX, MX, "fp8_xla"), "mxfp4_bf16_xla": (MX, MX, "bf16_xla"),
+           "nvfp4_bf16_xla": (NV, NV, "bf16_xla")}
+  if FLAGS.inkernel:
+    cases.update({"mxfp4_fp8": (MX, MX, "fp8"), "mxfp4_bf16": (MX, MX, "bf16"),
+                  "nvfp4_bf16": (NV, NV, "bf16")})
+  for label, (sa, sb, impl) in cases.items():
     for adv in (False, True):
       key = f"{label}/{'adversarial' if adv else 'random'}"
       try:
@@ -145,6 +156,11 @@ def _variants(m, k, n, rng, tile):
     for name, spec in (("mxfp4", MX), ("nvfp4", NV)):
       wq = fp4jax.quantize(w, spec, -2)
       v[f"weight_only_{name}"] = (jax.jit(lambda x, wq: fm.weight_only_matmul(x, wq)), (x, wq))
+      bm = min(64, -(-m // 16) * 16)
+      for bn, splits, warps in ((128, None, 4), (64, 8, 4), (64, None, 8), (32, None, 4)):
+        v[f"weight_only_{name}/bn{bn}_s{splits}_w{warps}"] = (jax.jit(
+            lambda x, wq, bn=bn, splits=splits, warps=warps, bm=bm: fm.weight_only_matmul(
+                x, wq, tile=(bm, bn, 256), splits=splits, num_warps=warps)), (x, wq))
     return v
   x8, wt8 = x.astype(jnp.float8_e4m3fn), w.T.astype(jnp.float8_e4m3fn)
   v["xla_fp8_nt"] = (jax.jit(lambda a, bt: jax.lax.dot_general(
@@ -162,12 +178,27 @@ def _variants(m, k, n, rng, tile):
   v["naive_fakequant_mxfp4_bf16"] = (jax.jit(lambda x, w: jnp.dot(
       naive_fake_quant_mxfp4(x, 1), naive_fake_quant_mxfp4(w, 0),
       preferred_element_type=jnp.float32).astype(jnp.bfloat16)), (x, w))
-  for name, spec, impl in (("mxfp4_fp8", MX, "fp8"), ("mxfp4_fp8_xla", MX, "fp8_xla"),
-                           ("mxfp4_bf16", MX, "bf16"), ("nvfp4_bf16", NV, "bf16")):
+  interp = not kq.on_gpu()  # a CPU smoke run interprets the kernels
+  v["xla_bf16_nt"] = (jax.jit(lambda a, bt: jax.lax.dot_general(
+      a, bt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
+                      (x, w.T))
+  a, b = fp4jax.quantize(x, MX, -1), fp4jax.quantize(w, MX, -2)
+  ra, rb, _ = fm.fp8_reference_codes(a, b)
+  v["unpack_only_mxfp4_e4m3"] = (jax.jit(lambda a, b, ra, rb: (
+      fu.gemm_operand(a, role="lhs", to="e4m3", ref_code=ra, interpret=interp),
+      fu.gemm_operand(b, role="rhs", to="e4m3", ref_code=rb, interpret=interp))),
+                                 (a, b, ra, rb))
+  v["unpack_only_mxfp4_bf16"] = (jax.jit(lambda a, b: (
+      fu.gemm_operand(a, role="lhs", to="bf16", interpret=interp),
+      fu.gemm_operand(b, role="rhs", to="bf16", interpret=interp))), (a, b))
+  paths = [("mxfp4_fp8_xla", MX, "fp8_xla"), ("mxfp4_bf16_xla", MX, "bf16_xla"),
+           ("nvfp4_bf16_xla", NV, "bf16_xla")]
+  if FLAGS.inkernel:
+    paths += [("mxfp4_fp8", MX, "fp8"), ("mxfp4_bf16", MX, "bf16"), ("nvfp4_bf16", NV, "bf16")]
+  for name, spec, impl in paths:
     a, b = fp4jax.quantize(x, spec, -1), fp4jax.quantize(w, spec, -2)
     v[f"fp4jax_{name}"] = (jax.jit(lambda a, b, impl=impl: fm.fp4_matmul(
         a, b, impl=impl, tile=tile)), (a, b))
-    interp = not kq.on_gpu()  # a CPU smoke run interprets the kernels
     v[f"fp4jax_{name}_incl_quant"] = (jax.jit(lambda x, w, spec=spec, impl=impl: fm.fp4_matmul(
         kq.quantize(x, spec, -1, interpret=interp), kq.quantize(w, spec, -2, interpret=interp),
         impl=impl, tile=tile)), (x, w))
@@ -214,7 +245,7 @@ def main(argv):
           save()
     tile = best.get("tile")
   for shape in FLAGS.shapes:
-    m, k, n = SHAPES[shape]
+    m, k, n = {**SHAPES, **SMOKE_SHAPES}[shape]
     row = {"shape": [m, k, n]}
     res["timings"][shape] = row
     for name, (fn, args) in _variants(m, k, n, rng, tile).items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,12 @@ def make_step(model, tx):
 
 
 def time_step(step, params, opt_state, images, labels, key, reps):
-  """(median step time in seconds, the step's loss)."""
+  """(median step time in seconds, the step's loss, first call's seconds: compilation)."""
+  t0 = time.perf_counter()
+  loss = float(step(params, opt_state, images, labels, key)[2])
+  first = time.perf_counter() - t0
   t = median_time(step, params, opt_state, images, labels, key, reps=reps, runs=3)
-  return t, float(step(params, opt_state, images, labels, key)[2])
+  return t, loss, first
 
 
 def main(argv):
@@ -85,13 +89,15 @@ def main(argv):
       try:
         with fp4jax.gemm_impl(impl):
           step = make_step(model, tx)
-          t, loss = time_step(step, params, opt_state, images, labels, key, FLAGS.reps)
+          t, loss, first = time_step(step, params, opt_state, images, labels, key,
+                                     FLAGS.reps)
         losses[impl] = loss
         base = t if recipe == "bf16" else base
         res["steps"][label] = {"ms": t * 1e3, "loss": loss,
-                               "x_bf16": t / base if base else None}
+                               "x_bf16": t / base if base else None, "first_call_s": first}
         print(f"{label:20} {t * 1e3:9.2f} ms  loss {loss:.5f}  "
-              f"{t / base if base else float('nan'):5.2f} x bf16", flush=True)
+              f"{t / base if base else float('nan'):5.2f} x bf16  (first call {first:.0f} s)",
+              flush=True)
       except Exception as e:
         res["steps"][label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         print(f"{label:20} {res['steps'][label]}", flush=True)

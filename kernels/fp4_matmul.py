@@ -57,10 +57,11 @@ from fp4jax import bits, rounding as rounding_lib
 from fp4jax.formats import E4M3
 from fp4jax.qarray import QArray
 from fp4jax.quantize import dequantize
+from kernels import fp4_unpack as fu
 
 log = logging.getLogger("fp4jax")
 U32, I32 = jnp.uint32, jnp.int32
-IMPLS = ("auto", "fp8", "fp8_xla", "bf16", "xla", "blackwell", "reference")
+IMPLS = ("auto", "fp8_xla", "bf16_xla", "fp8", "bf16", "xla", "blackwell", "reference")
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -115,20 +116,6 @@ def _pow2_f32(e):
   return bits.pow2_f32(e1), bits.pow2_f32(e - e1)
 
 
-def _fold_e4m3(c, d):
-  """E4M3 (float8_e4m3fn) of ``value(c) * 2^d`` for 4-bit codes ``c`` and int32 ``d`` in
-  [-8, 6] (broadcast): exact, as the value is an E4M3 number there."""
-  v = rounding_lib.e2m1_f32_bits(c)
-  nonzero = (v & U32(0x7FFFFFFF)) != 0
-  v = jnp.where(nonzero, (v.astype(I32) + (d << 23)).astype(U32), v)  # exponent + d
-  return bits.bits_f32(v).astype(jnp.float8_e4m3fn)
-
-
-def _e4m3_scale_f32(code):
-  """float32 value of UE4M3 scale codes (uint32), subnormals and NaN (0x7F/0xFF) included."""
-  return rounding_lib.decode_to_f32(code, E4M3)
-
-
 def _halves(codes):
   """Packed uint8 codes -> (low nibbles, high nibbles) as uint32 (even, odd k)."""
   c = codes.astype(U32)
@@ -161,9 +148,9 @@ def _mx_fp8_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk)
 
     def fast():
       dae, dbe = exp_a(da), exp_b(db)
-      part = (jnp.dot(_fold_e4m3(a_lo, dae), _fold_e4m3(b_lo, dbe),
+      part = (jnp.dot(fu.fold_e4m3(a_lo, dae), fu.fold_e4m3(b_lo, dbe),
                       preferred_element_type=jnp.float32)
-              + jnp.dot(_fold_e4m3(a_hi, dae), _fold_e4m3(b_hi, dbe),
+              + jnp.dot(fu.fold_e4m3(a_hi, dae), fu.fold_e4m3(b_hi, dbe),
                         preferred_element_type=jnp.float32))
       fa1, fa2 = _pow2_f32(ra - 127)
       fb1, fb2 = _pow2_f32(rb - 127)
@@ -197,10 +184,7 @@ def _bf16_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk, p
   na, nb = bk // bs_a, bk // bs_b
 
   def scale_f32(code, pow2):
-    if pow2:
-      e1, e2 = _pow2_f32(code.astype(I32) - 127)
-      return jnp.where(code == 255, jnp.float32(jnp.nan), e1 * e2)
-    return _e4m3_scale_f32(code)
+    return fu.scale_f32(code, pow2)
 
   def body(kt, acc):
     ac = ac_ref[:, pl.ds(kt * hk, hk)]
@@ -221,48 +205,63 @@ def _bf16_kernel(ac_ref, as_ref, bc_ref, bs_ref, o_ref, *, bk, bs_a, bs_b, nk, p
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-# ------------------------------------------- MXFP4 through XLA's FP8 GEMM (cuBLASLt on GPU)
+# ------------------------------------- unpack once, then XLA's GEMM (cuBLASLt on a GPU)
 
 
-def _unpack_fp8_rows(q: QArray, axis: int):
-  """E4M3 ``value * 2^(s - r)`` of every element, with ``r`` the largest block-scale
-  exponent of its row (``axis=-1``: rows of an (M, K) operand; ``axis=-2``: columns of
-  (K, N)), plus ``r`` (int32) and whether the whole operand is exact (every spread
-  ``s - r >= -8``, no NaN scale)."""
-  from fp4jax import packing
-  codes = packing.unpack(q.codes, 4, axis, True).astype(U32)
-  s = _scale_codes(q).astype(I32)
-  r = jnp.max(s, axis=axis, keepdims=True)
-  exact = (jnp.min(s - r) >= -8) & (jnp.max(r) < 255)
-  d = jnp.repeat(s - r, q.spec.block_size, axis=axis)
-  return _fold_e4m3(codes, jnp.clip(d, -8, 0)), r, exact
+def _nt_dot(a, b, out_dtype):
+  """``a (M, K) @ b (N, K)^T`` with float32 accumulation: the "NT" form cuBLASLt runs
+  fastest (and the only one of its FP8 GEMMs on Hopper)."""
+  y = lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
 
 
-def _fp8_xla_matmul(a: QArray, b: QArray, out_dtype):
-  """MXFP4 x MXFP4 as one XLA FP8 GEMM (B transposed: the "NT" form cuBLASLt runs fastest)
-  on operands unpacked to E4M3 with one reference exponent per row of ``a`` and column of
-  ``b``; exact products when every row/column spans at most 8 binades of block scales,
-  else (decided at run time) the float32 product of the dequantized operands."""
-  a8, ra, ok_a = _unpack_fp8_rows(a, -1)
-  b8, rb, ok_b = _unpack_fp8_rows(b, -2)
+def _bf16_xla_matmul(a: QArray, b: QArray, out_dtype, interpret):
+  """Both operands unpacked to BF16 ``value * scale`` (exact; kernels/fp4_unpack.py),
+  one XLA BF16 GEMM in float32, tensor scales in the epilogue (rounded once)."""
+  a16 = fu.gemm_operand(a, role="lhs", to="bf16", interpret=interpret)
+  b16 = fu.gemm_operand(b, role="rhs", to="bf16", interpret=interpret)
+  scaled = a.tensor_scale is not None or b.tensor_scale is not None
+  y = _nt_dot(a16, b16, jnp.float32 if scaled else out_dtype)
+  return _apply_tensor_scales(y, a, b, out_dtype)
+
+
+def fp8_reference_codes(a: QArray, b: QArray):
+  """``(ra (M,), rb (N,), exact)``: the largest E8M0 scale code of each row of ``a`` and
+  column of ``b`` (the references the FP8 path scales by) and whether every element is
+  then an E4M3 number (every ``s - r >= -8``, no NaN scale)."""
+  sa = fu.scale_codes(a).astype(I32)
+  sb = fu.scale_codes(b).astype(I32)
+  ra, rb = jnp.max(sa, axis=1), jnp.max(sb, axis=0)
+  exact = ((jnp.min(sa - ra[:, None]) >= -8) & (jnp.min(sb - rb[None, :]) >= -8)
+           & (jnp.max(ra) < 255) & (jnp.max(rb) < 255))
+  return ra, rb, exact
+
+
+def _fp8_xla_matmul(a: QArray, b: QArray, out_dtype, interpret):
+  """MXFP4 x MXFP4 as one XLA FP8 GEMM on operands unpacked to E4M3 relative to one
+  reference exponent per row of ``a`` / column of ``b``, the references applied in the
+  epilogue; when some row or column spans more than 8 binades of block scales (decided at
+  run time), the exact BF16 path instead."""
+  ra, rb, exact = fp8_reference_codes(a, b)
 
   def fast():
-    y = lax.dot_general(a8, b8.T, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    fa1, fa2 = _pow2_f32(ra - 127)   # (M, 1)
-    fb1, fb2 = _pow2_f32(rb - 127)   # (1, N)
-    return ((y * fa1) * fb1) * (fa2 * fb2)
+    a8 = fu.gemm_operand(a, role="lhs", to="e4m3", ref_code=ra, interpret=interpret)
+    b8 = fu.gemm_operand(b, role="rhs", to="e4m3", ref_code=rb, interpret=interpret)
+    # A bf16 result is rounded by the GEMM, then scaled by 2^(ra + rb - 254): the same
+    # as rounding once unless the result is below bf16's normal range or overflows.
+    y = _nt_dot(a8, b8, jnp.bfloat16 if out_dtype == jnp.bfloat16 else jnp.float32)
+    fa1, fa2 = _pow2_f32(ra[:, None] - 127)
+    fb1, fb2 = _pow2_f32(rb[None, :] - 127)
+    return ((((y.astype(jnp.float32) * fa1) * fb1) * (fa2 * fb2))).astype(out_dtype)
 
-  def fallback():
-    return matmul_reference(a, b, jnp.float32)
-
-  return lax.cond(ok_a & ok_b, fast, fallback).astype(out_dtype)
+  return lax.cond(exact, fast, lambda: _bf16_xla_matmul(a, b, out_dtype, interpret))
 
 
 # ------------------------------------------------- weight-only: BF16 activations x FP4 weights
 
 
 def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
-  bm, bn = o_ref.shape
+  bm, bn = o_ref.shape  # the leading split axis is squeezed
   hk = bk // 2
   nb = bk // bs_b
 
@@ -273,10 +272,9 @@ def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
     bc = bc_ref[pl.ds(kt * hk, hk), :]
     code = bs_ref[pl.ds(kt * nb, nb), :].astype(U32)
     if pow2_b:
-      e1, e2 = _pow2_f32(code.astype(I32) - 127)
-      sb = jnp.where(code == 255, jnp.float32(jnp.nan), e1 * e2)
+      sb = fu.scale_f32(code, True)
     else:
-      sb = _e4m3_scale_f32(code)
+      sb = fu.scale_f32(code, False)
     sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
     b_lo, b_hi = _halves(bc)
     vb = lambda c: (bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
@@ -284,37 +282,48 @@ def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
             + jnp.dot(xo, vb(b_hi), preferred_element_type=jnp.float32))
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
-  o_ref[...] = acc.astype(o_ref.dtype)
+  o_ref[...] = acc  # this K split's float32 partial sum
 
 
-@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "out_dtype", "interpret",
-                                             "num_warps", "num_stages"))
-def _weight_only_call(x, w: QArray, *, bm, bn, bk, out_dtype, interpret, num_warps,
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "splits", "out_dtype",
+                                             "interpret", "num_warps", "num_stages"))
+def _weight_only_call(x, w: QArray, *, bm, bn, bk, splits, out_dtype, interpret, num_warps,
                       num_stages):
   m, k = x.shape
   n = w.shape[1]
   bs_b = w.spec.block_size
   mp = -(-m // bm) * bm
   xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-  kernel = functools.partial(_weight_only_kernel, bk=bk, bs_b=bs_b, nk=k // bk,
+  ks = k // splits  # each program reduces one K split; XLA adds the partials
+  kernel = functools.partial(_weight_only_kernel, bk=bk, bs_b=bs_b, nk=ks // bk,
                              pow2_b=w.spec.scale_format.is_pow2)
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
     extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                        num_stages=num_stages)
-  kernel_dtype = jnp.float32 if w.tensor_scale is not None else out_dtype
-  y = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((mp, n), kernel_dtype), grid=(mp // bm, n // bn),
-      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-                pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
-                pl.BlockSpec((k // bs_b, bn), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+  part = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
+      grid=(mp // bm, n // bn, splits),
+      in_specs=[pl.BlockSpec((bm, ks), lambda i, j, s: (i, s)),
+                pl.BlockSpec((ks // 2, bn), lambda i, j, s: (s, j)),
+                pl.BlockSpec((ks // bs_b, bn), lambda i, j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
       interpret=interpret, name="fp4jax_matmul_weight_only", **extra,
-  )(xp, w.codes, _scale_codes(w))
-  if w.tensor_scale is not None:
-    y = (y.astype(jnp.float32) * w.tensor_scale.reshape(()).astype(jnp.float32))
-  return y[:m].astype(out_dtype)
+  )(xp, w.codes, fu.scale_codes(w))
+  y = jnp.sum(part, axis=0) if splits > 1 else part[0]
+  return _apply_tensor_scales(y, w, None, out_dtype)[:m]
+
+
+def weight_only_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int,
+                       programs: int = 264) -> int:
+  """K splits for the weight-only kernel: doubled (while K allows) until the grid has
+  ``programs`` programs (two per H100 SM), since a skinny GEMM has too few output tiles
+  to fill the GPU."""
+  splits, base = 1, -(-m // bm) * (n // bn)
+  while base * splits < programs and (k // bk) % (2 * splits) == 0 and splits < 16:
+    splits *= 2
+  return splits
 
 
 def weight_only_reference(x: jax.Array, w: QArray, out_dtype: Any = jnp.float32) -> jax.Array:
@@ -326,13 +335,16 @@ def weight_only_reference(x: jax.Array, w: QArray, out_dtype: Any = jnp.float32)
 
 def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
                        tile: tuple[int, int, int] | None = None,
-                       interpret: bool | None = None, num_warps: int = 4,
-                       num_stages: int = 3) -> jax.Array:
+                       splits: int | None = None, interpret: bool | None = None,
+                       num_warps: int = 4, num_stages: int = 3) -> jax.Array:
   """``x @ w`` for BF16/F32 activations ``x`` (M, K) and FP4 weights ``w`` (K, N), blocked
   along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
   is what pays on Hopper for skinny M (decoding, evaluation). ``x`` is rounded to bf16.
 
-  tile: (bm, bn, bk), default (16, 128, 256); M is padded to bm, K and N must be multiples.
+  tile: (bm, bn, bk), default (M rounded up to 16 but at most 64, 64, 256); M is padded to
+    bm, K and N must be multiples.
+  splits: K splits, each a program's float32 partial sum, added by XLA (default
+    :func:`weight_only_splits`).
   """
   if not isinstance(w, QArray) or w.ndim != 2 or w.axis % 2 != 0:
     raise ValueError("weight_only_matmul: w must be a 2D QArray blocked along K (axis=-2)")
@@ -342,26 +354,24 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
           and w.spec.scale_format.storage_bits == 8 and w.spec.block_size in (16, 32)):
     raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
                      f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
-  bm, bn, bk = tile or (16, 128, 256)
-  why = _tile_ok(bm, w.shape[1], x.shape[1], bm, bn, bk, w.spec.block_size, w.spec.block_size)
+  m, k, n = x.shape[0], x.shape[1], w.shape[1]
+  bm, bn, bk = tile or (min(64, -(-m // 16) * 16), 64, 256)
+  why = _tile_ok(bm, n, k, bm, bn, bk, w.spec.block_size, w.spec.block_size)
   if why:
     raise ValueError(f"weight_only_matmul: {why}")
+  if splits is None:
+    splits = weight_only_splits(m, n, k, bm, bn, bk)
+  if splits < 1 or k % (splits * bk):
+    raise ValueError(f"weight_only_matmul: splits={splits} must be >= 1 and divide K/bk = "
+                     f"{k}/{bk}")
   if interpret is None:
     interpret = _device_kind()[0] != "gpu"
-  return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype),
-                           interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+  return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, splits=splits,
+                           out_dtype=jnp.dtype(out_dtype), interpret=interpret,
+                           num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------- wrappers
-
-
-def _scale_codes(q: QArray) -> jax.Array:
-  s = q.scales
-  if s.dtype in (jnp.float8_e8m0fnu, jnp.float8_e4m3fn):
-    return lax.bitcast_convert_type(s, jnp.uint8)
-  if s.dtype != jnp.uint8:
-    raise ValueError(f"fp4_matmul kernels take 8-bit scales, got {s.dtype}")
-  return s
 
 
 def default_tile(m: int, k: int, n: int) -> tuple[int, int, int] | None:
@@ -410,18 +420,20 @@ def _triton_matmul(a: QArray, b: QArray, *, path, bm, bn, bk, out_dtype, interpr
                 pl.BlockSpec((k // bs_b, bn), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       interpret=interpret, name=f"fp4jax_matmul_{path}", **extra,
-  )(a.codes, _scale_codes(a), b.codes, _scale_codes(b))
+  )(a.codes, fu.scale_codes(a), b.codes, fu.scale_codes(b))
   return _apply_tensor_scales(y, a, b, out_dtype)
 
 
 def _apply_tensor_scales(y, a, b, out_dtype):
+  """``y * tA * tB`` (the operands' FP32 tensor scales, where they have one) rounded once
+  to ``out_dtype``; ``a`` or ``b`` may be None."""
   t = None
   for q in (a, b):
-    if q.tensor_scale is not None:
+    if q is not None and q.tensor_scale is not None:
       tq = q.tensor_scale.reshape(()).astype(jnp.float32)
       t = tq if t is None else t * tq
   if t is None:
-    return y
+    return y.astype(out_dtype)
   return (y.astype(jnp.float32) * t).astype(out_dtype)
 
 
@@ -459,15 +471,17 @@ def _device_kind() -> tuple[str, int]:
 
 def choose_impl(a: QArray, b: QArray, device: tuple[str, int] | None = None) -> str:
   """What ``impl="auto"`` runs for these operands on ``device`` (default: this one):
-  Blackwell (sm_100+) and MXFP8/NVFP4-shaped operands -> "blackwell"; a GPU and E2M1
-  operands -> "fp8" (MX) or "bf16" (NVFP4 and other 8-bit scales); otherwise "xla"."""
+  Blackwell (sm_100+) and MXFP4/NVFP4-shaped operands -> "blackwell"; another GPU and
+  E2M1 operands with 8-bit scales -> "fp8_xla" (E8M0 scales on both) or "bf16_xla"
+  (NVFP4, mixed); otherwise "xla". The in-kernel-decoding Triton GEMMs ("fp8", "bf16")
+  are never chosen: on an H100 they measured 10-100x slower (kernels/NOTES.md)."""
   platform, major = device or _device_kind()
   path = kernel_path(a, b)
   if platform != "gpu" or path is None:
     return "xla"
   if major >= 10 and _blackwell_ok(a, b):
     return "blackwell"
-  return path
+  return "fp8_xla" if path == "fp8" else "bf16_xla"
 
 
 def _blackwell_ok(a, b) -> bool:
@@ -485,12 +499,12 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
   Args:
     a: (M, K) QArray blocked along K (``axis=-1``).
     b: (K, N) QArray blocked along K (``axis=-2``).
-    impl: "auto" (see :func:`choose_impl`), "fp8", "bf16", "xla", "blackwell" or
-      "reference".
+    impl: "auto" (see :func:`choose_impl`), "fp8_xla", "bf16_xla", "fp8", "bf16", "xla",
+      "blackwell" or "reference" (the module doc says what each does).
     out_dtype: result dtype (the accumulation is float32).
-    tile: (bm, bn, bk) of the Triton kernels (default: :func:`default_tile`; shapes
-      must be multiples).
-    interpret: run the Triton kernels in Pallas interpret mode (default: off a GPU).
+    tile: (bm, bn, bk) of the in-kernel-decoding GEMMs "fp8" / "bf16" (default:
+      :func:`default_tile`; shapes must be multiples).
+    interpret: run the Pallas kernels in interpret mode (default: off a GPU).
 
   Returns:
     (M, N) array of ``out_dtype``.
@@ -505,27 +519,28 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
     return matmul_reference(a, b, out_dtype)
   if impl == "blackwell":
     return _blackwell_matmul(a, b, out_dtype)
-  if impl == "fp8_xla":
-    if kernel_path(a, b) != "fp8":
-      raise ValueError(f"fp4_matmul: impl='fp8_xla' takes MX E2M1 operands (E8M0 scales), "
-                       f"got {a.spec.name} x {b.spec.name}: use impl='xla'")
-    return _fp8_xla_matmul(a, b, out_dtype)
   path = kernel_path(a, b)
-  if path is None or (impl == "fp8" and path != "fp8"):
+  if path is None or (impl.startswith("fp8") and path != "fp8"):
     raise ValueError(f"fp4_matmul: impl={impl!r} takes E2M1 operands with 8-bit scales "
-                     f"({'E8M0 only' if impl == 'fp8' else 'E8M0 or UE4M3'}), unpadded, "
-                     f"blocks 16/32; got {a.spec.name} x {b.spec.name}: use impl='xla'")
+                     f"({'E8M0 only' if impl.startswith('fp8') else 'E8M0 or UE4M3'}), "
+                     f"unpadded, blocks 16/32; got {a.spec.name} x {b.spec.name}: use "
+                     f"impl='xla'")
+  if interpret is None:
+    interpret = _device_kind()[0] != "gpu"
+  out_dtype = jnp.dtype(out_dtype)
+  if impl == "fp8_xla":
+    return _fp8_xla_matmul(a, b, out_dtype, interpret)
+  if impl == "bf16_xla":
+    return _bf16_xla_matmul(a, b, out_dtype, interpret)
   m, k = a.shape
   bm, bn, bk = tile or default_tile(m, k, b.shape[1]) or (128, 128, 128)
   why = _tile_ok(m, b.shape[1], k, bm, bn, bk, a.spec.block_size, b.spec.block_size)
   if why:
     raise ValueError(f"fp4_matmul: {why}")
-  if interpret is None:
-    interpret = _device_kind()[0] != "gpu"
-  return _triton_matmul(a, b, path=impl, bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype),
+  return _triton_matmul(a, b, path=impl, bm=bm, bn=bn, bk=bk, out_dtype=out_dtype,
                         interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
 
 __all__ = ["IMPLS", "blackwell_operands", "choose_impl", "default_tile", "fp4_matmul",
-           "kernel_path",
-           "matmul_reference", "weight_only_matmul", "weight_only_reference"]
+           "fp8_reference_codes", "kernel_path", "matmul_reference", "weight_only_matmul",
+           "weight_only_reference", "weight_only_splits"]

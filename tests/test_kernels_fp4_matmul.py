@@ -52,7 +52,9 @@ CASES = {
     "mxfp4_bf16": (MX, MX, "bf16"), "nvfp4_bf16": (NV, NV, "bf16"),
     "nvfp4_one_level_bf16": (NV.replace(tensor_scale=None),) * 2 + ("bf16",),
     "mxfp4_x_nvfp4_bf16": (MX, NV, "bf16"), "mxfp4_xla": (MX, MX, "xla"),
-    "mxfp4_fp8_xla": (MX, MX, "fp8_xla"),
+    "mxfp4_fp8_xla": (MX, MX, "fp8_xla"), "mxfp4_b16_fp8_xla": (MX.replace(block_size=16),) * 2
+    + ("fp8_xla",), "nvfp4_bf16_xla": (NV, NV, "bf16_xla"), "mxfp4_bf16_xla": (MX, MX, "bf16_xla"),
+    "mxfp4_x_nvfp4_bf16_xla": (MX, NV, "bf16_xla"),
 }
 
 
@@ -68,7 +70,7 @@ def test_matmul_matches_dequantized_product(case, data, rng):
   _assert_close(y, a, b, f"{case}/{data}")
 
 
-@pytest.mark.parametrize("impl", ["fp8", "bf16", "fp8_xla"])
+@pytest.mark.parametrize("impl", ["fp8", "bf16", "fp8_xla", "bf16_xla"])
 def test_nan_scales_poison_exactly_their_rows_and_columns(impl, rng):
   a, b = _operands(rng, 64, 256, 64, MX, MX)
   sa = np.asarray(jax.lax.bitcast_convert_type(a.scales, jnp.uint8)).copy()
@@ -86,13 +88,16 @@ def test_nan_scales_poison_exactly_their_rows_and_columns(impl, rng):
   _assert_close(y, a, b, f"nan scales/{impl}")
 
 
-@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
-def test_output_dtype_bf16_rounds_the_float32_result(name, rng):
+@pytest.mark.parametrize("name,impl", [("mxfp4", "fp8"), ("nvfp4", "bf16"),
+                                       ("mxfp4", "fp8_xla"), ("nvfp4", "bf16_xla")])
+def test_output_dtype_bf16_rounds_the_float32_result(name, impl, rng):
+  # fp8_xla rounds its GEMM's result to bf16 before the power-of-two epilogue: the same
+  # rounding, as long as results stay in bf16's normal range (they do here)
   a, b = _operands(rng, 32, 128, 32, fp4jax.get_spec(name), fp4jax.get_spec(name))
   y32 = fm.fp4_matmul(a, b, out_dtype=jnp.float32, tile=(32, 32, 64), interpret=INTERPRET,
-                      impl=fm.kernel_path(a, b))
+                      impl=impl)
   y16 = fm.fp4_matmul(a, b, out_dtype=jnp.bfloat16, tile=(32, 32, 64), interpret=INTERPRET,
-                      impl=fm.kernel_path(a, b))
+                      impl=impl)
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
 
@@ -111,7 +116,8 @@ def test_blackwell_operands_through_scaled_matmul(name, rng):
 
 
 @pytest.mark.parametrize("name,device,expected", [
-    ("mxfp4", ("cpu", 0), "xla"), ("mxfp4", ("gpu", 9), "fp8"), ("nvfp4", ("gpu", 9), "bf16"),
+    ("mxfp4", ("cpu", 0), "xla"), ("mxfp4", ("gpu", 9), "fp8_xla"),
+    ("nvfp4", ("gpu", 9), "bf16_xla"),
     ("mxfp4", ("gpu", 10), "blackwell"), ("nvfp4", ("gpu", 10), "blackwell"),
     ("mxfp8_e4m3", ("gpu", 9), "xla"), ("mxfp8_e4m3", ("gpu", 10), "xla"),
     ("int8_channel", ("gpu", 9), "xla"),
@@ -124,22 +130,33 @@ def test_dispatch_picks_the_documented_path(name, device, expected, rng):
 
 def test_auto_runs_the_dispatched_path(rng):
   a, b = _operands(rng, 128, 128, 128, MX, MX)
-  y = fm.fp4_matmul(a, b, out_dtype=jnp.float32)  # xla on CPU, fp8 on Hopper
+  y = fm.fp4_matmul(a, b, out_dtype=jnp.float32)  # xla on CPU, fp8_xla on Hopper
   _assert_close(y, a, b, "auto")
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("m", [1, 5, 16, 40])
-def test_weight_only_matches_reference(name, m, rng):
-  w = fp4jax.quantize(jnp.asarray(rng.standard_normal((256, 128)).astype(np.float32)), name, -2)
-  x = jnp.asarray(rng.standard_normal((m, 256)).astype(np.float32))
+@pytest.mark.parametrize("m,splits", [(1, 1), (5, 2), (16, None), (40, 4)])
+def test_weight_only_matches_reference(name, m, splits, rng):
+  w = fp4jax.quantize(jnp.asarray(rng.standard_normal((512, 128)).astype(np.float32)), name, -2)
+  x = jnp.asarray(rng.standard_normal((m, 512)).astype(np.float32))
   y = np.asarray(fm.weight_only_matmul(x, w, out_dtype=jnp.float32, tile=(16, 64, 128),
-                                       interpret=INTERPRET), np.float64)
+                                       splits=splits, interpret=INTERPRET), np.float64)
   ref = np.asarray(fm.weight_only_reference(x, w), np.float64)
   xb = np.abs(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64))
   mag = xb @ np.abs(np.asarray(dequantize(w, jnp.float32), np.float64))
   assert y.shape == (m, 128)
   assert (np.abs(y - ref) <= 2.0**-20 * mag + 1e-30).all()
+
+
+@pytest.mark.parametrize("m,n,k,expected", [
+    (16, 8192, 8192, 4),     # 128 output tiles of 64 columns: 4 K splits fill 2 per SM
+    (64, 8192, 8192, 4),     # bm = 64: one row tile
+    (256, 8192, 8192, 1),    # 4 x 128 tiles are enough
+    (16, 8192, 512, 2),      # K / bk = 2 allows at most 2
+])
+def test_weight_only_splits_fill_the_gpu(m, n, k, expected):
+  bm = min(64, -(-m // 16) * 16)
+  assert fm.weight_only_splits(m, n, k, bm, 64, 256) == expected
 
 
 def test_bad_operands_are_rejected_with_the_fix(rng):
@@ -163,5 +180,9 @@ def test_bad_operands_are_rejected_with_the_fix(rng):
     fm.weight_only_matmul(jnp.ones((4, 96)), b)
   with pytest.raises(ValueError, match="packed E2M1 weights"):
     fm.weight_only_matmul(jnp.ones((4, 128)), fp4jax.quantize(jnp.ones((128, 64)), "mxfp8_e4m3", -2))
+  with pytest.raises(ValueError, match="splits=3 must be >= 1 and divide"):
+    fm.weight_only_matmul(jnp.ones((4, 128)), b, tile=(16, 64, 32), splits=3)
+  with pytest.raises(ValueError, match="E8M0 only"):
+    fm.fp4_matmul(nv_a, nv_b, impl="fp8_xla")
   with pytest.raises(ValueError, match="blocked along the contraction axis"):
     fm.blackwell_operands(b, b)
