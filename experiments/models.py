@@ -52,8 +52,23 @@ class EncoderBlock(nn.Module):
     return x + dense(self.width, self.recipe, self.dtype, "fc2")(y)
 
 
+class _ScannedBlock(EncoderBlock):
+  """An encoder block in ``nn.scan``'s (carry, x) -> (carry, y) form."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    return super().__call__(x), None
+
+
 class ViT(nn.Module):
-  """Vision Transformer with a class token; images (B, H, W, C) -> logits (B, classes)."""
+  """Vision Transformer with a class token; images (B, H, W, C) -> logits (B, classes).
+
+  ``scan_layers=True`` runs the encoder blocks as one ``nn.scan`` (parameters stacked
+  along a leading depth axis under ``blocks``): the step compiles one block instead of
+  ``depth``, which matters most with quantized layers and Pallas kernels (each distinct
+  kernel call is lowered and compiled separately). Per-layer quantization keys are split
+  from the step's "quant" key either way.
+  """
 
   num_classes: int
   patch: int = 16
@@ -63,6 +78,7 @@ class ViT(nn.Module):
   mlp: int = 1536
   recipe: Any = None
   dtype: Any = jnp.float32
+  scan_layers: bool = False
 
   @classmethod
   def from_name(cls, name: str, num_classes: int, **kw) -> "ViT":
@@ -84,8 +100,14 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], 1)
     pos = self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
-    for i in range(self.depth):
-      x = EncoderBlock(self.width, self.heads, self.mlp, self.recipe, self.dtype,
-                       name=f"block{i}")(x)
+    if self.scan_layers:
+      blocks = nn.scan(_ScannedBlock, variable_axes={True: 0}, split_rngs={True: True},
+                       length=self.depth)
+      x, _ = blocks(self.width, self.heads, self.mlp, self.recipe, self.dtype,
+                    name="blocks")(x, None)
+    else:
+      for i in range(self.depth):
+        x = EncoderBlock(self.width, self.heads, self.mlp, self.recipe, self.dtype,
+                         name=f"block{i}")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln")(x[:, 0])
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

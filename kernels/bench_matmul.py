@@ -156,7 +156,7 @@ def _variants(m, k, n, rng, tile):
     for name, spec in (("mxfp4", MX), ("nvfp4", NV)):
       wq = fp4jax.quantize(w, spec, -2)
       v[f"weight_only_{name}"] = (jax.jit(lambda x, wq: fm.weight_only_matmul(x, wq)), (x, wq))
-      bm = min(64, -(-m // 16) * 16)
+      bm = fm.weight_only_rows_tile(m)
       for bn, splits, warps in ((128, None, 4), (64, 8, 4), (64, None, 8), (32, None, 4)):
         v[f"weight_only_{name}/bn{bn}_s{splits}_w{warps}"] = (jax.jit(
             lambda x, wq, bn=bn, splits=splits, warps=warps, bm=bm: fm.weight_only_matmul(

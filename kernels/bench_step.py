@@ -32,6 +32,7 @@ flags.DEFINE_integer("image", 224, "image side")
 flags.DEFINE_string("model", "vit_s16", "ViT configuration (experiments.models.VIT_CONFIGS)")
 flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"], "FP4 recipes to time")
 flags.DEFINE_list("impls", ["xla", "auto"], "GEMM implementations (fp4jax.gemm_impl)")
+flags.DEFINE_bool("scan_layers", True, "scan the encoder blocks (compiles one block, not 12)")
 flags.DEFINE_integer("reps", 5, "timed steps per run (median of 3 runs)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/step_<gpu>.json)")
 
@@ -80,7 +81,8 @@ def main(argv):
 
   base = None
   for recipe in ["bf16"] + FLAGS.recipes:
-    model = ViT.from_name(FLAGS.model, 1000, recipe=recipe, dtype=jnp.bfloat16)
+    model = ViT.from_name(FLAGS.model, 1000, recipe=recipe, dtype=jnp.bfloat16,
+                          scan_layers=FLAGS.scan_layers)
     params = model.init({"params": jax.random.key(0), "quant": key}, images[:2])
     opt_state = tx.init(params)
     losses = {}

@@ -63,6 +63,7 @@ log = logging.getLogger("fp4jax")
 U32, I32 = jnp.uint32, jnp.int32
 IMPLS = ("auto", "fp8_xla", "bf16_xla", "fp8", "bf16", "xla", "blackwell", "reference")
 _HIGHEST = lax.Precision.HIGHEST
+FP8_MIN_K = 2048  # contraction length from which "auto" takes the FP8 GEMM on Hopper
 
 
 # ---------------------------------------------------------------------------- reference
@@ -315,6 +316,13 @@ def _weight_only_call(x, w: QArray, *, bm, bn, bk, splits, out_dtype, interpret,
   return _apply_tensor_scales(y, w, None, out_dtype)[:m]
 
 
+def weight_only_rows_tile(m: int) -> int:
+  """Rows per program of the weight-only kernel: 16, 32 or 64, the smallest covering
+  ``m`` (Triton blocks are powers of two; past 64 the row tiles re-read the weights from
+  L2 rather than spill registers)."""
+  return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
 def weight_only_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int,
                        programs: int = 264) -> int:
   """K splits for the weight-only kernel: doubled (while K allows) until the grid has
@@ -341,8 +349,8 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
   along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
   is what pays on Hopper for skinny M (decoding, evaluation). ``x`` is rounded to bf16.
 
-  tile: (bm, bn, bk), default (M rounded up to 16 but at most 64, 64, 256); M is padded to
-    bm, K and N must be multiples.
+  tile: (bm, bn, bk), default (:func:`weight_only_rows_tile`, 64, 256); M is padded to
+    bm, K and N must be multiples; bm, bn, bk powers of two on a GPU.
   splits: K splits, each a program's float32 partial sum, added by XLA (default
     :func:`weight_only_splits`).
   """
@@ -355,7 +363,7 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
     raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
                      f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
   m, k, n = x.shape[0], x.shape[1], w.shape[1]
-  bm, bn, bk = tile or (min(64, -(-m // 16) * 16), 64, 256)
+  bm, bn, bk = tile or (weight_only_rows_tile(m), 64, 256)
   why = _tile_ok(bm, n, k, bm, bn, bk, w.spec.block_size, w.spec.block_size)
   if why:
     raise ValueError(f"weight_only_matmul: {why}")
@@ -472,8 +480,8 @@ def _device_kind() -> tuple[str, int]:
 def choose_impl(a: QArray, b: QArray, device: tuple[str, int] | None = None) -> str:
   """What ``impl="auto"`` runs for these operands on ``device`` (default: this one):
   Blackwell (sm_100+) and MXFP4/NVFP4-shaped operands -> "blackwell"; another GPU and
-  E2M1 operands with 8-bit scales -> "fp8_xla" (E8M0 scales on both) or "bf16_xla"
-  (NVFP4, mixed); otherwise "xla". The in-kernel-decoding Triton GEMMs ("fp8", "bf16")
+  E2M1 operands with 8-bit scales -> "fp8_xla" (E8M0 scales on both and K >=
+  ``FP8_MIN_K``) or "bf16_xla" (NVFP4, mixed, short K); otherwise "xla". The in-kernel-decoding Triton GEMMs ("fp8", "bf16")
   are never chosen: on an H100 they measured 10-100x slower (kernels/NOTES.md)."""
   platform, major = device or _device_kind()
   path = kernel_path(a, b)
@@ -481,7 +489,9 @@ def choose_impl(a: QArray, b: QArray, device: tuple[str, int] | None = None) -> 
     return "xla"
   if major >= 10 and _blackwell_ok(a, b):
     return "blackwell"
-  return "fp8_xla" if path == "fp8" else "bf16_xla"
+  # XLA's FP8 GEMM beats its BF16 one at K = 8192 (1.45x for the whole path) but loses
+  # at ViT-S's K = 384 (0.30x against 0.79x on an H100): FP8 from K = FP8_MIN_K on
+  return "fp8_xla" if path == "fp8" and a.shape[1] >= FP8_MIN_K else "bf16_xla"
 
 
 def _blackwell_ok(a, b) -> bool:
@@ -543,4 +553,4 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
 
 __all__ = ["IMPLS", "blackwell_operands", "choose_impl", "default_tile", "fp4_matmul",
            "fp8_reference_codes", "kernel_path", "matmul_reference", "weight_only_matmul",
-           "weight_only_reference", "weight_only_splits"]
+           "weight_only_reference", "weight_only_rows_tile", "weight_only_splits"]

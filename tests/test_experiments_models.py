@@ -22,6 +22,29 @@ def test_vit_shapes_and_quantized_layers(recipe, rng):
     assert not np.allclose(np.asarray(y), np.asarray(ViT.from_name("vit_tiny", 10).apply(params, x)))
 
 
+@pytest.mark.parametrize("recipe", [None, "mxfp4"])
+def test_scanned_layers_compute_the_same_model(recipe, rng):
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)).astype(np.float32))
+  loop = ViT.from_name("vit_tiny", 10, recipe=recipe)
+  scan = ViT.from_name("vit_tiny", 10, recipe=recipe, scan_layers=True)
+  p_loop = loop.init({"params": jax.random.key(0), "quant": jax.random.key(1)}, x)
+  p_scan = scan.init({"params": jax.random.key(0), "quant": jax.random.key(1)}, x)
+  blocks = p_scan["params"]["blocks"]
+  assert jax.tree.leaves(blocks)[0].shape[0] == 4, "parameters stacked along depth"
+  # the loop model's parameters, stacked, give the scanned model the same function
+  stacked = jax.tree.map(lambda *l: jnp.stack(l), *[p_loop["params"][f"block{i}"]
+                                                     for i in range(4)])
+  params = {k: v for k, v in p_loop["params"].items() if not k.startswith("block")}
+  params["blocks"] = stacked
+  assert jax.tree.structure(stacked) == jax.tree.structure(blocks)
+  # the forward pass rounds to nearest (stochastic rounding is for gradients), so the
+  # quantization keys, split differently by the scan, do not change the output
+  rngs = {"quant": jax.random.key(2)}
+  np.testing.assert_allclose(np.asarray(scan.apply({"params": params}, x, rngs=rngs)),
+                             np.asarray(loop.apply(p_loop, x, rngs=rngs)), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_vit_rejects_bad_sizes():
   with pytest.raises(ValueError, match="not a multiple of the patch size"):
     ViT.from_name("vit_tiny", 10).init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))
