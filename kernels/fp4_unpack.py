@@ -178,7 +178,8 @@ def gemm_operand(q: QArray, *, role: str, to: str, ref_code: jax.Array | None = 
     to: "e4m3" (E8M0 scales; ``value * 2^(s - ref_code)``) or "bf16" (``value * scale``).
     ref_code: int32 (rows,) reference E8M0 codes per output row (``to="e4m3"`` only).
     interpret: Pallas interpret mode (CPU).
-    rows_tile: output rows per program (rows need not be a multiple: edges are masked).
+    rows_tile: output rows per program, a power of two (rows need not be a multiple:
+      they are zero-padded to one).
 
   Returns:
     (M, K) or (N, K) float8_e4m3fn / bfloat16, K permuted as :func:`permute_k` says.
@@ -186,9 +187,21 @@ def gemm_operand(q: QArray, *, role: str, to: str, ref_code: jax.Array | None = 
   _check(q, role, to, ref_code)
   rows = q.shape[0] if role == "lhs" else q.shape[1]
   ref = (jnp.zeros((rows,), I32) if ref_code is None else ref_code.astype(I32))[:, None]
-  return _unpack_call(q.codes, scale_codes(q), ref, role=role, to=to,
-                      block=q.spec.block_size, pow2=q.spec.scale_format.is_pow2,
-                      rows_tile=rows_tile, interpret=interpret, num_warps=num_warps)
+  codes, scodes = q.codes, scale_codes(q)
+  # Ragged rows are zero-padded to whole tiles rather than left to masked loads and
+  # stores: on an H100 a masked, transposed E4M3 tile came out permuted (9 rows of a
+  # 32-row tile), so the kernel only ever sees whole tiles.
+  rows_tile = min(rows_tile, max(8, 1 << (rows - 1).bit_length()))
+  pad = -rows % rows_tile
+  if pad:
+    axis = 0 if role == "lhs" else 1
+    widths = lambda x: [(0, pad) if d == axis else (0, 0) for d in range(x.ndim)]
+    codes, scodes = jnp.pad(codes, widths(codes)), jnp.pad(scodes, widths(scodes))
+    ref = jnp.pad(ref, ((0, pad), (0, 0)))
+  y = _unpack_call(codes, scodes, ref, role=role, to=to, block=q.spec.block_size,
+                   pow2=q.spec.scale_format.is_pow2, rows_tile=rows_tile,
+                   interpret=interpret, num_warps=num_warps)
+  return y[:rows] if pad else y
 
 
 def permute_k(x: jax.Array) -> jax.Array:

@@ -107,7 +107,9 @@ def test_output_dtype_bf16_rounds_the_float32_result(name, impl, rng):
     ulp = np.abs(y32r) * 2.0**-7 + 1e-30  # one bf16 ulp at most, above the bound
     da, db = np.asarray(dequantize(a, jnp.float32)), np.asarray(dequantize(b, jnp.float32))
     mag = np.abs(da) @ np.abs(db)
-    assert (np.abs(y16f - y32r) <= ulp + TOL * mag).all(), f"{name}/{impl}: bf16 output"
+    bad = ~(np.abs(y16f - y32r) <= ulp + TOL * mag)
+    assert not bad.any(), (f"{name}/{impl}: bf16 output differs at {np.argwhere(bad)[:3]}: "
+                           f"{y16f[bad][:3]} vs {y32r[bad][:3]} (bound {(ulp + TOL * mag)[bad][:3]})")
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
