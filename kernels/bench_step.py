@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -25,6 +26,7 @@ from absl import app, flags
 import fp4jax
 from experiments.models import ViT
 from kernels.timing import median_time
+from kernels.trace_summary import summarize_trace
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 256, "images per step")
@@ -35,6 +37,9 @@ flags.DEFINE_list("impls", ["xla", "auto"], "GEMM implementations (fp4jax.gemm_i
 flags.DEFINE_bool("scan_layers", True, "scan the encoder blocks (compiles one block, not 12)")
 flags.DEFINE_integer("reps", 5, "timed steps per run (median of 3 runs)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/step_<gpu>.json)")
+flags.DEFINE_bool("profile", True, "trace 2 steps per run with jax.profiler and record where the "
+                  "GPU time goes (kernels.trace_summary: GEMMs, quantize kernels, fusions)")
+flags.DEFINE_string("trace_dir", None, "keep the raw traces here (default: a temporary directory)")
 
 
 def make_step(model, tx):
@@ -58,6 +63,15 @@ def time_step(step, params, opt_state, images, labels, key, reps):
   first = time.perf_counter() - t0
   t = median_time(step, params, opt_state, images, labels, key, reps=reps, runs=3)
   return t, loss, first
+
+
+def profile_step(step, params, opt_state, images, labels, key, trace_dir, steps=2):
+  """GPU time per step by kernel category (kernels.trace_summary) over ``steps`` traced steps."""
+  jax.block_until_ready(step(params, opt_state, images, labels, key))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      jax.block_until_ready(step(params, opt_state, images, labels, key))
+  return summarize_trace(trace_dir, steps, top=12)
 
 
 def main(argv):
@@ -100,6 +114,14 @@ def main(argv):
         print(f"{label:20} {t * 1e3:9.2f} ms  loss {loss:.5f}  "
               f"{t / base if base else float('nan'):5.2f} x bf16  (first call {first:.0f} s)",
               flush=True)
+        if FLAGS.profile:
+          tdir = os.path.join(FLAGS.trace_dir or tempfile.mkdtemp(), label.replace("/", "_"))
+          prof = profile_step(step, params, opt_state, images, labels, key, tdir)
+          res["steps"][label]["profile"] = prof
+          print("    GPU ms/step " + f"{prof['device_ms_per_step']:.2f}: " + ", ".join(
+              f"{k} {v:.2f}" for k, v in prof["by_category_ms"].items()), flush=True)
+          for name, ms, n in prof["top_kernels"][:6]:
+            print(f"      {ms:7.3f} ms  x{n:g}  {name[:90]}", flush=True)
       except Exception as e:
         res["steps"][label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         print(f"{label:20} {res['steps'][label]}", flush=True)
