@@ -22,6 +22,7 @@ for the three Hadamard transforms), so one step key reproduces a run bit for bit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import functools
 import logging
@@ -117,23 +118,93 @@ def _transposed(q):
                      else -2, tuple(reversed(q.padding)), q.orig_dtype)
 
 
-def _gemm(xv, xq, yv, yq, eq, impl):
+def _gemm(xv, xq, yv, yq, eq, impl, kernel_operands=None):
   """``einsum(eq, x, y)`` in float32: through :func:`kernels.fp4_matmul.fp4_matmul` when
   ``impl`` asks for kernels and both operands are 2D QArrays of a supported pair (``xq``
-  (M, K) blocked along K, ``yq`` (K, N) blocked along K), else XLA on the fake-quantized
-  values. Both give the product of the same quantized values; only the accumulation
-  order differs."""
-  if impl != "xla" and xq is not None and yq is not None:
+  (M, K) blocked along K, ``yq`` (K, N) blocked along K); else an XLA BF16 GEMM of the
+  dequantized operands where that is exact (:func:`_mm_bf16_exact`); else XLA's f32 GEMM
+  on the fake-quantized values. All give the product of the same quantized values; only
+  the accumulation order (and, for tensor-scaled operands off the reference path, where
+  the tensor scale is applied) differs.
+
+  ``xq``/``yq`` are the QArrays of ``xv``/``yv`` in their layout; ``kernel_operands``
+  the same QArrays as the kernels take them (2D, (M, K) and (K, N)), default ``xq, yq``.
+  """
+  kxq, kyq = kernel_operands or (xq, yq)
+  if impl != "xla" and kxq is not None and kyq is not None:
     from kernels import fp4_matmul as fm  # kernels import the core; never the reverse
-    path = fm.kernel_path(xq, yq)
-    fm_impl = path if impl == "pallas" else fm.choose_impl(xq, yq)
-    tile = fm.default_tile(xq.shape[0], xq.shape[1], yq.shape[1])
+    path = fm.kernel_path(kxq, kyq)
+    fm_impl = path if impl == "pallas" else fm.choose_impl(kxq, kyq)
+    tile = fm.default_tile(kxq.shape[0], kxq.shape[1], kyq.shape[1])
     if path is not None and (tile is not None or fm_impl.endswith("_xla")):
       if fm_impl != "xla":
         logging.getLogger("fp4jax").debug("qdot: GEMM %s via kernels/fp4_matmul (%s)", eq,
                                           fm_impl)
-        return fm.fp4_matmul(xq, yq, impl=fm_impl, out_dtype=jnp.float32, tile=tile)[None]
+        return fm.fp4_matmul(kxq, kyq, impl=fm_impl, out_dtype=jnp.float32, tile=tile)[None]
+  # BF16 tensor cores when every product stays exact. Tensor scales then move to the
+  # epilogue (one f32 rounding per block scale away from the fake-quantized values), so
+  # the reference path, impl="xla", takes this only for operands without them (MX).
+  if (xq is not None and yq is not None and bf16_exact(xq.spec) and bf16_exact(yq.spec)
+      and all(q.tensor_scale is None if impl == "xla" else
+              q.tensor_scale is None or q.tensor_scale.size == 1 for q in (xq, yq))):
+    return _mm_bf16_exact(xq, xv.shape, yq, yv.shape, eq)
   return _mm(xv, yv, eq)
+
+
+def significand_bits(spec: QuantSpec) -> int | None:
+  """Significant bits of ``element x block scale`` (the tensor scale left out), or None
+  when the scale has more than 8 (FP32 / BF16 scales).
+
+  An element of ``m`` mantissa bits has ``m + 1`` significant bits (integers: ``bits - 1``
+  magnitude bits, ``mbits + 1`` too); a power-of-two scale adds none; a float scale of
+  ``n`` mantissa bits multiplies two integer significands, ``(m + 1) + (n + 1)`` bits.
+  """
+  elem, sfmt = spec.element, spec.scale_format
+  sig = elem.mbits + 1
+  if sfmt.is_pow2:
+    return sig
+  if sfmt.element is None or sfmt.element.mbits > 7:
+    return None
+  return sig + sfmt.element.mbits + 1
+
+
+def bf16_exact(spec: QuantSpec) -> bool:
+  """Whether ``element x block scale`` is exactly a bfloat16 for every code and scale.
+
+  BF16 has 8 significant bits and FP32's exponent range, so it holds the product when
+  :func:`significand_bits` is at most 8: E2M1 x E8M0 (MXFP4, 2 bits), E2M1 x E4M3
+  (NVFP4, 6), E4M3 x E4M3 (7), INT8 x E8M0 (7). Products below 2^-126 are BF16 subnormals
+  with fewer bits; they are smaller than any term a normal-range product can be
+  distinguished from at float32 accumulation, so they stay within the accumulation bound.
+  """
+  sig = significand_bits(spec)
+  return sig is not None and sig <= 8
+
+
+def _mm_bf16_exact(xq, x_shape, yq, y_shape, eq):
+  """``einsum(eq, x, y)`` of two quantized operands on BF16 tensor cores, f32 accumulation.
+
+  Each operand is dequantized *without* its tensor scale (exact in BF16 by
+  :func:`bf16_exact`), so every product is exact in the f32 accumulator, as in the f32
+  GEMM of the fake-quantized values; the FP32 tensor scales multiply the f32 result.
+  Against ``_mm`` of the fake-quantized values (where the tensor scale is folded into each
+  block scale, ``fl(t * s)``) this differs by accumulation order and by one f32 rounding
+  per block scale, both inside the ``2^-22 * sum |x_i y_i|`` bound the tests use. The f32
+  GEMM (``precision=HIGHEST``) runs on the GPU's FP32 pipes, ~10x slower than BF16.
+  """
+  def parts(q, shape):
+    t = q.tensor_scale
+    q = dataclasses.replace(q, tensor_scale=None) if t is not None else q
+    return dequantize(q, jnp.bfloat16).reshape(shape), t
+  a, ta = parts(xq, x_shape)
+  b, tb = parts(yq, y_shape)
+  if jax.default_backend() == "cpu":  # XLA:CPU has no BF16 x BF16 -> F32 dot thunk
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  out = jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+  for t in (ta, tb):
+    if t is not None:
+      out = out * t.reshape(())
+  return out
 
 
 def _rht(x, axis, key_data, block, which, transpose=False):
@@ -184,12 +255,13 @@ def _backward_gemm(x, y, axis, key_data, block, which, ops, specs, eq, impl):
                                 key_data, ops[0], impl=impl)
   yv, _, yq = _quantize_operand(_rht(y, axis, key_data, block, which), specs[1], axis,
                                 key_data, ops[1], impl=impl)
+  kxq, kyq = xq, yq  # the kernels' layout: (M, K) . (K, N), both blocked along K
   if xq is not None and yq is not None and xq.ndim == 2:
     if axis == -1:   # dgrad: x (M, N) . y (K, N)^T
-      yq = _transposed(yq)
+      kyq = _transposed(yq)
     else:            # wgrad: x (M, K)^T . y (M, N)
-      xq = _transposed(xq)
-  return _gemm(xv, xq, yv, yq, eq, impl)
+      kxq = _transposed(xq)
+  return _gemm(xv, xq, yv, yq, eq, impl, kernel_operands=(kxq, kyq))
 
 
 @functools.lru_cache(maxsize=None)

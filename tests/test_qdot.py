@@ -1,5 +1,6 @@
 """fp4jax.qdot: forward, dgrad and wgrad of every recipe against a hand-written reference."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import fp4jax
-from fp4jax import estimators, hadamard, recipes
+from fp4jax import estimators, hadamard, qdot, recipes
 
 RECIPES = sorted(recipes.RECIPES)
 OPS = recipes.OPERANDS
@@ -301,3 +302,57 @@ def test_wgrad_pads_token_counts_that_are_not_block_multiples(recipe, rng):
   # deterministic recipes must agree exactly.
   if not fp4jax.recipes.get(recipe).needs_key:
     np.testing.assert_array_equal(np.asarray(gw), np.asarray(gw_padded))
+
+
+@pytest.mark.parametrize("name,bits", [
+    ("mxfp4", 2), ("mxfp6_e2m3", 4), ("mxfp6_e3m2", 3), ("mxfp8_e4m3", 4), ("mxfp8_e5m2", 3),
+    ("mxint8", 7), ("nvfp4", 6), ("nvfp4_2d", 6), ("int4_g32", None), ("int4_g128", 11),
+    ("fp8_e4m3_channel", None)])
+def test_significand_bits_and_bf16_exactness(name, bits):
+  spec = fp4jax.get_spec(name)
+  assert qdot.significand_bits(spec) == bits, f"{name}: expected {bits} significant bits"
+  assert qdot.bf16_exact(spec) == (bits is not None and bits <= 8)
+
+
+def _wide_operand(rng, shape):
+  """Random normal values times per-row powers of two from 2^-60 to 2^60, zeros, and
+  values at the top of the element range."""
+  x = rng.standard_normal(shape).astype(np.float32)
+  x *= np.exp2(rng.integers(-60, 61, (shape[0], 1))).astype(np.float32)
+  x[rng.random(shape) < 0.05] = 0.0
+  x[0, :] = 0.0  # a whole zero row: zero blocks
+  return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp6_e2m3", "mxfp8_e4m3", "mxint8", "nvfp4",
+                                  "nvfp4_2d"])
+def test_bf16_exact_specs_dequantize_exactly_to_bf16(name, rng):
+  # The claim _mm_bf16_exact rests on: element x block scale (tensor scale left out) is a
+  # bfloat16, bit for bit, on random data with a wide per-row exponent spread.
+  spec = fp4jax.get_spec(name)
+  x = _wide_operand(rng, (64, 128))
+  q = fp4jax.quantize(x, spec, -1)
+  if q.tensor_scale is not None:
+    q = dataclasses.replace(q, tensor_scale=None)
+  f32 = fp4jax.dequantize(q, jnp.float32)
+  via_bf16 = fp4jax.dequantize(q, jnp.bfloat16).astype(jnp.float32)
+  np.testing.assert_array_equal(np.asarray(via_bf16), np.asarray(f32),
+                                err_msg=f"{name}: element x block scale is not exact in bf16")
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp8_e4m3", "nvfp4", "nvfp4_2d"])
+def test_bf16_exact_gemm_matches_f32_gemm_of_fake_quantized_values(name, rng):
+  # MX (no tensor scale): the same products, so equal up to accumulation order (exactly
+  # equal on CPU, where both are the same f32 GEMM). NVFP4: tensor scales move to the epilogue; bound 2^-22 sum|x y|.
+  spec = fp4jax.get_spec(name)
+  x, w = _wide_operand(rng, (32, 128)), jnp.asarray(rng.standard_normal((128, 48)),
+                                                     jnp.float32)
+  xq, wq = fp4jax.quantize(x, spec, -1), fp4jax.quantize(w, spec, -2)
+  xv, wv = fp4jax.dequantize(xq, jnp.float32), fp4jax.dequantize(wq, jnp.float32)
+  got = np.asarray(qdot._mm_bf16_exact(xq, xv.shape, wq, wv.shape, "mk,kn->mn"))
+  want = np.asarray(qdot._mm(xv, wv, "mk,kn->mn"))
+  bound = 2.0 ** -22 * np.asarray(qdot._mm(jnp.abs(xv), jnp.abs(wv), "mk,kn->mn"))
+  assert np.all(np.abs(got - want) <= bound), (
+      f"{name}: worst |got - want| / bound = {np.max(np.abs(got - want) / (bound + 1e-300))}")
+  if spec.tensor_scale is None and jax.default_backend() == "cpu":  # GPU: cuBLAS's order
+    np.testing.assert_array_equal(got, want, err_msg=f"{name}: same products, same sum")
