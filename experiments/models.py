@@ -79,6 +79,7 @@ class ViT(nn.Module):
   recipe: Any = None
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  quantize_embed: bool = True  # False: the patch embedding stays high precision
 
   @classmethod
   def from_name(cls, name: str, num_classes: int, **kw) -> "ViT":
@@ -95,7 +96,7 @@ class ViT(nn.Module):
       raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
     x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (hh // p) * (ww // p), p * p * c).astype(self.dtype)
-    x = dense(self.width, self.recipe, self.dtype, "embed")(x)
+    x = dense(self.width, self.recipe if self.quantize_embed else None, self.dtype, "embed")(x)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], 1)
     pos = self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], self.width))

@@ -45,7 +45,8 @@ _H_FWD, _H_DGRAD, _H_WGRAD = 6, 7, 8
 
 
 IMPLS = ("xla", "auto", "pallas")
-_DEFAULT_IMPL = contextvars.ContextVar("fp4jax_gemm_impl", default="xla")
+# "auto": the kernels on a GPU (measured faster there: kernels/NOTES.md), "xla" elsewhere.
+_DEFAULT_IMPL = contextvars.ContextVar("fp4jax_gemm_impl", default="auto")
 
 
 @contextlib.contextmanager
@@ -356,7 +357,7 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     rhs_reference: optional array of rhs's shape (e.g. an EMA of the weights) that decides
       the rounding direction of the forward weight quantizer (TetraJet's Q-EMA,
       :mod:`fp4jax.reference_rounding`); no gradient flows into it.
-    impl: None (the :func:`gemm_impl` context's, "xla" by default), "xla" (pure JAX,
+    impl: None (the :func:`gemm_impl` context's, "auto" by default), "xla" (pure JAX,
       the reference), "auto" (on a GPU: the fused quantize kernels
       and the FP4 GEMM kernels of ``kernels/`` for forward, dgrad and wgrad wherever the
       operand pair is supported (2D after flattening, E2M1 with 8-bit block scales),
@@ -411,6 +412,8 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
   impl = _DEFAULT_IMPL.get() if impl is None else impl
   if impl not in IMPLS:
     raise ValueError(f"qdot_general: impl must be 'xla', 'auto' or 'pallas', got {impl!r}")
+  if impl == "auto" and jax.default_backend() != "gpu":
+    impl = "xla"  # off a GPU, "auto" is the reference path, bit for bit
   y = _qmatmul_for(recipe, out_dtype, impl)(a, w, key_data, w_ref)
   if recipe.occ_quantile is not None:
     y = (y.astype(jnp.float32) + _mm(residual.astype(jnp.float32), w.astype(jnp.float32),

@@ -356,3 +356,24 @@ def test_bf16_exact_gemm_matches_f32_gemm_of_fake_quantized_values(name, rng):
       f"{name}: worst |got - want| / bound = {np.max(np.abs(got - want) / (bound + 1e-300))}")
   if spec.tensor_scale is None and jax.default_backend() == "cpu":  # GPU: cuBLAS's order
     np.testing.assert_array_equal(got, want, err_msg=f"{name}: same products, same sum")
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
+def test_default_impl_is_auto_and_off_gpu_equals_the_reference_bit_for_bit(recipe, rng):
+  assert qdot._DEFAULT_IMPL.get() == "auto", "the default GEMM impl should be 'auto'"
+  x = jnp.asarray(rng.standard_normal((32, 64)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal((64, 48)).astype(np.float32) * 0.1)
+  key = jax.random.key(3)
+
+  def f(x, w, impl):
+    y = fp4jax.qdot_general(x, w, (((1,), (0,)), ((), ())), recipe, key, impl=impl)
+    return jnp.sum(jnp.sin(y))
+
+  got = jax.value_and_grad(f, argnums=(0, 1))(x, w, None)
+  want = jax.value_and_grad(f, argnums=(0, 1))(x, w, "xla")
+  if jax.default_backend() != "gpu":
+    for name, u, v in zip(("loss", "dx", "dw"), jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v),
+                                    err_msg=f"{recipe}: default impl differs from 'xla' ({name})")
+  else:  # on a GPU, the kernels: equal up to accumulation order
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=2e-2)

@@ -1,0 +1,175 @@
+"""What every experiment script shares: its work directory, metrics log, progress line,
+checkpoints with bit-exact resume, Ctrl-C handling, plots and the closing summary.
+
+A work directory holds::
+
+    config.json          every flag, fp4jax / jax / flax versions, the device
+    <run>/metrics.jsonl  one JSON object per logged step (train) or evaluation (eval)
+    <run>/checkpoints/   orbax checkpoints (fp4jax.checkpoint)
+    <run>/final.json     the run's final metrics
+    *.png                plots (matplotlib, Agg backend)
+    summary.md           the closing table: final metrics per run, gaps to the baseline
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+
+import fp4jax
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+
+
+def write_config(workdir: str, flag_values: dict[str, Any], **extra) -> dict:
+  """``workdir/config.json``: the flags, library versions and device."""
+  import flax
+  import optax
+  cfg = {"flags": flag_values, "fp4jax": getattr(fp4jax, "__version__", "0"),
+         "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+         "python": platform.python_version(), "device": device_description(),
+         "argv": sys.argv, **extra}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=1, default=str)
+  return cfg
+
+
+def flag_dict(flags_module, names: Iterable[str]) -> dict[str, Any]:
+  return {n: flags_module.FLAGS[n].value for n in names}
+
+
+class MetricsLog:
+  """Appends JSON lines to ``path``; :meth:`truncate` drops entries after a step, so a
+  resumed run's log equals an uninterrupted run's."""
+
+  def __init__(self, path: str):
+    self.path = path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+  def write(self, record: dict[str, Any]) -> None:
+    clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) and
+                 np.ndim(v) == 0 else v) for k, v in record.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(clean) + "\n")
+
+  def read(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def truncate(self, after_step: int) -> None:
+    keep = [r for r in self.read() if r.get("step", 0) <= after_step]
+    with open(self.path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+class Progress:
+  """One line per call: step, loss, throughput and ETA."""
+
+  def __init__(self, total_steps: int, examples_per_step: int, label: str = ""):
+    self.total, self.per_step, self.label = total_steps, examples_per_step, label
+    self.t0, self.s0 = None, None
+
+  def __call__(self, step: int, **metrics) -> str:
+    now = time.perf_counter()
+    if self.t0 is None:  # the first call includes compilation: time from here
+      self.t0, self.s0 = now, step
+    done, elapsed = step - self.s0, now - self.t0
+    rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
+    eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
+    parts = [f"{self.label} step {step}/{self.total}"]
+    parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
+    if rate == rate:
+      parts += [f"{rate:.1f} steps/s ({rate * self.per_step:.0f} ex/s)",
+                f"ETA {eta:.0f}s" if math.isfinite(eta) else "ETA ?"]
+    line = " | ".join(parts)
+    print(line, flush=True)
+    return line
+
+
+class StopRequested:
+  """Turns Ctrl-C (SIGINT) into a flag the training loop checks between steps, so the run
+  saves a checkpoint and exits cleanly; a second Ctrl-C interrupts at once."""
+
+  def __init__(self):
+    self.requested = False
+
+  def _handler(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+
+  @contextlib.contextmanager
+  def installed(self):
+    try:
+      old = signal.signal(signal.SIGINT, self._handler)
+    except ValueError:  # not the main thread: leave SIGINT alone
+      yield self
+      return
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGINT, old)
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], key: str, path: str, title: str,
+                kind: str = "eval", ylabel: str | None = None, logy: bool = False) -> str:
+  """One line per run of ``key`` against step, from the runs' ``kind`` records."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  for name, records in runs.items():
+    pts = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
+    if pts:
+      s, v = zip(*pts)
+      ax.plot(s, v, label=name, lw=1.4)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel or key)
+  if logy:
+    ax.set_yscale("log")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return "" if v is None else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_summary(workdir: str, title: str, rows: Sequence[dict[str, Any]],
+                  columns: Sequence[str], notes: str = "") -> str:
+  """``workdir/summary.md``; also printed."""
+  text = f"# {title}\n\n{markdown_table(rows, columns)}\n"
+  if notes:
+    text += f"\n{notes}\n"
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(text)
+  print(text, flush=True)
+  return text

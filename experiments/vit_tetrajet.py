@@ -1,0 +1,399 @@
+r"""ViT training in FP4: BF16 against MXFP4, TetraJet (with and without Q-EMA / Q-Ramping),
+NVFP4 and any other recipe or format, on real data that ships with scikit-learn.
+
+    python -m experiments.vit_tetrajet --format=mxfp4                       # TetraJet
+    python -m experiments.vit_tetrajet --compare=bf16,mxfp4,tetrajet,tetrajet+qema+qramp,nvfp4
+    python -m experiments.vit_tetrajet --format=nvfp4 --block_size=32 --workdir=/tmp/nv32
+    python -m experiments.vit_tetrajet --workdir=/tmp/run --resume          # continue a run
+
+A *run* is named ``<recipe>[+qema][+qramp]``: a recipe of :mod:`fp4jax.recipes` (or a
+format preset of :mod:`fp4jax.spec`, used for all six GEMM operands), optionally with
+TetraJet's Q-EMA (Chen et al. 2025, arXiv 2502.20853, Sec. 4.2: round each weight toward
+its EMA) and Q-Ramping (Sec. 4.3: longer update intervals for oscillating weights). Every
+linear layer of the encoder blocks is quantized; the patch embedding (K = patch^2 x
+channels, 4 on digits) and the classifier head stay in high precision, as in TetraJet and
+NVIDIA's recipe. Each run logs train loss, test loss / accuracy and, for quantized runs,
+the weight oscillation metrics of :func:`fp4jax.optim.track_oscillation` (fraction of
+weights whose quantized value flipped in the last step, fraction oscillating in a window).
+
+Outputs (``--workdir``): ``config.json``, ``<run>/metrics.jsonl``, ``<run>/checkpoints``,
+``<run>/final.json``, ``accuracy.png``, ``loss.png``, ``oscillation.png``, ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+import fp4jax
+from experiments import common, data
+from experiments.models import VIT_CONFIGS, ViT
+from fp4jax import optim, recipes as recipes_lib
+from fp4jax.optim.weights import path_str
+
+MODELS = {"vit_digits": (2, 64, 4, 4, 256), **VIT_CONFIGS}  # (patch, width, depth, heads, mlp)
+FORMAT_RECIPES = {"mxfp4": "tetrajet", "nvfp4": "nvfp4", "mxfp8": "mxfp8", "mxfp6": "mxfp6",
+                  "fp8": "fp8", "bf16": "bf16"}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("format", "mxfp4", "element format: mxfp4 (recipe tetrajet), nvfp4, mxfp8, "
+                    "mxfp6, fp8, bf16, or any fp4jax.spec preset (all six operands)")
+flags.DEFINE_string("recipe", None, "fp4jax recipe (default: the format's; see fp4jax.recipes)")
+flags.DEFINE_integer("block_size", None, "override the block size of every block-scaled "
+                     "operand (tiles become block_size x block_size)")
+flags.DEFINE_string("scale_mode", None, "override the scale rule (floor/ceil/even/rceil for "
+                    "E8M0 scales, amax for float scales)")
+flags.DEFINE_bool("q_ema", False, "TetraJet Q-EMA: round weights toward their EMA")
+flags.DEFINE_float("q_ema_decay", 0.998, "Q-EMA decay")
+flags.DEFINE_bool("q_ramping", False, "TetraJet Q-Ramping of oscillating weights")
+flags.DEFINE_list("compare", [], "runs to train one after the other and plot together, e.g. "
+                  "bf16,mxfp4,tetrajet,tetrajet+qema,tetrajet+qema+qramp,nvfp4 (overrides "
+                  "--format/--recipe/--q_ema/--q_ramping)")
+flags.DEFINE_string("model", "vit_digits", f"one of {', '.join(MODELS)}")
+flags.DEFINE_enum("dataset", "digits", list(data.VISION_DATASETS), "training data")
+flags.DEFINE_string("data_dir", None, "folder of cifar10 / imagefolder data")
+flags.DEFINE_integer("image_size", None, "resize imagefolder images to this side")
+flags.DEFINE_integer("steps", 600, "training steps per run")
+flags.DEFINE_integer("batch_size", 128, "images per step")
+flags.DEFINE_float("lr", 2e-3, "peak learning rate (AdamW, linear warmup, cosine decay)")
+flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay")
+flags.DEFINE_integer("warmup", 100, "warmup steps")
+flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
+flags.DEFINE_integer("eval_every", 100, "evaluate on the test split every this many steps")
+flags.DEFINE_integer("log_every", 50, "log train metrics every this many steps")
+flags.DEFINE_integer("checkpoint_every", 500, "checkpoint every this many steps")
+flags.DEFINE_string("workdir", "runs/vit_tetrajet", "output directory")
+flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl: auto, xla, pallas)")
+flags.DEFINE_bool("scan_layers", True, "compile one encoder block (nn.scan) instead of depth")
+
+_FLAG_NAMES = ("format", "recipe", "block_size", "scale_mode", "q_ema", "q_ema_decay",
+               "q_ramping", "compare", "model", "dataset", "data_dir", "image_size", "steps",
+               "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every", "log_every",
+               "checkpoint_every", "workdir", "resume", "dtype", "impl", "scan_layers")
+
+
+class RunSpec(NamedTuple):
+  name: str
+  recipe: recipes_lib.Recipe
+  q_ema: bool
+  q_ramping: bool
+
+
+def _override(spec, block_size, scale_mode):
+  if spec is None:
+    return None
+  if block_size is not None:
+    if spec.granularity == "block":
+      spec = spec.replace(block_size=block_size)
+    elif spec.granularity == "tile":
+      spec = spec.replace(tile=(block_size, block_size))
+    else:
+      raise ValueError(f"--block_size={block_size}: {spec.name or 'a spec'} is scaled per "
+                       f"{spec.granularity}, not per block; drop --block_size")
+  if scale_mode is not None:
+    spec = spec.replace(scale_mode=scale_mode)
+  return spec
+
+
+_OPERANDS = ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs", "wgrad_lhs", "wgrad_grad")
+
+
+def build_recipe(name: str, block_size: int | None = None,
+                 scale_mode: str | None = None) -> recipes_lib.Recipe:
+  """The recipe a run name's first part selects, with block size / scale rule overrides."""
+  if name in recipes_lib.RECIPES:
+    r = recipes_lib.get(name)
+  elif name in fp4jax.spec.PRESETS:
+    s = fp4jax.get_spec(name)
+    r = recipes_lib.Recipe(name, s, s, s, s, s, s, reference=f"{name} for all six operands")
+  else:
+    raise ValueError(f"unknown recipe or format {name!r}; recipes: "
+                     f"{', '.join(sorted(recipes_lib.RECIPES))}; formats: "
+                     f"{', '.join(sorted(fp4jax.spec.PRESETS))}")
+  if block_size is None and scale_mode is None or r.is_identity:
+    return r
+  try:
+    changes = {op: _override(getattr(r, op), block_size, scale_mode) for op in _OPERANDS}
+    tag = "".join([f"_b{block_size}" if block_size else "", f"_{scale_mode}" if scale_mode else ""])
+    return r.replace(name=r.name + tag, **changes)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"recipe {name!r} with --block_size={block_size} "
+                     f"--scale_mode={scale_mode}: {e}") from None
+
+
+def parse_run(name: str, block_size=None, scale_mode=None) -> RunSpec:
+  """``<recipe>[+qema][+qramp]`` -> RunSpec."""
+  parts = [p.strip() for p in name.split("+") if p.strip()]
+  if not parts:
+    raise ValueError(f"empty run name {name!r}")
+  extras = set(parts[1:])
+  unknown = extras - {"qema", "qramp"}
+  if unknown:
+    raise ValueError(f"run {name!r}: unknown option(s) {sorted(unknown)}; use +qema, +qramp")
+  recipe = build_recipe(parts[0], block_size, scale_mode)
+  if recipe.is_identity and extras:
+    raise ValueError(f"run {name!r}: Q-EMA / Q-Ramping need a quantized recipe")
+  return RunSpec(name, recipe, "qema" in extras, "qramp" in extras)
+
+
+def runs_from_flags() -> list[RunSpec]:
+  if FLAGS.compare:
+    return [parse_run(n, FLAGS.block_size, FLAGS.scale_mode) for n in FLAGS.compare]
+  recipe = FLAGS.recipe or FORMAT_RECIPES.get(FLAGS.format, FLAGS.format)
+  name = recipe + ("+qema" if FLAGS.q_ema else "") + ("+qramp" if FLAGS.q_ramping else "")
+  return [parse_run(name, FLAGS.block_size, FLAGS.scale_mode)]
+
+
+def check_model_fits(recipe: recipes_lib.Recipe, model: str) -> None:
+  """Every quantized GEMM axis of the encoder blocks must hold whole blocks."""
+  _, width, _, heads, mlp = MODELS[model]
+  for op in _OPERANDS:
+    spec = getattr(recipe, op)
+    if spec is None:
+      continue
+    blk = spec.block_size if spec.granularity == "block" else (
+        spec.tile[0] if spec.granularity == "tile" else 1)
+    for what, n in (("width", width), ("MLP width", mlp), ("QKV width", 3 * width)):
+      if n % blk:
+        raise ValueError(f"block size {blk} of recipe {recipe.name!r} does not divide the "
+                         f"{what} {n} of --model={model}: pass a --block_size that divides "
+                         f"{width} and {mlp}, or a wider --model")
+
+
+def quantized_weight_fn(recipe: recipes_lib.Recipe):
+  """Weight spec function (fp4jax.optim.weights) for the encoder blocks' kernels."""
+  spec = recipe.fwd_rhs
+  if spec is not None and spec.rounding == "stochastic":
+    spec = spec.replace(rounding="nearest")
+  if spec is not None and spec.tensor_scale is not None:
+    # NVFP4's FP32 tensor scale moves with the tensor's amax at every update, which would
+    # count every weight as flipping; track codes times block scales instead.
+    spec = spec.replace(tensor_scale=None)
+
+  def fn(path, leaf):
+    p = path_str(path)
+    if spec is not None and p.endswith("kernel") and ("blocks" in p or "/block" in p
+                                                      or p.startswith("block")):
+      return spec, -2
+    return None
+  return fn
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  key: jax.Array
+
+
+def make_optimizer(run: RunSpec, steps: int) -> optax.GradientTransformation:
+  sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, min(FLAGS.warmup, steps // 2),
+                                             max(steps, 1), FLAGS.lr * 0.01)
+  adamw = optax.adamw(sched, weight_decay=FLAGS.weight_decay)
+  wfn = quantized_weight_fn(run.recipe)
+  base = optim.q_ramping(adamw, weights=wfn) if run.q_ramping else adamw
+  chain = [optax.clip_by_global_norm(1.0), base]
+  if run.q_ema:
+    chain.append(optim.q_ema(FLAGS.q_ema_decay, weights=wfn))
+  if not run.recipe.is_identity:
+    chain.append(optim.track_oscillation(weights=wfn, window=50))
+  return optax.chain(*chain)
+
+
+def compute_dtype():
+  if FLAGS.dtype == "auto":
+    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  return jnp.dtype(FLAGS.dtype)
+
+
+def build_model(run: RunSpec, num_classes: int) -> ViT:
+  p, w, d, h, m = MODELS[FLAGS.model]
+  return ViT(num_classes, p, w, d, h, m, recipe=None if run.recipe.is_identity else run.recipe,
+             dtype=compute_dtype(), scan_layers=FLAGS.scan_layers, quantize_embed=False)
+
+
+def make_steps(model: ViT, tx, run: RunSpec):
+  def apply(params, opt_state, images, key):
+    variables = {"params": params}
+    if run.q_ema:
+      variables["q_ema"] = optim.q_ema_reference(opt_state, params)
+    return model.apply(variables, images, rngs={"quant": key})
+
+  def loss_fn(params, opt_state, images, labels, key):
+    logits = apply(params, opt_state, images, key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           labels).mean()
+
+  @jax.jit
+  def train_step(state: TrainState, images, labels):
+    key = jax.random.fold_in(state.key, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.opt_state, images, labels, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if not run.recipe.is_identity:
+      osc = optim.oscillation_metrics(opt_state)
+      metrics["flip_rate"], metrics["oscillating"] = osc["flip_rate"], osc["oscillating"]
+    return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+  @jax.jit
+  def eval_step(state: TrainState, images, labels):
+    logits = apply(state.params, state.opt_state, images, jax.random.fold_in(state.key, 2**31 - 1))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return loss.sum(), (jnp.argmax(logits, -1) == labels).sum()
+
+  return train_step, eval_step
+
+
+def evaluate(eval_step, state, x, y, batch=512) -> dict[str, float]:
+  tot_loss, correct = 0.0, 0
+  for i in range(0, len(y), batch):
+    l, c = eval_step(state, jnp.asarray(x[i:i + batch]), jnp.asarray(y[i:i + batch]))
+    tot_loss += float(l)
+    correct += int(c)
+  return {"test_loss": tot_loss / len(y), "test_accuracy": correct / len(y)}
+
+
+def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
+              stop: common.StopRequested) -> dict[str, Any]:
+  """Trains one run to ``--steps`` (or until Ctrl-C); returns its final metrics."""
+  rdir = os.path.join(workdir, run.name)
+  log = common.MetricsLog(os.path.join(rdir, "metrics.jsonl"))
+  model = build_model(run, len(ds.classes))
+  tx = make_optimizer(run, FLAGS.steps)
+  init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
+  params = model.init({"params": init_key, "quant": quant_key}, jnp.asarray(ds.train_x[:2]))["params"]
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
+  ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(rdir, "checkpoints"), max_to_keep=2)
+  start = 0
+  if FLAGS.resume and ckpt.latest_step() is not None:
+    state = TrainState(**ckpt.restore(state._asdict()))
+    start = int(state.step)
+    log.truncate(start)
+    print(f"[{run.name}] resumed from step {start}", flush=True)
+  elif os.path.exists(log.path):
+    os.remove(log.path)  # a fresh run: no stale history
+  train_step, eval_step = make_steps(model, tx, run)
+  progress = common.Progress(FLAGS.steps, FLAGS.batch_size, f"[{run.name}]")
+  t0, interrupted = time.perf_counter(), False
+  for step in range(start, FLAGS.steps):
+    idx = data.batches(len(ds.train_y), FLAGS.batch_size, FLAGS.seed, step)
+    with fp4jax.gemm_impl(FLAGS.impl):
+      state, m = train_step(state, jnp.asarray(ds.train_x[idx]), jnp.asarray(ds.train_y[idx]))
+    done = step + 1
+    if done % FLAGS.log_every == 0 or done == FLAGS.steps:
+      m = {k: float(v) for k, v in m.items()}
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"[{run.name}] loss is {m['loss']} at step {done}")
+      log.write({"kind": "train", "step": done, **m})
+      progress(done, **{k: m[k] for k in ("loss", "flip_rate") if k in m})
+    if done % FLAGS.eval_every == 0 or done == FLAGS.steps:
+      with fp4jax.gemm_impl(FLAGS.impl):
+        ev = evaluate(eval_step, state, ds.test_x, ds.test_y)
+      log.write({"kind": "eval", "step": done, **ev})
+      print(f"[{run.name}] step {done}: test loss {ev['test_loss']:.4f}, "
+            f"accuracy {ev['test_accuracy']:.4f}", flush=True)
+    if done % FLAGS.checkpoint_every == 0 or done == FLAGS.steps or stop.requested:
+      ckpt.save(done, state._asdict())
+    if stop.requested:
+      interrupted = True
+      print(f"[{run.name}] stopped at step {done}; checkpoint saved: continue with --resume",
+            flush=True)
+      break
+  ckpt.close()
+  records = log.read()
+  evals = [r for r in records if r["kind"] == "eval"]
+  trains = [r for r in records if r["kind"] == "train"]
+  final = {"run": run.name, "recipe": run.recipe.name, "q_ema": run.q_ema,
+           "q_ramping": run.q_ramping, "steps": int(state.step),
+           "train_loss": trains[-1]["loss"] if trains else None,
+           "test_loss": evals[-1]["test_loss"] if evals else None,
+           "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+           "oscillating": trains[-1].get("oscillating") if trains else None,
+           "seconds": time.perf_counter() - t0, "interrupted": interrupted}
+  with open(os.path.join(rdir, "final.json"), "w") as f:
+    json.dump(final, f, indent=1)
+  return final
+
+
+def report(workdir: str, finals: list[dict], runs: list[RunSpec]) -> None:
+  histories = {r.name: common.MetricsLog(os.path.join(workdir, r.name, "metrics.jsonl")).read()
+               for r in runs}
+  common.plot_curves(histories, "test_accuracy", os.path.join(workdir, "accuracy.png"),
+                     f"{FLAGS.model} on {FLAGS.dataset}: test accuracy")
+  common.plot_curves(histories, "loss", os.path.join(workdir, "loss.png"),
+                     f"{FLAGS.model} on {FLAGS.dataset}: train loss", kind="train", logy=True)
+  quantized = {k: v for k, v in histories.items() if any("flip_rate" in r for r in v)}
+  if quantized:
+    common.plot_curves(quantized, "oscillating", os.path.join(workdir, "oscillation.png"),
+                       "weights oscillating (>= 2 reversals in a 50-step window)", kind="train")
+  base = next((f for f in finals if f["recipe"] == "bf16"), None)
+  for f in finals:
+    if base and f["test_accuracy"] is not None and base["test_accuracy"] is not None:
+      f["accuracy_gap_to_bf16"] = f["test_accuracy"] - base["test_accuracy"]
+      f["loss_gap_to_bf16"] = f["test_loss"] - base["test_loss"]
+  cols = ["run", "steps", "train_loss", "test_loss", "test_accuracy", "accuracy_gap_to_bf16",
+          "loss_gap_to_bf16", "oscillating", "seconds"]
+  common.write_summary(
+      workdir, f"vit_tetrajet: {FLAGS.model} on {FLAGS.dataset}, {FLAGS.steps} steps, "
+      f"batch {FLAGS.batch_size}, seed {FLAGS.seed} ({common.device_description()})",
+      finals, cols, notes="Gaps are run minus BF16 (accuracy: fraction; loss: nats). "
+      "`oscillating`: fraction of quantized weights with >= 2 direction reversals of their "
+      "quantized value in the current 50-step window. Plots: accuracy.png, loss.png, "
+      "oscillation.png.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.model not in MODELS:
+    raise app.UsageError(f"--model={FLAGS.model!r} is unknown; choose one of {', '.join(MODELS)}")
+  try:
+    runs = runs_from_flags()
+    for r in runs:
+      check_model_fits(r.recipe, FLAGS.model)
+    ds = data.load_images(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size, FLAGS.seed)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  patch = MODELS[FLAGS.model][0]
+  if ds.train_x.shape[1] % patch or ds.train_x.shape[2] % patch:
+    raise app.UsageError(f"images of {ds.train_x.shape[1]}x{ds.train_x.shape[2]} are not a "
+                         f"multiple of --model={FLAGS.model}'s patch {patch}: pick another "
+                         "--model or --image_size")
+  if len({r.name for r in runs}) != len(runs):
+    raise app.UsageError(f"--compare has repeated runs: {[r.name for r in runs]}")
+  common.write_config(FLAGS.workdir, common.flag_dict(flags, _FLAG_NAMES),
+                      runs=[{"name": r.name, "recipe": r.recipe.name, "q_ema": r.q_ema,
+                             "q_ramping": r.q_ramping} for r in runs],
+                      data={"train": int(len(ds.train_y)), "test": int(len(ds.test_y)),
+                            "image": list(ds.train_x.shape[1:])})
+  print(f"vit_tetrajet: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of "
+        f"{FLAGS.model} on {FLAGS.dataset} ({len(ds.train_y)} train / {len(ds.test_y)} test) "
+        f"on {common.device_description()}; workdir {FLAGS.workdir}", flush=True)
+  stop = common.StopRequested()
+  finals = []
+  with stop.installed():
+    for r in runs:
+      finals.append(train_run(r, ds, FLAGS.workdir, stop))
+      if stop.requested:
+        break
+  report(FLAGS.workdir, finals, runs[:len(finals)])
+  if stop.requested:
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  app.run(main)
