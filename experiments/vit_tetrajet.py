@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from absl import logging as absl_logging
 
 import fp4jax
 from experiments import common, data
@@ -74,6 +75,8 @@ flags.DEFINE_integer("log_every", 50, "log train metrics every this many steps")
 flags.DEFINE_integer("checkpoint_every", 500, "checkpoint every this many steps")
 flags.DEFINE_string("workdir", "runs/vit_tetrajet", "output directory")
 flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
+flags.DEFINE_integer("stop_at", None, "stop each run at this step with a checkpoint, as "
+                     "Ctrl-C does (for time-limited sessions); continue with --resume")
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                   "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
 flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl: auto, xla, pallas)")
@@ -82,7 +85,7 @@ flags.DEFINE_bool("scan_layers", True, "compile one encoder block (nn.scan) inst
 _FLAG_NAMES = ("format", "recipe", "block_size", "scale_mode", "q_ema", "q_ema_decay",
                "q_ramping", "compare", "model", "dataset", "data_dir", "image_size", "steps",
                "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every", "log_every",
-               "checkpoint_every", "workdir", "resume", "dtype", "impl", "scan_layers")
+               "checkpoint_every", "workdir", "resume", "stop_at", "dtype", "impl", "scan_layers")
 
 
 class RunSpec(NamedTuple):
@@ -306,9 +309,10 @@ def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
       log.write({"kind": "eval", "step": done, **ev})
       print(f"[{run.name}] step {done}: test loss {ev['test_loss']:.4f}, "
             f"accuracy {ev['test_accuracy']:.4f}", flush=True)
-    if done % FLAGS.checkpoint_every == 0 or done == FLAGS.steps or stop.requested:
+    at_stop = stop.requested or done == FLAGS.stop_at
+    if done % FLAGS.checkpoint_every == 0 or done == FLAGS.steps or at_stop:
       ckpt.save(done, state._asdict())
-    if stop.requested:
+    if at_stop:
       interrupted = True
       print(f"[{run.name}] stopped at step {done}; checkpoint saved: continue with --resume",
             flush=True)
@@ -357,6 +361,7 @@ def report(workdir: str, finals: list[dict], runs: list[RunSpec]) -> None:
 
 
 def main(argv):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if FLAGS.model not in MODELS:

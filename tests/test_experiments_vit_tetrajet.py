@@ -1,0 +1,131 @@
+"""experiments.vit_tetrajet end to end in a tiny configuration (subprocesses, as a user
+runs it): outputs exist and parse, the loss decreases, --resume continues bit-exactly,
+Ctrl-C saves a checkpoint, and bad flags exit non-zero with a clear message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import vit_tetrajet as vt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--steps=8", "--log_every=2", "--eval_every=4", "--checkpoint_every=4",
+        "--warmup=2", "--lr=3e-3", "--batch_size=64"]
+
+
+def _run(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.vit_tetrajet", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _records(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("vit") / "wd")
+  p = _run("--compare=bf16,tetrajet+qema+qramp", f"--workdir={wd}", *TINY)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return wd, p
+
+
+def test_outputs_exist_and_parse(compare_run):
+  wd, p = compare_run
+  cfg = json.load(open(os.path.join(wd, "config.json")))
+  assert cfg["flags"]["steps"] == 8 and cfg["jax"] and cfg["device"].startswith("cpu")
+  assert [r["name"] for r in cfg["runs"]] == ["bf16", "tetrajet+qema+qramp"]
+  for run in ("bf16", "tetrajet+qema+qramp"):
+    recs = _records(os.path.join(wd, run, "metrics.jsonl"))
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [4, 8]
+    final = json.load(open(os.path.join(wd, run, "final.json")))
+    assert final["steps"] == 8 and 0.0 <= final["test_accuracy"] <= 1.0
+  quant = _records(os.path.join(wd, "tetrajet+qema+qramp", "metrics.jsonl"))
+  assert all(0.0 <= r["flip_rate"] <= 1.0 for r in quant if r["kind"] == "train")
+  for png in ("accuracy.png", "loss.png", "oscillation.png"):
+    with open(os.path.join(wd, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+  summary = open(os.path.join(wd, "summary.md")).read()
+  assert "| tetrajet+qema+qramp | 8 |" in summary and "accuracy_gap_to_bf16" in summary
+  assert "step 8/8" in p.stdout and "ex/s" in p.stdout, "progress line missing"
+
+
+@pytest.mark.parametrize("run", ["bf16", "tetrajet+qema+qramp"])
+def test_loss_decreases(compare_run, run):
+  wd, _ = compare_run
+  train = [r["loss"] for r in _records(os.path.join(wd, run, "metrics.jsonl"))
+           if r["kind"] == "train"]
+  assert train[-1] < train[0], f"{run}: train loss did not decrease: {train}"
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+  args = ["--format=mxfp4", "--q_ema", *TINY]
+  straight = str(tmp_path / "straight")
+  p = _run(f"--workdir={straight}", *args)
+  assert p.returncode == 0, p.stderr[-3000:]
+  resumed = str(tmp_path / "resumed")
+  p = _run(f"--workdir={resumed}", "--stop_at=3", *args)
+  assert p.returncode == 0 and "stopped at step 3" in p.stdout, p.stderr[-3000:]
+  p = _run(f"--workdir={resumed}", "--resume", *args)
+  assert p.returncode == 0 and "resumed from step 3" in p.stdout, p.stderr[-3000:]
+  a = _records(os.path.join(straight, "tetrajet+qema", "metrics.jsonl"))
+  b = _records(os.path.join(resumed, "tetrajet+qema", "metrics.jsonl"))
+  assert a == b, "a resumed run's metrics differ from an uninterrupted run's"
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+  wd = str(tmp_path / "wd")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.vit_tetrajet", "--format=bf16",
+                           f"--workdir={wd}", "--steps=100000", "--log_every=1",
+                           "--checkpoint_every=100000"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(wd, "bf16", "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert proc.poll() is None and time.time() < deadline, "training did not start"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert "checkpoint saved" in out
+  steps = [d for d in os.listdir(os.path.join(wd, "bf16", "checkpoints")) if d.isdigit()]
+  assert steps, "no checkpoint after Ctrl-C"
+  assert os.path.exists(os.path.join(wd, "summary.md"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format=fp5"], "unknown recipe or format 'fp5'"),
+    (["--format=mxfp4", "--block_size=128"], "does not divide the width 64"),
+    (["--compare=bf16,tetrajet+fast"], "unknown option"),
+    (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], "is not a directory"),
+    (["--model=vit_huge"], "--model='vit_huge' is unknown"),
+    (["--format=fp8_e4m3_channel", "--block_size=32"], "not per block"),
+])
+def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
+  p = _run(f"--workdir={tmp_path}", *args, timeout=120)
+  assert p.returncode != 0, f"{args} should fail"
+  assert message in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
+
+
+@pytest.mark.parametrize("name,recipe,qema,qramp", [
+    ("bf16", "bf16", False, False), ("tetrajet+qema", "tetrajet", True, False),
+    ("tetrajet+qramp+qema", "tetrajet", True, True), ("mxfp4", "mxfp4", False, False),
+    ("nvfp4_2d", "nvfp4_2d", False, False)])
+def test_parse_run(name, recipe, qema, qramp):
+  r = vt.parse_run(name)
+  assert (r.recipe.name, r.q_ema, r.q_ramping) == (recipe, qema, qramp)
+
+
+def test_block_size_override_reaches_every_operand():
+  r = vt.build_recipe("nvfp4", block_size=32)
+  assert r.fwd_lhs.block_size == 32 and r.fwd_rhs.tile == (32, 32)
+  assert r.dgrad_grad.rounding == "stochastic", "overrides keep the rest of the spec"
