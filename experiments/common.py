@@ -21,7 +21,7 @@ import platform
 import signal
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -173,3 +173,80 @@ def write_summary(workdir: str, title: str, rows: Sequence[dict[str, Any]],
     f.write(text)
   print(text, flush=True)
   return text
+
+
+class LoopConfig(NamedTuple):
+  """The step counts of :func:`train_loop` (from the experiment's flags)."""
+  steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  resume: bool = False
+  stop_at: int | None = None
+  impl: str = "auto"
+  examples_per_step: int = 1
+
+
+def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch: Callable,
+               evaluate: Callable, cfg: LoopConfig, stop: StopRequested) -> dict[str, Any]:
+  """The training loop every experiment shares.
+
+  Args:
+    name: the run's name (progress and messages).
+    rdir: the run's directory (``metrics.jsonl``, ``checkpoints/``).
+    state: a NamedTuple with a scalar ``step`` field, freshly initialised (also the
+      restore target).
+    train_step: ``(state, *batch) -> (state, {metric: scalar})``, jitted; ``loss`` required.
+    get_batch: ``step -> tuple of arrays``, a pure function of the step (so a resumed run
+      sees the same data).
+    evaluate: ``state -> {metric: float}``.
+  Returns:
+    ``{"state", "records", "interrupted", "seconds"}``. ``--resume`` restores the last
+    checkpoint and truncates the log to it, so the log equals an uninterrupted run's.
+  """
+  log = MetricsLog(os.path.join(rdir, "metrics.jsonl"))
+  ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(rdir, "checkpoints"), max_to_keep=2)
+  start = 0
+  if cfg.resume and ckpt.latest_step() is not None:
+    state = type(state)(**ckpt.restore(state._asdict()))
+    start = int(state.step)
+    log.truncate(start)
+    print(f"[{name}] resumed from step {start}", flush=True)
+  elif os.path.exists(log.path):
+    os.remove(log.path)  # a fresh run: no stale history
+  progress = Progress(cfg.steps, cfg.examples_per_step, f"[{name}]")
+  t0, interrupted = time.perf_counter(), False
+  for step in range(start, cfg.steps):
+    batch = get_batch(step)
+    with fp4jax.gemm_impl(cfg.impl):
+      state, m = train_step(state, *batch)
+    done = step + 1
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      m = {k: float(v) for k, v in m.items()}
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"[{name}] loss is {m['loss']} at step {done}")
+      log.write({"kind": "train", "step": done, **m})
+      progress(done, **{k: m[k] for k in ("loss", "flip_rate") if k in m})
+    if done % cfg.eval_every == 0 or done == cfg.steps:
+      with fp4jax.gemm_impl(cfg.impl):
+        ev = evaluate(state)
+      log.write({"kind": "eval", "step": done, **ev})
+      print(f"[{name}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+            flush=True)
+    at_stop = stop.requested or done == cfg.stop_at
+    if done % cfg.checkpoint_every == 0 or done == cfg.steps or at_stop:
+      ckpt.save(done, state._asdict())
+    if at_stop:
+      interrupted = True
+      print(f"[{name}] stopped at step {done}; checkpoint saved: continue with --resume",
+            flush=True)
+      break
+  ckpt.close()
+  return {"state": state, "records": log.read(), "interrupted": interrupted,
+          "seconds": time.perf_counter() - t0}
+
+
+def last(records: Sequence[dict[str, Any]], kind: str, key: str) -> Any:
+  """The newest ``key`` of the ``kind`` records, or None."""
+  vals = [r[key] for r in records if r.get("kind") == kind and key in r]
+  return vals[-1] if vals else None

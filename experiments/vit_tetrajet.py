@@ -22,16 +22,13 @@ Outputs (``--workdir``): ``config.json``, ``<run>/metrics.jsonl``, ``<run>/check
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 from absl import logging as absl_logging
@@ -272,62 +269,33 @@ def evaluate(eval_step, state, x, y, batch=512) -> dict[str, float]:
 
 def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
               stop: common.StopRequested) -> dict[str, Any]:
-  """Trains one run to ``--steps`` (or until Ctrl-C); returns its final metrics."""
+  """Trains one run to ``--steps`` (or until Ctrl-C / ``--stop_at``); its final metrics."""
   rdir = os.path.join(workdir, run.name)
-  log = common.MetricsLog(os.path.join(rdir, "metrics.jsonl"))
   model = build_model(run, len(ds.classes))
   tx = make_optimizer(run, FLAGS.steps)
   init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
-  params = model.init({"params": init_key, "quant": quant_key}, jnp.asarray(ds.train_x[:2]))["params"]
+  params = model.init({"params": init_key, "quant": quant_key},
+                      jnp.asarray(ds.train_x[:2]))["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
-  ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(rdir, "checkpoints"), max_to_keep=2)
-  start = 0
-  if FLAGS.resume and ckpt.latest_step() is not None:
-    state = TrainState(**ckpt.restore(state._asdict()))
-    start = int(state.step)
-    log.truncate(start)
-    print(f"[{run.name}] resumed from step {start}", flush=True)
-  elif os.path.exists(log.path):
-    os.remove(log.path)  # a fresh run: no stale history
   train_step, eval_step = make_steps(model, tx, run)
-  progress = common.Progress(FLAGS.steps, FLAGS.batch_size, f"[{run.name}]")
-  t0, interrupted = time.perf_counter(), False
-  for step in range(start, FLAGS.steps):
+
+  def get_batch(step):
     idx = data.batches(len(ds.train_y), FLAGS.batch_size, FLAGS.seed, step)
-    with fp4jax.gemm_impl(FLAGS.impl):
-      state, m = train_step(state, jnp.asarray(ds.train_x[idx]), jnp.asarray(ds.train_y[idx]))
-    done = step + 1
-    if done % FLAGS.log_every == 0 or done == FLAGS.steps:
-      m = {k: float(v) for k, v in m.items()}
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"[{run.name}] loss is {m['loss']} at step {done}")
-      log.write({"kind": "train", "step": done, **m})
-      progress(done, **{k: m[k] for k in ("loss", "flip_rate") if k in m})
-    if done % FLAGS.eval_every == 0 or done == FLAGS.steps:
-      with fp4jax.gemm_impl(FLAGS.impl):
-        ev = evaluate(eval_step, state, ds.test_x, ds.test_y)
-      log.write({"kind": "eval", "step": done, **ev})
-      print(f"[{run.name}] step {done}: test loss {ev['test_loss']:.4f}, "
-            f"accuracy {ev['test_accuracy']:.4f}", flush=True)
-    at_stop = stop.requested or done == FLAGS.stop_at
-    if done % FLAGS.checkpoint_every == 0 or done == FLAGS.steps or at_stop:
-      ckpt.save(done, state._asdict())
-    if at_stop:
-      interrupted = True
-      print(f"[{run.name}] stopped at step {done}; checkpoint saved: continue with --resume",
-            flush=True)
-      break
-  ckpt.close()
-  records = log.read()
-  evals = [r for r in records if r["kind"] == "eval"]
-  trains = [r for r in records if r["kind"] == "train"]
+    return jnp.asarray(ds.train_x[idx]), jnp.asarray(ds.train_y[idx])
+
+  cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
+                          FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
+                          FLAGS.batch_size)
+  out = common.train_loop(run.name, rdir, state, train_step, get_batch,
+                          lambda st: evaluate(eval_step, st, ds.test_x, ds.test_y), cfg, stop)
+  rec = out["records"]
   final = {"run": run.name, "recipe": run.recipe.name, "q_ema": run.q_ema,
-           "q_ramping": run.q_ramping, "steps": int(state.step),
-           "train_loss": trains[-1]["loss"] if trains else None,
-           "test_loss": evals[-1]["test_loss"] if evals else None,
-           "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
-           "oscillating": trains[-1].get("oscillating") if trains else None,
-           "seconds": time.perf_counter() - t0, "interrupted": interrupted}
+           "q_ramping": run.q_ramping, "steps": int(out["state"].step),
+           "train_loss": common.last(rec, "train", "loss"),
+           "test_loss": common.last(rec, "eval", "test_loss"),
+           "test_accuracy": common.last(rec, "eval", "test_accuracy"),
+           "oscillating": common.last(rec, "train", "oscillating"),
+           "seconds": out["seconds"], "interrupted": out["interrupted"]}
   with open(os.path.join(rdir, "final.json"), "w") as f:
     json.dump(final, f, indent=1)
   return final
