@@ -24,9 +24,11 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import fp4jax
+from fp4jax import recipes as recipes_lib
 
 
 def device_description() -> str:
@@ -250,3 +252,61 @@ def last(records: Sequence[dict[str, Any]], kind: str, key: str) -> Any:
   """The newest ``key`` of the ``kind`` records, or None."""
   vals = [r[key] for r in records if r.get("kind") == kind and key in r]
   return vals[-1] if vals else None
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  key: jax.Array
+
+
+def compute_dtype(flag: str):
+  """``auto``: bfloat16 on a GPU, float32 elsewhere (XLA:CPU is slow in bfloat16)."""
+  if flag == "auto":
+    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  return jnp.dtype(flag)
+
+
+def _override(spec, block_size, scale_mode):
+  if spec is None:
+    return None
+  if block_size is not None:
+    if spec.granularity == "block":
+      spec = spec.replace(block_size=block_size)
+    elif spec.granularity == "tile":
+      spec = spec.replace(tile=(block_size, block_size))
+    else:
+      raise ValueError(f"--block_size={block_size}: {spec.name or 'a spec'} is scaled per "
+                       f"{spec.granularity}, not per block; drop --block_size")
+  if scale_mode is not None:
+    spec = spec.replace(scale_mode=scale_mode)
+  return spec
+
+
+OPERANDS = ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs", "wgrad_lhs", "wgrad_grad")
+
+
+def build_recipe(name: str, block_size: int | None = None,
+                 scale_mode: str | None = None) -> recipes_lib.Recipe:
+  """The recipe a run name's first part selects, with block size / scale rule overrides."""
+  if name in recipes_lib.RECIPES:
+    r = recipes_lib.get(name)
+  elif name in fp4jax.spec.PRESETS:
+    s = fp4jax.get_spec(name)
+    r = recipes_lib.Recipe(name, s, s, s, s, s, s, reference=f"{name} for all six operands")
+  else:
+    raise ValueError(f"unknown recipe or format {name!r}; recipes: "
+                     f"{', '.join(sorted(recipes_lib.RECIPES))}; formats: "
+                     f"{', '.join(sorted(fp4jax.spec.PRESETS))}")
+  if block_size is None and scale_mode is None or r.is_identity:
+    return r
+  try:
+    changes = {op: _override(getattr(r, op), block_size, scale_mode) for op in OPERANDS}
+    tag = "".join([f"_b{block_size}" if block_size else "", f"_{scale_mode}" if scale_mode else ""])
+    return r.replace(name=r.name + tag, **changes)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"recipe {name!r} with --block_size={block_size} "
+                     f"--scale_mode={scale_mode}: {e}") from None
+
+

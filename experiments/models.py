@@ -1,4 +1,5 @@
-"""Models of the experiments: a Vision Transformer (Dosovitskiy et al., 2021).
+"""Models of the experiments: a Vision Transformer (Dosovitskiy et al., 2021) and a
+byte-level GPT (decoder-only transformer, Radford et al., 2019).
 
 Every linear layer is ``fp4jax.linen.QDense`` with the model's ``recipe`` (plain
 ``flax.linen.Dense`` when the recipe is None or "bf16"), except the classifier head,
@@ -30,11 +31,13 @@ def dense(features: int, recipe: Any, dtype: Any, name: str) -> nn.Module:
 
 
 class EncoderBlock(nn.Module):
+  """Pre-LN transformer block; ``causal`` masks attention to earlier positions (GPT)."""
   width: int
   heads: int
   mlp: int
   recipe: Any = None
   dtype: Any = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -44,6 +47,8 @@ class EncoderBlock(nn.Module):
     qkv = dense(3 * self.width, self.recipe, self.dtype, "qkv")(y)
     q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, hd), 3, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, 0], k[:, :, 0]) / jnp.sqrt(hd).astype(x.dtype)
+    if self.causal:
+      logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(logits.dtype).min)
     att = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
     y = jnp.einsum("bhqk,bkhd->bqhd", att, v[:, :, 0]).reshape(b, t, self.width)
     x = x + dense(self.width, self.recipe, self.dtype, "proj")(y)
@@ -112,3 +117,50 @@ class ViT(nn.Module):
                          name=f"block{i}")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln")(x[:, 0])
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
+
+
+GPT_CONFIGS = {  # name -> (width, depth, heads, mlp, context)
+    "gpt_tiny": (128, 4, 4, 512, 64),
+    "gpt_small": (768, 12, 12, 3072, 1024),
+}
+
+
+class GPT(nn.Module):
+  """Byte-level decoder-only transformer: tokens (B, T) int -> logits (B, T, vocab).
+
+  Every linear layer of the blocks uses ``recipe`` except those of the last
+  ``high_precision_last`` blocks (NVIDIA's NVFP4 recipe keeps the last blocks in BF16);
+  the embeddings and the output head stay in high precision.
+  """
+
+  vocab: int = 256
+  width: int = 128
+  depth: int = 4
+  heads: int = 4
+  mlp: int = 512
+  context: int = 128
+  recipe: Any = None
+  dtype: Any = jnp.float32
+  high_precision_last: int = 0
+
+  @classmethod
+  def from_name(cls, name: str, **kw) -> "GPT":
+    if name not in GPT_CONFIGS:
+      raise ValueError(f"unknown GPT {name!r}; choose one of {sorted(GPT_CONFIGS)}")
+    w, d, h, m, c = GPT_CONFIGS[name]
+    return cls(256, w, d, h, m, c, **kw)
+
+  @nn.compact
+  def __call__(self, tokens):
+    b, t = tokens.shape
+    if t > self.context:
+      raise ValueError(f"sequence length {t} exceeds the model's context {self.context}")
+    x = nn.Embed(self.vocab, self.width, name="embed")(tokens).astype(self.dtype)
+    pos = self.param("pos", nn.initializers.normal(0.02), (1, self.context, self.width))
+    x = x + pos[:, :t].astype(x.dtype)
+    for i in range(self.depth):
+      recipe = None if i >= self.depth - self.high_precision_last else self.recipe
+      x = EncoderBlock(self.width, self.heads, self.mlp, recipe, self.dtype, causal=True,
+                       name=f"block{i}")(x)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln")(x)
+    return nn.Dense(self.vocab, dtype=jnp.float32, name="head")(x)

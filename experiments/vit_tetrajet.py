@@ -92,48 +92,6 @@ class RunSpec(NamedTuple):
   q_ramping: bool
 
 
-def _override(spec, block_size, scale_mode):
-  if spec is None:
-    return None
-  if block_size is not None:
-    if spec.granularity == "block":
-      spec = spec.replace(block_size=block_size)
-    elif spec.granularity == "tile":
-      spec = spec.replace(tile=(block_size, block_size))
-    else:
-      raise ValueError(f"--block_size={block_size}: {spec.name or 'a spec'} is scaled per "
-                       f"{spec.granularity}, not per block; drop --block_size")
-  if scale_mode is not None:
-    spec = spec.replace(scale_mode=scale_mode)
-  return spec
-
-
-_OPERANDS = ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs", "wgrad_lhs", "wgrad_grad")
-
-
-def build_recipe(name: str, block_size: int | None = None,
-                 scale_mode: str | None = None) -> recipes_lib.Recipe:
-  """The recipe a run name's first part selects, with block size / scale rule overrides."""
-  if name in recipes_lib.RECIPES:
-    r = recipes_lib.get(name)
-  elif name in fp4jax.spec.PRESETS:
-    s = fp4jax.get_spec(name)
-    r = recipes_lib.Recipe(name, s, s, s, s, s, s, reference=f"{name} for all six operands")
-  else:
-    raise ValueError(f"unknown recipe or format {name!r}; recipes: "
-                     f"{', '.join(sorted(recipes_lib.RECIPES))}; formats: "
-                     f"{', '.join(sorted(fp4jax.spec.PRESETS))}")
-  if block_size is None and scale_mode is None or r.is_identity:
-    return r
-  try:
-    changes = {op: _override(getattr(r, op), block_size, scale_mode) for op in _OPERANDS}
-    tag = "".join([f"_b{block_size}" if block_size else "", f"_{scale_mode}" if scale_mode else ""])
-    return r.replace(name=r.name + tag, **changes)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"recipe {name!r} with --block_size={block_size} "
-                     f"--scale_mode={scale_mode}: {e}") from None
-
-
 def parse_run(name: str, block_size=None, scale_mode=None) -> RunSpec:
   """``<recipe>[+qema][+qramp]`` -> RunSpec."""
   parts = [p.strip() for p in name.split("+") if p.strip()]
@@ -143,7 +101,7 @@ def parse_run(name: str, block_size=None, scale_mode=None) -> RunSpec:
   unknown = extras - {"qema", "qramp"}
   if unknown:
     raise ValueError(f"run {name!r}: unknown option(s) {sorted(unknown)}; use +qema, +qramp")
-  recipe = build_recipe(parts[0], block_size, scale_mode)
+  recipe = common.build_recipe(parts[0], block_size, scale_mode)
   if recipe.is_identity and extras:
     raise ValueError(f"run {name!r}: Q-EMA / Q-Ramping need a quantized recipe")
   return RunSpec(name, recipe, "qema" in extras, "qramp" in extras)
@@ -160,7 +118,7 @@ def runs_from_flags() -> list[RunSpec]:
 def check_model_fits(recipe: recipes_lib.Recipe, model: str) -> None:
   """Every quantized GEMM axis of the encoder blocks must hold whole blocks."""
   _, width, _, heads, mlp = MODELS[model]
-  for op in _OPERANDS:
+  for op in common.OPERANDS:
     spec = getattr(recipe, op)
     if spec is None:
       continue
@@ -192,13 +150,6 @@ def quantized_weight_fn(recipe: recipes_lib.Recipe):
   return fn
 
 
-class TrainState(NamedTuple):
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  key: jax.Array
-
-
 def make_optimizer(run: RunSpec, steps: int) -> optax.GradientTransformation:
   sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, min(FLAGS.warmup, steps // 2),
                                              max(steps, 1), FLAGS.lr * 0.01)
@@ -213,16 +164,11 @@ def make_optimizer(run: RunSpec, steps: int) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def compute_dtype():
-  if FLAGS.dtype == "auto":
-    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-  return jnp.dtype(FLAGS.dtype)
-
-
 def build_model(run: RunSpec, num_classes: int) -> ViT:
   p, w, d, h, m = MODELS[FLAGS.model]
   return ViT(num_classes, p, w, d, h, m, recipe=None if run.recipe.is_identity else run.recipe,
-             dtype=compute_dtype(), scan_layers=FLAGS.scan_layers, quantize_embed=False)
+             dtype=common.compute_dtype(FLAGS.dtype), scan_layers=FLAGS.scan_layers,
+             quantize_embed=False)
 
 
 def make_steps(model: ViT, tx, run: RunSpec):
@@ -238,7 +184,7 @@ def make_steps(model: ViT, tx, run: RunSpec):
                                                            labels).mean()
 
   @jax.jit
-  def train_step(state: TrainState, images, labels):
+  def train_step(state: common.TrainState, images, labels):
     key = jax.random.fold_in(state.key, state.step)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, state.opt_state, images, labels, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -247,10 +193,10 @@ def make_steps(model: ViT, tx, run: RunSpec):
     if not run.recipe.is_identity:
       osc = optim.oscillation_metrics(opt_state)
       metrics["flip_rate"], metrics["oscillating"] = osc["flip_rate"], osc["oscillating"]
-    return TrainState(state.step + 1, params, opt_state, state.key), metrics
+    return common.TrainState(state.step + 1, params, opt_state, state.key), metrics
 
   @jax.jit
-  def eval_step(state: TrainState, images, labels):
+  def eval_step(state: common.TrainState, images, labels):
     logits = apply(state.params, state.opt_state, images, jax.random.fold_in(state.key, 2**31 - 1))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return loss.sum(), (jnp.argmax(logits, -1) == labels).sum()
@@ -276,7 +222,7 @@ def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
   init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
   params = model.init({"params": init_key, "quant": quant_key},
                       jnp.asarray(ds.train_x[:2]))["params"]
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
+  state = common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
   train_step, eval_step = make_steps(model, tx, run)
 
   def get_batch(step):

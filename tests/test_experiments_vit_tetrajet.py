@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from experiments import vit_tetrajet as vt
+from experiments import common, vit_tetrajet as vt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--log_every=2", "--eval_every=4", "--checkpoint_every=4",
@@ -126,6 +126,6 @@ def test_parse_run(name, recipe, qema, qramp):
 
 
 def test_block_size_override_reaches_every_operand():
-  r = vt.build_recipe("nvfp4", block_size=32)
+  r = common.build_recipe("nvfp4", block_size=32)
   assert r.fwd_lhs.block_size == 32 and r.fwd_rhs.tile == (32, 32)
   assert r.dgrad_grad.rounding == "stochastic", "overrides keep the rest of the spec"

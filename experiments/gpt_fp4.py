@@ -1,0 +1,277 @@
+r"""Byte-level GPT in FP4: recipes against BF16 on the Python standard library's sources.
+
+    python -m experiments.gpt_fp4                                    # bf16, mxfp4, nvfp4
+    python -m experiments.gpt_fp4 --compare=bf16,fp8,mxfp4,nvfp4,fp4_all_the_way,quartet,msfp4
+    python -m experiments.gpt_fp4 --compare=nvfp4,nvfp4+nohad,nvfp4+nosr,nvfp4+no2d,nvfp4+nolastbf16
+
+A run is ``<recipe>[+nohad][+nosr][+no2d][+nolastbf16]``: a recipe of
+:mod:`fp4jax.recipes` with NVIDIA's ablations (NVIDIA, "Pretraining Large Language Models
+with NVFP4", arXiv 2509.25149, Sec. 4-5): ``nohad`` drops the random Hadamard transforms,
+``nosr`` rounds gradients to nearest instead of stochastically, ``no2d`` quantizes weights
+in 1D 16-element blocks instead of 16x16 tiles, ``nolastbf16`` quantizes the last block
+too (by default NVFP4 runs keep the last ``--bf16_last_blocks`` blocks in BF16, as the
+paper keeps the final layers). The ``--no_hadamard``, ``--no_sr``, ``--no_2d_weights`` and
+``--bf16_last_blocks=0`` flags apply the same to every run.
+
+Data: ``--dataset=stdlib`` (default: this interpreter's standard library ``.py`` files as a
+byte stream, last 5% held out) or ``--dataset=text --data_dir=...`` (any text files).
+Metrics: train loss, validation loss in nats per byte and bits per byte. Outputs as
+``experiments.vit_tetrajet``: config.json, <run>/metrics.jsonl, checkpoints, final.json,
+val_loss.png, loss.png, summary.md (with the loss gap to BF16).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from absl import logging as absl_logging
+
+from experiments import common, data
+from experiments.models import GPT, GPT_CONFIGS
+from fp4jax import recipes as recipes_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("compare", ["bf16", "mxfp4", "nvfp4"], "runs: <recipe>[+nohad][+nosr]"
+                  "[+no2d][+nolastbf16], e.g. bf16,fp8,mxfp4,nvfp4,fp4_all_the_way,quartet,msfp4")
+flags.DEFINE_bool("no_hadamard", False, "ablation for every run: no random Hadamard transforms")
+flags.DEFINE_bool("no_sr", False, "ablation for every run: nearest rounding for gradients")
+flags.DEFINE_bool("no_2d_weights", False, "ablation for every run: 1D weight blocks, not tiles")
+flags.DEFINE_integer("bf16_last_blocks", 1, "NVFP4 runs keep this many last blocks in BF16 "
+                     "(0: the ablation 'no BF16 last layers')")
+flags.DEFINE_integer("block_size", None, "override every block size (tiles: block x block)")
+flags.DEFINE_string("model", "gpt_tiny", f"one of {', '.join(GPT_CONFIGS)}")
+flags.DEFINE_enum("dataset", "stdlib", list(data.TEXT_DATASETS), "training text")
+flags.DEFINE_string("data_dir", None, "text files for --dataset=text (file, folder or list)")
+flags.DEFINE_integer("max_bytes", 4_000_000, "bytes of text to read")
+flags.DEFINE_integer("context", None, "sequence length (default: the model's context)")
+flags.DEFINE_integer("steps", 600, "training steps per run")
+flags.DEFINE_integer("batch_size", 16, "sequences per step")
+flags.DEFINE_float("lr", 2e-3, "peak learning rate (AdamW, linear warmup, cosine decay)")
+flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay")
+flags.DEFINE_integer("warmup", 60, "warmup steps")
+flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
+flags.DEFINE_integer("eval_every", 100, "validation loss every this many steps")
+flags.DEFINE_integer("eval_batches", 8, "validation batches (fixed windows)")
+flags.DEFINE_integer("log_every", 25, "log train metrics every this many steps")
+flags.DEFINE_integer("checkpoint_every", 200, "checkpoint every this many steps")
+flags.DEFINE_string("workdir", "runs/gpt_fp4", "output directory")
+flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
+flags.DEFINE_integer("stop_at", None, "stop each run here with a checkpoint (as Ctrl-C)")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl)")
+
+_FLAG_NAMES = ("compare", "no_hadamard", "no_sr", "no_2d_weights", "bf16_last_blocks",
+               "block_size", "model", "dataset", "data_dir", "max_bytes", "context", "steps",
+               "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
+               "eval_batches", "log_every", "checkpoint_every", "workdir", "resume", "stop_at",
+               "dtype", "impl")
+ABLATIONS = ("nohad", "nosr", "no2d", "nolastbf16")
+
+
+class RunSpec(NamedTuple):
+  name: str
+  recipe: recipes_lib.Recipe
+  bf16_last_blocks: int
+
+
+def ablate(recipe: recipes_lib.Recipe, options: set[str]) -> recipes_lib.Recipe:
+  """NVIDIA's ablations of a recipe (see the module docstring)."""
+  changes: dict[str, Any] = {}
+  if "nohad" in options:
+    changes.update(hadamard_fwd=None, hadamard_dgrad=None, hadamard_wgrad=None)
+  for op in common.OPERANDS:
+    spec = changes.get(op, getattr(recipe, op))
+    if spec is None:
+      continue
+    if "nosr" in options and spec.rounding == "stochastic":
+      spec = spec.replace(rounding="nearest")
+    if "no2d" in options and spec.granularity == "tile":
+      spec = spec.replace(granularity="block", block_size=spec.tile[-1])
+    changes[op] = spec
+  return recipe.replace(**changes)
+
+
+def parse_run(name: str) -> RunSpec:
+  parts = [p.strip() for p in name.split("+") if p.strip()]
+  if not parts:
+    raise ValueError(f"empty run name {name!r}")
+  options = set(parts[1:])
+  unknown = options - set(ABLATIONS)
+  if unknown:
+    raise ValueError(f"run {name!r}: unknown ablation(s) {sorted(unknown)}; use "
+                     f"{', '.join('+' + a for a in ABLATIONS)}")
+  options |= {o for o, on in (("nohad", FLAGS.no_hadamard), ("nosr", FLAGS.no_sr),
+                              ("no2d", FLAGS.no_2d_weights)) if on}
+  recipe = common.build_recipe(parts[0], FLAGS.block_size)
+  if recipe.is_identity and options:
+    raise ValueError(f"run {name!r}: ablations need a quantized recipe")
+  recipe = ablate(recipe, options)
+  nvfp4_like = any(getattr(recipe, op) is not None and getattr(recipe, op).tensor_scale
+                   for op in common.OPERANDS)
+  last = 0 if recipe.is_identity or "nolastbf16" in options or not nvfp4_like \
+      else FLAGS.bf16_last_blocks
+  return RunSpec(name, recipe, last)
+
+
+def check_model_fits(run: RunSpec, model: str, context: int, batch: int) -> None:
+  width, depth, _, mlp, _ = GPT_CONFIGS[model]
+  if run.bf16_last_blocks > depth:
+    raise ValueError(f"--bf16_last_blocks={run.bf16_last_blocks} exceeds the depth {depth}")
+  for op in common.OPERANDS:
+    spec = getattr(run.recipe, op)
+    if spec is None:
+      continue
+    blk = {"block": spec.block_size, "tile": spec.tile[0]}.get(spec.granularity, 1)
+    for what, n in (("width", width), ("MLP width", mlp), ("tokens per batch", batch * context)):
+      if n % blk:
+        raise ValueError(f"block size {blk} of run {run.name!r} does not divide the {what} "
+                         f"{n} of --model={model}: pass a --block_size that divides it")
+
+
+def split_text(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+  n_val = max(len(stream) // 20, context + 1)
+  if len(stream) - n_val < context + 1:
+    raise ValueError(f"the text has {len(stream)} bytes: too few for --context={context} "
+                     "(need at least 20x the context); add text or lower --context")
+  return stream[:-n_val], stream[-n_val:]
+
+
+def windows(stream: np.ndarray, starts: np.ndarray, context: int):
+  idx = starts[:, None] + np.arange(context + 1)[None]
+  seq = stream[idx].astype(np.int32)
+  return seq[:, :-1], seq[:, 1:]
+
+
+def make_steps(model: GPT, tx):
+  def loss_fn(params, x, y, key):
+    logits = model.apply({"params": params}, x, rngs={"quant": key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def train_step(state: common.TrainState, x, y):
+    key = jax.random.fold_in(state.key, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return (common.TrainState(state.step + 1, optax.apply_updates(state.params, updates),
+                              opt_state, state.key),
+            {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+  @jax.jit
+  def eval_step(state: common.TrainState, x, y):
+    return loss_fn(state.params, x, y, jax.random.fold_in(state.key, 2**31 - 1))
+
+  return train_step, eval_step
+
+
+def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, workdir: str,
+              stop: common.StopRequested) -> dict[str, Any]:
+  width, depth, heads, mlp, ctx = GPT_CONFIGS[FLAGS.model]
+  model = GPT(256, width, depth, heads, mlp, ctx, None if run.recipe.is_identity else run.recipe,
+              common.compute_dtype(FLAGS.dtype), run.bf16_last_blocks)
+  sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, min(FLAGS.warmup, FLAGS.steps // 2),
+                                             max(FLAGS.steps, 1), FLAGS.lr * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(sched, b2=0.95, weight_decay=FLAGS.weight_decay))
+  init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
+  params = model.init({"params": init_key, "quant": quant_key},
+                      jnp.zeros((1, context), jnp.int32))["params"]
+  state = common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
+  train_step, eval_step = make_steps(model, tx)
+  val_starts = np.random.default_rng(12345).integers(
+      0, len(val) - context - 1, (FLAGS.eval_batches, FLAGS.batch_size))
+
+  def get_batch(step):
+    starts = np.random.default_rng([FLAGS.seed, step]).integers(0, len(train) - context - 1,
+                                                                FLAGS.batch_size)
+    return tuple(jnp.asarray(a) for a in windows(train, starts, context))
+
+  def evaluate(st):
+    losses = [float(eval_step(st, *map(jnp.asarray, windows(val, s, context))))
+              for s in val_starts]
+    loss = float(np.mean(losses))
+    return {"val_loss": loss, "val_bits_per_byte": loss / math.log(2)}
+
+  cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
+                          FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
+                          FLAGS.batch_size * context)
+  rdir = os.path.join(workdir, run.name)
+  out = common.train_loop(run.name, rdir, state, train_step, get_batch, evaluate, cfg, stop)
+  rec = out["records"]
+  final = {"run": run.name, "recipe": run.recipe.name, "bf16_last_blocks": run.bf16_last_blocks,
+           "steps": int(out["state"].step), "train_loss": common.last(rec, "train", "loss"),
+           "val_loss": common.last(rec, "eval", "val_loss"),
+           "val_bits_per_byte": common.last(rec, "eval", "val_bits_per_byte"),
+           "seconds": out["seconds"], "interrupted": out["interrupted"]}
+  with open(os.path.join(rdir, "final.json"), "w") as f:
+    json.dump(final, f, indent=1)
+  return final
+
+
+def main(argv):
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.model not in GPT_CONFIGS:
+    raise app.UsageError(f"--model={FLAGS.model!r} is unknown; choose one of "
+                         f"{', '.join(GPT_CONFIGS)}")
+  context = FLAGS.context or GPT_CONFIGS[FLAGS.model][4]
+  if context > GPT_CONFIGS[FLAGS.model][4]:
+    raise app.UsageError(f"--context={context} exceeds {FLAGS.model}'s {GPT_CONFIGS[FLAGS.model][4]}")
+  try:
+    runs = [parse_run(n) for n in FLAGS.compare]
+    if len({r.name for r in runs}) != len(runs):
+      raise ValueError(f"--compare has repeated runs: {FLAGS.compare}")
+    for r in runs:
+      check_model_fits(r, FLAGS.model, context, FLAGS.batch_size)
+    train, val = split_text(data.load_bytes(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_bytes),
+                            context)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  common.write_config(FLAGS.workdir, common.flag_dict(flags, _FLAG_NAMES),
+                      runs=[{"name": r.name, "recipe": r.recipe.name,
+                             "bf16_last_blocks": r.bf16_last_blocks} for r in runs],
+                      data={"train_bytes": int(len(train)), "val_bytes": int(len(val))})
+  print(f"gpt_fp4: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of {FLAGS.model} on "
+        f"{FLAGS.dataset} ({len(train)} train / {len(val)} validation bytes) on "
+        f"{common.device_description()}; workdir {FLAGS.workdir}", flush=True)
+  stop = common.StopRequested()
+  finals = []
+  with stop.installed():
+    for r in runs:
+      finals.append(train_run(r, train, val, context, FLAGS.workdir, stop))
+      if stop.requested:
+        break
+  histories = {r.name: common.MetricsLog(os.path.join(FLAGS.workdir, r.name,
+                                                      "metrics.jsonl")).read()
+               for r in runs[:len(finals)]}
+  common.plot_curves(histories, "val_loss", os.path.join(FLAGS.workdir, "val_loss.png"),
+                     f"{FLAGS.model} on {FLAGS.dataset}: validation loss", ylabel="nats/byte")
+  common.plot_curves(histories, "loss", os.path.join(FLAGS.workdir, "loss.png"),
+                     f"{FLAGS.model} on {FLAGS.dataset}: train loss", kind="train",
+                     ylabel="nats/byte", logy=True)
+  base = next((f for f in finals if f["recipe"] == "bf16"), None)
+  for f in finals:
+    if base and f["val_loss"] is not None and base["val_loss"] is not None:
+      f["val_loss_gap_to_bf16"] = f["val_loss"] - base["val_loss"]
+  common.write_summary(
+      FLAGS.workdir, f"gpt_fp4: {FLAGS.model} on {FLAGS.dataset}, {FLAGS.steps} steps, batch "
+      f"{FLAGS.batch_size}x{context} bytes, seed {FLAGS.seed} ({common.device_description()})",
+      finals, ["run", "steps", "bf16_last_blocks", "train_loss", "val_loss",
+               "val_bits_per_byte", "val_loss_gap_to_bf16", "seconds"],
+      notes="Losses in nats per byte; the gap is run minus BF16. Plots: val_loss.png, loss.png.")
+  if stop.requested:
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  app.run(main)

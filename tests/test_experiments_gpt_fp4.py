@@ -1,0 +1,89 @@
+"""experiments.gpt_fp4 end to end in a tiny configuration, its ablations and bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from experiments import gpt_fp4
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--steps=6", "--log_every=2", "--eval_every=3", "--checkpoint_every=3", "--warmup=2",
+        "--lr=3e-3", "--batch_size=8", "--context=32", "--eval_batches=1",
+        "--max_bytes=200000"]
+
+
+def _run(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.gpt_fp4", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _records(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_compare_runs_end_to_end_and_resume_bit_exactly(tmp_path):
+  runs = "bf16,mxfp4"
+  straight = str(tmp_path / "straight")
+  p = _run(f"--compare={runs}", f"--workdir={straight}", *TINY)
+  assert p.returncode == 0, p.stderr[-3000:]
+  for run in ("bf16", "mxfp4"):
+    recs = _records(os.path.join(straight, run, "metrics.jsonl"))
+    train = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [3, 6]
+    assert train[-1] < train[0], f"{run}: loss did not decrease: {train}"
+    final = json.load(open(os.path.join(straight, run, "final.json")))
+    assert final["val_bits_per_byte"] == pytest.approx(final["val_loss"] / 0.6931471805599453)
+  summary = open(os.path.join(straight, "summary.md")).read()
+  assert "| mxfp4 | 6 |" in summary and "val_loss_gap_to_bf16" in summary
+  for png in ("val_loss.png", "loss.png"):
+    assert open(os.path.join(straight, png), "rb").read(4) == b"\x89PNG"
+  resumed = str(tmp_path / "resumed")
+  assert _run(f"--compare={runs}", f"--workdir={resumed}", "--stop_at=4", *TINY).returncode == 0
+  p = _run(f"--compare={runs}", f"--workdir={resumed}", "--resume", *TINY)
+  assert p.returncode == 0 and "resumed from step 4" in p.stdout, p.stderr[-3000:]
+  for run in ("bf16", "mxfp4"):
+    assert _records(os.path.join(straight, run, "metrics.jsonl")) == \
+        _records(os.path.join(resumed, run, "metrics.jsonl")), f"{run}: resume is not bit-exact"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compare=bf16,nvfp4+fast"], "unknown ablation"),
+    (["--compare=bf16+nosr"], "need a quantized recipe"),
+    (["--compare=mxfp4", "--block_size=48"], "does not divide"),
+    (["--dataset=text"], "needs --data_dir"),
+    (["--model=gpt_huge"], "is unknown"),
+    (["--context=4096"], "exceeds"),
+])
+def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
+  p = _run(f"--workdir={tmp_path}", *args, timeout=120)
+  assert p.returncode != 0
+  assert message in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
+
+
+@pytest.fixture
+def parsed_flags():
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["gpt_fp4"])
+  yield flags.FLAGS
+  flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("name,check", [
+    ("nvfp4", lambda r: r.recipe.hadamard_wgrad == 16 and r.recipe.fwd_rhs.granularity == "tile"
+     and r.recipe.dgrad_grad.rounding == "stochastic" and r.bf16_last_blocks == 1),
+    ("nvfp4+nohad", lambda r: r.recipe.hadamard_wgrad is None),
+    ("nvfp4+nosr", lambda r: r.recipe.dgrad_grad.rounding == "nearest"
+     and r.recipe.wgrad_grad.rounding == "nearest"),
+    ("nvfp4+no2d", lambda r: r.recipe.fwd_rhs.granularity == "block"
+     and r.recipe.fwd_rhs.block_size == 16),
+    ("nvfp4+nolastbf16", lambda r: r.bf16_last_blocks == 0),
+    ("mxfp4", lambda r: r.bf16_last_blocks == 0 and r.recipe.fwd_lhs.block_size == 32),
+])
+def test_ablations(parsed_flags, name, check):
+  assert check(gpt_fp4.parse_run(name)), name
