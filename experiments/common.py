@@ -31,6 +31,37 @@ import fp4jax
 from fp4jax import recipes as recipes_lib
 
 
+TRAINING_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
+                  "log_every", "checkpoint_every", "workdir", "resume", "stop_at", "dtype",
+                  "impl")
+
+
+def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_what: str,
+                          lr: float, weight_decay: float, warmup: int, eval_every: int,
+                          log_every: int, checkpoint_every: int) -> None:
+  """The absl flags every experiment has, with its defaults. Experiments define their
+  flags in ``define_flags()`` called under ``__main__``, so importing two experiments (as
+  the tests do) defines nothing twice."""
+  from absl import flags
+  flags.DEFINE_integer("steps", steps, "training steps per run")
+  flags.DEFINE_integer("batch_size", batch_size, f"{batch_what} per step")
+  flags.DEFINE_float("lr", lr, "peak learning rate (AdamW, linear warmup, cosine decay)")
+  flags.DEFINE_float("weight_decay", weight_decay, "AdamW weight decay")
+  flags.DEFINE_integer("warmup", warmup, "warmup steps")
+  flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
+  flags.DEFINE_integer("eval_every", eval_every, "evaluate every this many steps")
+  flags.DEFINE_integer("log_every", log_every, "log train metrics every this many steps")
+  flags.DEFINE_integer("checkpoint_every", checkpoint_every, "checkpoint every this many steps")
+  flags.DEFINE_string("workdir", workdir, "output directory")
+  flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
+  flags.DEFINE_integer("stop_at", None, "stop each run at this step with a checkpoint, as "
+                       "Ctrl-C does (for time-limited sessions); continue with --resume")
+  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                    "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+  flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl: auto, xla, "
+                      "pallas)")
+
+
 def device_description() -> str:
   d = jax.devices()[0]
   return f"{d.platform}:{d.device_kind} x{jax.device_count()}"

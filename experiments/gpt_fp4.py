@@ -40,41 +40,33 @@ from experiments.models import GPT, GPT_CONFIGS
 from fp4jax import recipes as recipes_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("compare", ["bf16", "mxfp4", "nvfp4"], "runs: <recipe>[+nohad][+nosr]"
-                  "[+no2d][+nolastbf16], e.g. bf16,fp8,mxfp4,nvfp4,fp4_all_the_way,quartet,msfp4")
-flags.DEFINE_bool("no_hadamard", False, "ablation for every run: no random Hadamard transforms")
-flags.DEFINE_bool("no_sr", False, "ablation for every run: nearest rounding for gradients")
-flags.DEFINE_bool("no_2d_weights", False, "ablation for every run: 1D weight blocks, not tiles")
-flags.DEFINE_integer("bf16_last_blocks", 1, "NVFP4 runs keep this many last blocks in BF16 "
-                     "(0: the ablation 'no BF16 last layers')")
-flags.DEFINE_integer("block_size", None, "override every block size (tiles: block x block)")
-flags.DEFINE_string("model", "gpt_tiny", f"one of {', '.join(GPT_CONFIGS)}")
-flags.DEFINE_enum("dataset", "stdlib", list(data.TEXT_DATASETS), "training text")
-flags.DEFINE_string("data_dir", None, "text files for --dataset=text (file, folder or list)")
-flags.DEFINE_integer("max_bytes", 4_000_000, "bytes of text to read")
-flags.DEFINE_integer("context", None, "sequence length (default: the model's context)")
-flags.DEFINE_integer("steps", 600, "training steps per run")
-flags.DEFINE_integer("batch_size", 16, "sequences per step")
-flags.DEFINE_float("lr", 2e-3, "peak learning rate (AdamW, linear warmup, cosine decay)")
-flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay")
-flags.DEFINE_integer("warmup", 60, "warmup steps")
-flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
-flags.DEFINE_integer("eval_every", 100, "validation loss every this many steps")
-flags.DEFINE_integer("eval_batches", 8, "validation batches (fixed windows)")
-flags.DEFINE_integer("log_every", 25, "log train metrics every this many steps")
-flags.DEFINE_integer("checkpoint_every", 200, "checkpoint every this many steps")
-flags.DEFINE_string("workdir", "runs/gpt_fp4", "output directory")
-flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
-flags.DEFINE_integer("stop_at", None, "stop each run here with a checkpoint (as Ctrl-C)")
-flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                  "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
-flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl)")
+
+
+def define_flags() -> None:
+  """This script's absl flags (called under ``__main__``; see common.define_training_flags)."""
+  flags.DEFINE_list("compare", ["bf16", "mxfp4", "nvfp4"],
+                    "runs: <recipe>[+nohad][+nosr][+no2d][+nolastbf16], e.g. "
+                    "bf16,fp8,mxfp4,nvfp4,fp4_all_the_way,quartet,msfp4")
+  flags.DEFINE_bool("no_hadamard", False, "ablation for every run: no random Hadamard transforms")
+  flags.DEFINE_bool("no_sr", False, "ablation for every run: nearest rounding for gradients")
+  flags.DEFINE_bool("no_2d_weights", False, "ablation for every run: 1D weight blocks, not tiles")
+  flags.DEFINE_integer("bf16_last_blocks", 1, "NVFP4 runs keep this many last blocks in BF16 "
+                       "(0: the ablation 'no BF16 last layers')")
+  flags.DEFINE_integer("block_size", None, "override every block size (tiles: block x block)")
+  flags.DEFINE_string("model", "gpt_tiny", f"one of {', '.join(GPT_CONFIGS)}")
+  flags.DEFINE_enum("dataset", "stdlib", list(data.TEXT_DATASETS), "training text")
+  flags.DEFINE_string("data_dir", None, "text files for --dataset=text (file, folder or list)")
+  flags.DEFINE_integer("max_bytes", 4_000_000, "bytes of text to read")
+  flags.DEFINE_integer("context", None, "sequence length (default: the model's context)")
+  flags.DEFINE_integer("eval_batches", 8, "validation batches (fixed windows)")
+  common.define_training_flags(workdir="runs/gpt_fp4", steps=600, batch_size=16,
+                               batch_what="sequences", lr=2e-3, weight_decay=0.1, warmup=60,
+                               eval_every=100, log_every=25, checkpoint_every=200)
+
 
 _FLAG_NAMES = ("compare", "no_hadamard", "no_sr", "no_2d_weights", "bf16_last_blocks",
-               "block_size", "model", "dataset", "data_dir", "max_bytes", "context", "steps",
-               "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
-               "eval_batches", "log_every", "checkpoint_every", "workdir", "resume", "stop_at",
-               "dtype", "impl")
+               "block_size", "model", "dataset", "data_dir", "max_bytes", "context",
+               "eval_batches") + common.TRAINING_FLAGS
 ABLATIONS = ("nohad", "nosr", "no2d", "nolastbf16")
 
 
@@ -101,7 +93,10 @@ def ablate(recipe: recipes_lib.Recipe, options: set[str]) -> recipes_lib.Recipe:
   return recipe.replace(**changes)
 
 
-def parse_run(name: str) -> RunSpec:
+def parse_run(name: str, *, no_hadamard: bool = False, no_sr: bool = False,
+              no_2d_weights: bool = False, bf16_last_blocks: int = 1,
+              block_size: int | None = None) -> RunSpec:
+  """``<recipe>[+nohad][+nosr][+no2d][+nolastbf16]`` (and the flags' ablations) -> RunSpec."""
   parts = [p.strip() for p in name.split("+") if p.strip()]
   if not parts:
     raise ValueError(f"empty run name {name!r}")
@@ -110,16 +105,16 @@ def parse_run(name: str) -> RunSpec:
   if unknown:
     raise ValueError(f"run {name!r}: unknown ablation(s) {sorted(unknown)}; use "
                      f"{', '.join('+' + a for a in ABLATIONS)}")
-  options |= {o for o, on in (("nohad", FLAGS.no_hadamard), ("nosr", FLAGS.no_sr),
-                              ("no2d", FLAGS.no_2d_weights)) if on}
-  recipe = common.build_recipe(parts[0], FLAGS.block_size)
+  options |= {o for o, on in (("nohad", no_hadamard), ("nosr", no_sr),
+                              ("no2d", no_2d_weights)) if on}
+  recipe = common.build_recipe(parts[0], block_size)
   if recipe.is_identity and options:
     raise ValueError(f"run {name!r}: ablations need a quantized recipe")
   recipe = ablate(recipe, options)
   nvfp4_like = any(getattr(recipe, op) is not None and getattr(recipe, op).tensor_scale
                    for op in common.OPERANDS)
   last = 0 if recipe.is_identity or "nolastbf16" in options or not nvfp4_like \
-      else FLAGS.bf16_last_blocks
+      else bf16_last_blocks
   return RunSpec(name, recipe, last)
 
 
@@ -228,7 +223,9 @@ def main(argv):
   if context > GPT_CONFIGS[FLAGS.model][4]:
     raise app.UsageError(f"--context={context} exceeds {FLAGS.model}'s {GPT_CONFIGS[FLAGS.model][4]}")
   try:
-    runs = [parse_run(n) for n in FLAGS.compare]
+    runs = [parse_run(n, no_hadamard=FLAGS.no_hadamard, no_sr=FLAGS.no_sr,
+                      no_2d_weights=FLAGS.no_2d_weights, bf16_last_blocks=FLAGS.bf16_last_blocks,
+                      block_size=FLAGS.block_size) for n in FLAGS.compare]
     if len({r.name for r in runs}) != len(runs):
       raise ValueError(f"--compare has repeated runs: {FLAGS.compare}")
     for r in runs:
@@ -274,4 +271,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -44,45 +44,36 @@ FORMAT_RECIPES = {"mxfp4": "tetrajet", "nvfp4": "nvfp4", "mxfp8": "mxfp8", "mxfp
                   "fp8": "fp8", "bf16": "bf16"}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("format", "mxfp4", "element format: mxfp4 (recipe tetrajet), nvfp4, mxfp8, "
-                    "mxfp6, fp8, bf16, or any fp4jax.spec preset (all six operands)")
-flags.DEFINE_string("recipe", None, "fp4jax recipe (default: the format's; see fp4jax.recipes)")
-flags.DEFINE_integer("block_size", None, "override the block size of every block-scaled "
-                     "operand (tiles become block_size x block_size)")
-flags.DEFINE_string("scale_mode", None, "override the scale rule (floor/ceil/even/rceil for "
-                    "E8M0 scales, amax for float scales)")
-flags.DEFINE_bool("q_ema", False, "TetraJet Q-EMA: round weights toward their EMA")
-flags.DEFINE_float("q_ema_decay", 0.998, "Q-EMA decay")
-flags.DEFINE_bool("q_ramping", False, "TetraJet Q-Ramping of oscillating weights")
-flags.DEFINE_list("compare", [], "runs to train one after the other and plot together, e.g. "
-                  "bf16,mxfp4,tetrajet,tetrajet+qema,tetrajet+qema+qramp,nvfp4 (overrides "
-                  "--format/--recipe/--q_ema/--q_ramping)")
-flags.DEFINE_string("model", "vit_digits", f"one of {', '.join(MODELS)}")
-flags.DEFINE_enum("dataset", "digits", list(data.VISION_DATASETS), "training data")
-flags.DEFINE_string("data_dir", None, "folder of cifar10 / imagefolder data")
-flags.DEFINE_integer("image_size", None, "resize imagefolder images to this side")
-flags.DEFINE_integer("steps", 600, "training steps per run")
-flags.DEFINE_integer("batch_size", 128, "images per step")
-flags.DEFINE_float("lr", 2e-3, "peak learning rate (AdamW, linear warmup, cosine decay)")
-flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay")
-flags.DEFINE_integer("warmup", 100, "warmup steps")
-flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
-flags.DEFINE_integer("eval_every", 100, "evaluate on the test split every this many steps")
-flags.DEFINE_integer("log_every", 50, "log train metrics every this many steps")
-flags.DEFINE_integer("checkpoint_every", 500, "checkpoint every this many steps")
-flags.DEFINE_string("workdir", "runs/vit_tetrajet", "output directory")
-flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
-flags.DEFINE_integer("stop_at", None, "stop each run at this step with a checkpoint, as "
-                     "Ctrl-C does (for time-limited sessions); continue with --resume")
-flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                  "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
-flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl: auto, xla, pallas)")
-flags.DEFINE_bool("scan_layers", True, "compile one encoder block (nn.scan) instead of depth")
+
+
+def define_flags() -> None:
+  """This script's absl flags (called under ``__main__``; see common.define_training_flags)."""
+  flags.DEFINE_string("format", "mxfp4", "element format: mxfp4 (recipe tetrajet), nvfp4, mxfp8, "
+                      "mxfp6, fp8, bf16, or any fp4jax.spec preset (all six operands)")
+  flags.DEFINE_string("recipe", None, "fp4jax recipe (default: the format's; see fp4jax.recipes)")
+  flags.DEFINE_integer("block_size", None, "override the block size of every block-scaled "
+                       "operand (tiles become block_size x block_size)")
+  flags.DEFINE_string("scale_mode", None, "override the scale rule (floor/ceil/even/rceil for "
+                      "E8M0 scales, amax for float scales)")
+  flags.DEFINE_bool("q_ema", False, "TetraJet Q-EMA: round weights toward their EMA")
+  flags.DEFINE_float("q_ema_decay", 0.998, "Q-EMA decay")
+  flags.DEFINE_bool("q_ramping", False, "TetraJet Q-Ramping of oscillating weights")
+  flags.DEFINE_list("compare", [], "runs to train one after the other and plot together, e.g. "
+                    "bf16,mxfp4,tetrajet,tetrajet+qema,tetrajet+qema+qramp,nvfp4 (overrides "
+                    "--format/--recipe/--q_ema/--q_ramping)")
+  flags.DEFINE_string("model", "vit_digits", f"one of {', '.join(MODELS)}")
+  flags.DEFINE_enum("dataset", "digits", list(data.VISION_DATASETS), "training data")
+  flags.DEFINE_string("data_dir", None, "folder of cifar10 / imagefolder data")
+  flags.DEFINE_integer("image_size", None, "resize imagefolder images to this side")
+  flags.DEFINE_bool("scan_layers", True, "compile one encoder block (nn.scan) instead of depth")
+  common.define_training_flags(workdir="runs/vit_tetrajet", steps=600, batch_size=128,
+                               batch_what="images", lr=2e-3, weight_decay=0.05, warmup=100,
+                               eval_every=100, log_every=50, checkpoint_every=500)
+
 
 _FLAG_NAMES = ("format", "recipe", "block_size", "scale_mode", "q_ema", "q_ema_decay",
-               "q_ramping", "compare", "model", "dataset", "data_dir", "image_size", "steps",
-               "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every", "log_every",
-               "checkpoint_every", "workdir", "resume", "stop_at", "dtype", "impl", "scan_layers")
+               "q_ramping", "compare", "model", "dataset", "data_dir", "image_size",
+               "scan_layers") + common.TRAINING_FLAGS
 
 
 class RunSpec(NamedTuple):
@@ -315,4 +306,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

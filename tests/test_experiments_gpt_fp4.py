@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from experiments import gpt_fp4
 
@@ -66,14 +65,6 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   assert message in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
 
 
-@pytest.fixture
-def parsed_flags():
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["gpt_fp4"])
-  yield flags.FLAGS
-  flags.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize("name,check", [
     ("nvfp4", lambda r: r.recipe.hadamard_wgrad == 16 and r.recipe.fwd_rhs.granularity == "tile"
      and r.recipe.dgrad_grad.rounding == "stochastic" and r.bf16_last_blocks == 1),
@@ -85,5 +76,12 @@ def parsed_flags():
     ("nvfp4+nolastbf16", lambda r: r.bf16_last_blocks == 0),
     ("mxfp4", lambda r: r.bf16_last_blocks == 0 and r.recipe.fwd_lhs.block_size == 32),
 ])
-def test_ablations(parsed_flags, name, check):
+def test_ablations(name, check):
   assert check(gpt_fp4.parse_run(name)), name
+
+
+def test_flag_ablations_apply_to_every_run():
+  r = gpt_fp4.parse_run("nvfp4", no_hadamard=True, no_sr=True, no_2d_weights=True,
+                        bf16_last_blocks=2)
+  assert r.recipe.hadamard_wgrad is None and r.recipe.wgrad_grad.rounding == "nearest"
+  assert r.recipe.dgrad_rhs.granularity == "block" and r.bf16_last_blocks == 2
