@@ -5,9 +5,10 @@ setup:
 	@tools/setup_venv.sh
 
 run: setup
-	.venv/bin/python -m fp4jax.report
+	.venv/bin/python -m experiments.vit_tetrajet --format=mxfp4 --compare=bf16 --workdir=runs/vit_tetrajet
 
-report: run
+report: setup
+	.venv/bin/python -m fp4jax.report
 
 test: setup
 	.venv/bin/python -m pytest -q -n auto tests

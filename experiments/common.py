@@ -161,6 +161,19 @@ class StopRequested:
       signal.signal(signal.SIGINT, old)
 
 
+def train_runs(runs: Sequence[Any], train_one: Callable) -> tuple[list[dict], bool]:
+  """``train_one(run, stop)`` for each run in order, stopping after one that Ctrl-C
+  interrupted; returns (the finished runs' final metrics, whether Ctrl-C stopped us)."""
+  stop = StopRequested()
+  finals = []
+  with stop.installed():
+    for r in runs:
+      finals.append(train_one(r, stop))
+      if stop.requested:
+        break
+  return finals, stop.requested
+
+
 def plot_curves(runs: dict[str, list[dict[str, Any]]], key: str, path: str, title: str,
                 kind: str = "eval", ylabel: str | None = None, logy: bool = False) -> str:
   """One line per run of ``key`` against step, from the runs' ``kind`` records."""

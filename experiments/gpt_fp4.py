@@ -241,13 +241,8 @@ def main(argv):
   print(f"gpt_fp4: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of {FLAGS.model} on "
         f"{FLAGS.dataset} ({len(train)} train / {len(val)} validation bytes) on "
         f"{common.device_description()}; workdir {FLAGS.workdir}", flush=True)
-  stop = common.StopRequested()
-  finals = []
-  with stop.installed():
-    for r in runs:
-      finals.append(train_run(r, train, val, context, FLAGS.workdir, stop))
-      if stop.requested:
-        break
+  finals, stopped = common.train_runs(
+      runs, lambda r, stop: train_run(r, train, val, context, FLAGS.workdir, stop))
   histories = {r.name: common.MetricsLog(os.path.join(FLAGS.workdir, r.name,
                                                       "metrics.jsonl")).read()
                for r in runs[:len(finals)]}
@@ -266,7 +261,7 @@ def main(argv):
       finals, ["run", "steps", "bf16_last_blocks", "train_loss", "val_loss",
                "val_bits_per_byte", "val_loss_gap_to_bf16", "seconds"],
       notes="Losses in nats per byte; the gap is run minus BF16. Plots: val_loss.png, loss.png.")
-  if stop.requested:
+  if stopped:
     sys.exit(130)
 
 

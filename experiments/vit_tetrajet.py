@@ -1,7 +1,7 @@
 r"""ViT training in FP4: BF16 against MXFP4, TetraJet (with and without Q-EMA / Q-Ramping),
 NVFP4 and any other recipe or format, on real data that ships with scikit-learn.
 
-    python -m experiments.vit_tetrajet --format=mxfp4                       # TetraJet
+    python -m experiments.vit_tetrajet --format=mxfp4 --compare=bf16        # TetraJet vs BF16
     python -m experiments.vit_tetrajet --compare=bf16,mxfp4,tetrajet,tetrajet+qema+qramp,nvfp4
     python -m experiments.vit_tetrajet --format=nvfp4 --block_size=32 --workdir=/tmp/nv32
     python -m experiments.vit_tetrajet --workdir=/tmp/run --resume          # continue a run
@@ -59,8 +59,8 @@ def define_flags() -> None:
   flags.DEFINE_float("q_ema_decay", 0.998, "Q-EMA decay")
   flags.DEFINE_bool("q_ramping", False, "TetraJet Q-Ramping of oscillating weights")
   flags.DEFINE_list("compare", [], "runs to train one after the other and plot together, e.g. "
-                    "bf16,mxfp4,tetrajet,tetrajet+qema,tetrajet+qema+qramp,nvfp4 (overrides "
-                    "--format/--recipe/--q_ema/--q_ramping)")
+                    "bf16,mxfp4,tetrajet,tetrajet+qema,tetrajet+qema+qramp,nvfp4; an explicit "
+                    "--format/--recipe run is added to them")
   flags.DEFINE_string("model", "vit_digits", f"one of {', '.join(MODELS)}")
   flags.DEFINE_enum("dataset", "digits", list(data.VISION_DATASETS), "training data")
   flags.DEFINE_string("data_dir", None, "folder of cifar10 / imagefolder data")
@@ -99,11 +99,15 @@ def parse_run(name: str, block_size=None, scale_mode=None) -> RunSpec:
 
 
 def runs_from_flags() -> list[RunSpec]:
-  if FLAGS.compare:
-    return [parse_run(n, FLAGS.block_size, FLAGS.scale_mode) for n in FLAGS.compare]
+  """``--compare``'s runs, then the ``--format``/``--recipe`` run (when given explicitly or
+  without ``--compare``) unless it is in the list already."""
   recipe = FLAGS.recipe or FORMAT_RECIPES.get(FLAGS.format, FLAGS.format)
   name = recipe + ("+qema" if FLAGS.q_ema else "") + ("+qramp" if FLAGS.q_ramping else "")
-  return [parse_run(name, FLAGS.block_size, FLAGS.scale_mode)]
+  names = list(FLAGS.compare)
+  explicit = FLAGS["format"].present or FLAGS["recipe"].present
+  if (explicit or not names) and name not in names:
+    names.append(name)
+  return [parse_run(n, FLAGS.block_size, FLAGS.scale_mode) for n in names]
 
 
 def check_model_fits(recipe: recipes_lib.Recipe, model: str) -> None:
@@ -293,15 +297,9 @@ def main(argv):
   print(f"vit_tetrajet: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of "
         f"{FLAGS.model} on {FLAGS.dataset} ({len(ds.train_y)} train / {len(ds.test_y)} test) "
         f"on {common.device_description()}; workdir {FLAGS.workdir}", flush=True)
-  stop = common.StopRequested()
-  finals = []
-  with stop.installed():
-    for r in runs:
-      finals.append(train_run(r, ds, FLAGS.workdir, stop))
-      if stop.requested:
-        break
+  finals, stopped = common.train_runs(runs, lambda r, stop: train_run(r, ds, FLAGS.workdir, stop))
   report(FLAGS.workdir, finals, runs[:len(finals)])
-  if stop.requested:
+  if stopped:
     sys.exit(130)
 
 

@@ -81,10 +81,14 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def restore(self, target: Any, step: int | None = None) -> Any:
-    """Checkpoint ``step`` (default: the latest) restored into ``target``'s structure."""
+    """Checkpoint ``step`` (default: the latest) restored into ``target``'s structure;
+    ``target=None`` gives the tree as stored (plain arrays; keys as their key data, QArrays
+    as their leaves), e.g. to read only the parameters of a training state."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if target is None:
+      return self._mngr.restore(int(step), args=self._ocp.args.StandardRestore())
     restored = self._mngr.restore(int(step),
                                   args=self._ocp.args.StandardRestore(_abstract(target)))
     return _decode(restored, target)
