@@ -1,0 +1,255 @@
+r"""Quantization error over a grid of formats, on real and synthetic tensors.
+
+    python -m experiments.sweep                                  # default grid, ~2 min on CPU
+    python -m experiments.sweep --elements=e2m1,e3m0 --block_sizes=8,16,32,64,128,channel
+
+Grid: element format x block size (or ``channel``: one scale per row) x scale format
+(``e8m0``; ``ue4m3`` with NVFP4's FP32 tensor scale; ``bf16``; ``fp32``) x E8M0 scale rule
+x rounding (``nearest``, ``stochastic``), each quantizing along the last axis of:
+
+* standard distributions: normal, Laplace, Student-t with 3 degrees of freedom (heavy
+  tails), uniform;
+* tensors of a ViT trained in BF16 on digits for ``--capture_steps`` steps: an encoder
+  weight (``block1/fc1`` kernel), the activation entering ``block1/fc2`` (after GELU) and
+  the gradient of the loss with respect to the ``block1/fc1`` kernel.
+
+Metrics: SNR in dB (``10 log10(sum x^2 / sum (x - q)^2)``), MSE relative to the tensor's
+mean square, and bits per element as stored (``QArray.bits_per_element``: codes + block
+scales). Writes ``sweep.csv``, ``snr_<tensor>.png`` heatmaps (rows: element x scale
+format x rule x rounding; columns: block size), ``pareto.png`` (SNR against bits per
+element, the Pareto front per tensor) and ``summary.md`` (the best configuration per bit
+budget) to ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from absl import logging as absl_logging
+
+import fp4jax
+from experiments import common, data
+from experiments.models import ViT
+from experiments.vit_tetrajet import MODELS
+
+FLAGS = flags.FLAGS
+DISTRIBUTIONS = ("normal", "laplace", "student_t3", "uniform")
+CAPTURED = ("weight", "activation", "gradient")
+SCALE_FORMATS = ("e8m0", "ue4m3", "bf16", "fp32")
+
+
+def define_flags() -> None:
+  """This script's absl flags (called under ``__main__``)."""
+  flags.DEFINE_list("elements", ["e2m1", "e2m3", "e3m2", "e4m3"], "element formats")
+  flags.DEFINE_list("block_sizes", ["16", "32", "64", "channel"], "block sizes or 'channel'")
+  flags.DEFINE_list("scale_formats", ["e8m0", "ue4m3", "bf16"],
+                    f"scale formats: {', '.join(SCALE_FORMATS)} (ue4m3: with an FP32 tensor "
+                    "scale, as NVFP4)")
+  flags.DEFINE_list("scale_modes", ["floor", "rceil"], "E8M0 scale rules (float scales: amax)")
+  flags.DEFINE_list("roundings", ["nearest", "stochastic"], "rounding modes")
+  flags.DEFINE_list("tensors", list(DISTRIBUTIONS + CAPTURED), "tensors to quantize")
+  flags.DEFINE_integer("rows", 256, "rows of each synthetic tensor (columns: 1024)")
+  flags.DEFINE_integer("capture_steps", 200, "BF16 training steps of the ViT whose tensors "
+                       "are captured")
+  flags.DEFINE_integer("seed", 0, "seed of the tensors, the model and stochastic rounding")
+  flags.DEFINE_string("workdir", "runs/sweep", "output directory")
+
+
+def synthetic(name: str, rows: int, seed: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, DISTRIBUTIONS.index(name)])
+  shape = (rows, 1024)
+  x = {"normal": lambda: rng.standard_normal(shape),
+       "laplace": lambda: rng.laplace(size=shape),
+       "student_t3": lambda: rng.standard_t(3, shape),
+       "uniform": lambda: rng.uniform(-1, 1, shape)}[name]()
+  return x.astype(np.float32)
+
+
+def captured(steps: int, seed: int) -> dict[str, np.ndarray]:
+  """Weight, activation and weight gradient of ``block1/fc1``/``fc2`` of a ViT trained in
+  BF16 (float32 on CPU) on digits for ``steps`` steps."""
+  ds = data.load_digits(seed)
+  p, w, d, h, m = MODELS["vit_digits"]
+  model = ViT(10, p, w, d, h, m)
+  params = model.init(jax.random.key(seed), jnp.asarray(ds.train_x[:2]))["params"]
+  tx = optax.adamw(2e-3, weight_decay=0.05)
+  opt = tx.init(params)
+  loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y).mean()
+
+  @jax.jit
+  def step(params, opt, x, y):
+    g = jax.grad(loss)(params, x, y)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), opt
+
+  for i in range(steps):
+    idx = data.batches(len(ds.train_y), 128, seed, i)
+    params, opt = step(params, opt, jnp.asarray(ds.train_x[idx]), jnp.asarray(ds.train_y[idx]))
+  x, y = jnp.asarray(ds.train_x[:128]), jnp.asarray(ds.train_y[:128])
+  acts = fp4jax.ptq.collect_linen_inputs(model, {"params": params}, x)
+  grads = jax.grad(loss)(params, x, y)
+  return {"weight": np.asarray(params["block1"]["fc1"]["kernel"]).T,  # (N, K): rows along K
+          "activation": np.asarray(acts["block1/fc2"]),
+          "gradient": np.asarray(grads["block1"]["fc1"]["kernel"]).T}
+
+
+def grid() -> list[dict]:
+  """The configurations of the flags' grid (E8M0 rules only for E8M0 scales)."""
+  out = []
+  for el, bs, sf, rnd in itertools.product(FLAGS.elements, FLAGS.block_sizes,
+                                           FLAGS.scale_formats, FLAGS.roundings):
+    modes = FLAGS.scale_modes if sf == "e8m0" else ["amax"]
+    for mode in modes:
+      out.append({"element": el, "block": bs, "scale_format": sf, "scale_mode": mode,
+                  "rounding": rnd})
+  return out
+
+
+def make_spec(cfg: dict) -> fp4jax.QuantSpec:
+  channel = cfg["block"] == "channel"
+  return fp4jax.QuantSpec(
+      cfg["element"], cfg["scale_format"], "channel" if channel else "block",
+      block_size=32 if channel else int(cfg["block"]), scale_mode=cfg["scale_mode"],
+      rounding=cfg["rounding"], tensor_scale="amax" if cfg["scale_format"] == "ue4m3" else None)
+
+
+def measure(x: jax.Array, spec: fp4jax.QuantSpec, key) -> dict[str, float]:
+  q = fp4jax.quantize(x, spec, -1, key=key if spec.rounding == "stochastic" else None)
+  err = fp4jax.dequantize(q, jnp.float32) - x
+  sig, noise = float(jnp.sum(x * x)), float(jnp.sum(err * err))
+  return {"snr_db": 10 * np.log10(sig / noise) if noise > 0 else float("inf"),
+          "rel_mse": noise / sig, "bits_per_element": q.bits_per_element}
+
+
+def heatmap(rows: list[dict], tensor: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sub = [r for r in rows if r["tensor"] == tensor]
+  ylab = sorted({(r["element"], r["scale_format"], r["scale_mode"], r["rounding"]) for r in sub})
+  xlab = list(dict.fromkeys(r["block"] for r in sub))
+  z = np.full((len(ylab), len(xlab)), np.nan)
+  for r in sub:
+    z[ylab.index((r["element"], r["scale_format"], r["scale_mode"], r["rounding"])),
+      xlab.index(r["block"])] = r["snr_db"]
+  fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(xlab), 1.2 + 0.22 * len(ylab)), dpi=120)
+  im = ax.imshow(z, aspect="auto", cmap="viridis")
+  ax.set_xticks(range(len(xlab)), xlab)
+  ax.set_yticks(range(len(ylab)), ["/".join(t) for t in ylab], fontsize=6)
+  ax.set_xlabel("block size")
+  ax.set_title(f"SNR (dB): {tensor}")
+  for i in range(z.shape[0]):
+    for j in range(z.shape[1]):
+      if np.isfinite(z[i, j]):
+        ax.text(j, i, f"{z[i, j]:.1f}", ha="center", va="center", fontsize=5, color="w")
+  fig.colorbar(im)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """The (bits, snr) points no other point beats in both (fewer bits, higher SNR)."""
+  front, best = [], -np.inf
+  for b, s in sorted(points, key=lambda p: (p[0], -p[1])):
+    if s > best:
+      front.append((b, s))
+      best = s
+  return front
+
+
+def pareto_plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  for tensor in dict.fromkeys(r["tensor"] for r in rows):
+    pts = [(r["bits_per_element"], r["snr_db"]) for r in rows if r["tensor"] == tensor]
+    b, s = zip(*pts)
+    line = ax.scatter(b, s, s=6, alpha=0.35)
+    fb, fs = zip(*pareto(pts))
+    ax.plot(fb, fs, "-o", ms=3, color=line.get_facecolor()[0], label=tensor)
+  ax.set_xlabel("bits per element (codes + block scales)")
+  ax.set_ylabel("SNR (dB)")
+  ax.set_title("quantization SNR against storage: Pareto fronts")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def main(argv):
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    bad = [t for t in FLAGS.tensors if t not in DISTRIBUTIONS + CAPTURED]
+    if bad:
+      raise ValueError(f"--tensors has unknown {bad}; choose from "
+                       f"{', '.join(DISTRIBUTIONS + CAPTURED)}")
+    bad = [b for b in FLAGS.block_sizes if b != "channel" and not b.isdigit()]
+    if bad:
+      raise ValueError(f"--block_sizes has {bad}: give positive integers or 'channel'")
+    bad = [s for s in FLAGS.scale_formats if s not in SCALE_FORMATS]
+    if bad:
+      raise ValueError(f"--scale_formats has unknown {bad}; choose from {', '.join(SCALE_FORMATS)}")
+    configs = grid()
+    specs = [make_spec(c) for c in configs]  # validates elements, modes, roundings
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  common.write_config(FLAGS.workdir, common.flag_dict(flags, (
+      "elements", "block_sizes", "scale_formats", "scale_modes", "roundings", "tensors", "rows",
+      "capture_steps", "seed", "workdir")))
+  tensors = {t: synthetic(t, FLAGS.rows, FLAGS.seed) for t in FLAGS.tensors if t in DISTRIBUTIONS}
+  if any(t in CAPTURED for t in FLAGS.tensors):
+    print(f"sweep: training a ViT on digits for {FLAGS.capture_steps} steps to capture tensors",
+          flush=True)
+    cap = captured(FLAGS.capture_steps, FLAGS.seed)
+    tensors.update({t: cap[t] for t in FLAGS.tensors if t in CAPTURED})
+  for name, x in tensors.items():
+    for c in configs:
+      if c["block"] != "channel" and x.shape[-1] % int(c["block"]):
+        raise app.UsageError(f"block size {c['block']} does not divide the last axis "
+                             f"{x.shape[-1]} of tensor {name!r}")
+  print(f"sweep: {len(configs)} configurations x {len(tensors)} tensors", flush=True)
+  rows = []
+  key = jax.random.key(FLAGS.seed)
+  for name, x in tensors.items():
+    xj = jnp.asarray(x)
+    for c, spec in zip(configs, specs):
+      rows.append({"tensor": name, **c, **measure(xj, spec, key)})
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, "sweep.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  for name in tensors:
+    heatmap(rows, name, os.path.join(FLAGS.workdir, f"snr_{name}.png"))
+  pareto_plot(rows, os.path.join(FLAGS.workdir, "pareto.png"))
+  best = []
+  for name in tensors:
+    sub = [r for r in rows if r["tensor"] == name]
+    for b, s in pareto([(r["bits_per_element"], r["snr_db"]) for r in sub]):
+      r = next(r for r in sub if r["bits_per_element"] == b and r["snr_db"] == s)
+      best.append({"tensor": name, "bits_per_element": b, "snr_db": s,
+                   "config": f"{r['element']}/{r['block']}/{r['scale_format']}/"
+                             f"{r['scale_mode']}/{r['rounding']}"})
+  common.write_summary(FLAGS.workdir, f"sweep: the Pareto front per tensor "
+                       f"({len(configs)} configurations; {common.device_description()})",
+                       best, ["tensor", "bits_per_element", "snr_db", "config"],
+                       notes="config: element / block / scale format / scale rule / rounding. "
+                       "All rows: sweep.csv; heatmaps: snr_<tensor>.png; fronts: pareto.png.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
