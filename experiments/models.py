@@ -164,3 +164,19 @@ class GPT(nn.Module):
                        name=f"block{i}")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln")(x)
     return nn.Dense(self.vocab, dtype=jnp.float32, name="head")(x)
+
+
+class MLP(nn.Module):
+  """Two hidden GELU layers of ``recipe`` (plain Dense for None / "bf16") and a
+  high-precision head: the quick model of ``experiments.sweep --train``."""
+
+  num_classes: int = 10
+  hidden: tuple[int, ...] = (256, 128)
+  recipe: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for i, n in enumerate(self.hidden):
+      x = nn.gelu(dense(n, self.recipe, jnp.float32, f"fc{i + 1}")(x))
+    return nn.Dense(self.num_classes, name="head")(x)

@@ -18,7 +18,10 @@ mean square, and bits per element as stored (``QArray.bits_per_element``: codes 
 scales). Writes ``sweep.csv``, ``snr_<tensor>.png`` heatmaps (rows: element x scale
 format x rule x rounding; columns: block size), ``pareto.png`` (SNR against bits per
 element, the Pareto front per tensor) and ``summary.md`` (the best configuration per bit
-budget) to ``--workdir``.
+budget) to ``--workdir``. ``--train`` also trains an MLP on digits per configuration (all
+six GEMM operands in that format) and plots final test loss against bits per element
+(``train.csv``, ``pareto_train.png``; for ``channel`` the bits are those of the first
+tensor's rows).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from absl import logging as absl_logging
 
 import fp4jax
 from experiments import common, data
-from experiments.models import ViT
+from experiments.models import MLP, ViT
+from fp4jax import recipes as recipes_lib
 from experiments.vit_tetrajet import MODELS
 
 FLAGS = flags.FLAGS
@@ -60,6 +64,9 @@ def define_flags() -> None:
                        "are captured")
   flags.DEFINE_integer("seed", 0, "seed of the tensors, the model and stochastic rounding")
   flags.DEFINE_string("workdir", "runs/sweep", "output directory")
+  flags.DEFINE_bool("train", False, "also train an MLP on digits with every configuration "
+                    "(all six GEMM operands) and plot test loss against bits per element")
+  flags.DEFINE_integer("train_steps", 300, "training steps per configuration (--train)")
 
 
 def synthetic(name: str, rows: int, seed: int) -> np.ndarray:
@@ -127,6 +134,60 @@ def measure(x: jax.Array, spec: fp4jax.QuantSpec, key) -> dict[str, float]:
   sig, noise = float(jnp.sum(x * x)), float(jnp.sum(err * err))
   return {"snr_db": 10 * np.log10(sig / noise) if noise > 0 else float("inf"),
           "rel_mse": noise / sig, "bits_per_element": q.bits_per_element}
+
+
+def train_config(spec: fp4jax.QuantSpec | None, ds: data.ImageData, steps: int,
+                 seed: int) -> dict[str, float]:
+  """Final test loss / accuracy of an MLP (64-256-128-10) on digits whose hidden layers
+  quantize all six GEMM operands with ``spec`` (None: unquantized), Adam 3e-3, batch 128."""
+  recipe = None if spec is None else recipes_lib.Recipe("sweep", *([spec] * 6))
+  model = MLP(len(ds.classes), recipe=recipe)
+  params = model.init({"params": jax.random.key(seed), "quant": jax.random.key(seed + 1)},
+                      jnp.asarray(ds.train_x[:2]))["params"]
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  def loss_fn(p, x, y, k):
+    logits = model.apply({"params": p}, x, rngs={"quant": k})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(p, o, x, y, k):
+    g = jax.grad(loss_fn)(p, x, y, k)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+
+  key = jax.random.key(seed + 2)
+  for i in range(steps):
+    idx = data.batches(len(ds.train_y), 128, seed, i)
+    params, opt = step(params, opt, jnp.asarray(ds.train_x[idx]), jnp.asarray(ds.train_y[idx]),
+                       jax.random.fold_in(key, i))
+  logits = model.apply({"params": params}, jnp.asarray(ds.test_x),
+                       rngs={"quant": jax.random.fold_in(key, steps)})
+  y = jnp.asarray(ds.test_y)
+  return {"test_loss": float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()),
+          "test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == y))}
+
+
+def train_plot(rows: list[dict], base: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  pts = [(r["bits_per_element"], r["test_loss"]) for r in rows]
+  ax.scatter(*zip(*pts), s=10, alpha=0.5, label="configurations")
+  front = pareto([(b, -l) for b, l in pts])
+  ax.plot([b for b, _ in front], [-l for _, l in front], "-o", ms=3, color="tab:red",
+          label="Pareto front")
+  ax.axhline(base["test_loss"], color="k", ls="--", lw=1, label="float32")
+  ax.set_xlabel("bits per element (codes + block scales)")
+  ax.set_ylabel("test loss after training")
+  ax.set_title("MLP on digits, all GEMM operands quantized")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def heatmap(rows: list[dict], tensor: str, path: str) -> None:
@@ -243,11 +304,43 @@ def main(argv):
       best.append({"tensor": name, "bits_per_element": b, "snr_db": s,
                    "config": f"{r['element']}/{r['block']}/{r['scale_format']}/"
                              f"{r['scale_mode']}/{r['rounding']}"})
+  notes = ("config: element / block / scale format / scale rule / rounding. "
+           "All rows: sweep.csv; heatmaps: snr_<tensor>.png; fronts: pareto.png.")
+  if FLAGS.train:
+    bad = [c["block"] for c in configs if c["block"] != "channel" and 64 % int(c["block"])]
+    if bad:
+      raise app.UsageError(f"--train: block sizes {sorted(set(bad))} do not divide the MLP's "
+                           "input width 64")
+    ds = data.load_digits(FLAGS.seed)
+    base = train_config(None, ds, FLAGS.train_steps, FLAGS.seed)
+    trained = []
+    for c, spec in zip(configs, specs):
+      r = {**c, "bits_per_element": next(
+          x["bits_per_element"] for x in rows if x["tensor"] == rows[0]["tensor"]
+          and all(x[k] == c[k] for k in c)), **train_config(spec, ds, FLAGS.train_steps,
+                                                            FLAGS.seed)}
+      r["test_loss_gap"] = r["test_loss"] - base["test_loss"]
+      trained.append(r)
+      print(f"train {'/'.join(str(c[k]) for k in c)}: test loss {r['test_loss']:.4f}, "
+            f"accuracy {r['test_accuracy']:.4f}", flush=True)
+    with open(os.path.join(FLAGS.workdir, "train.csv"), "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(trained[0]))
+      w.writeheader()
+      w.writerows(trained)
+    train_plot(trained, base, os.path.join(FLAGS.workdir, "pareto_train.png"))
+    for b, negl in pareto([(r["bits_per_element"], -r["test_loss"]) for r in trained]):
+      r = next(r for r in trained if r["bits_per_element"] == b and r["test_loss"] == -negl)
+      best.append({"tensor": "MLP training (test loss)", "bits_per_element": b,
+                   "snr_db": None, "test_loss": r["test_loss"],
+                   "test_loss_gap": r["test_loss_gap"],
+                   "config": "/".join(str(r[k]) for k in ("element", "block", "scale_format",
+                                                          "scale_mode", "rounding"))})
+    notes += (f" Training: float32 MLP test loss {base['test_loss']:.4f}, accuracy "
+              f"{base['test_accuracy']:.4f}; all runs: train.csv; plot: pareto_train.png.")
   common.write_summary(FLAGS.workdir, f"sweep: the Pareto front per tensor "
                        f"({len(configs)} configurations; {common.device_description()})",
-                       best, ["tensor", "bits_per_element", "snr_db", "config"],
-                       notes="config: element / block / scale format / scale rule / rounding. "
-                       "All rows: sweep.csv; heatmaps: snr_<tensor>.png; fronts: pareto.png.")
+                       best, ["tensor", "bits_per_element", "snr_db", "test_loss",
+                              "test_loss_gap", "config"], notes=notes)
 
 
 if __name__ == "__main__":

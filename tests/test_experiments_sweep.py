@@ -53,8 +53,23 @@ def test_pareto_front():
     (["--scale_formats=e8m0,fp16"], "unknown ['fp16']"),
     (["--elements=e2m1", "--block_sizes=48", "--tensors=normal"], "does not divide"),
     (["--elements=e9m9"], "e9m9"),
+    (["--train", "--block_sizes=128", "--tensors=normal"], "do not divide the MLP"),
 ])
 def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   p = _run(f"--workdir={tmp_path}", *args, timeout=120)
   assert p.returncode != 0
   assert message in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
+
+
+def test_train_mode_writes_the_training_front(tmp_path):
+  wd = str(tmp_path / "sw")
+  p = _run("--elements=e2m1", "--block_sizes=16,32", "--scale_formats=e8m0",
+           "--scale_modes=floor", "--roundings=nearest", "--tensors=normal", "--rows=16",
+           "--train", "--train_steps=20", f"--workdir={wd}")
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = list(csv.DictReader(open(os.path.join(wd, "train.csv"))))
+  assert [(r["block"], float(r["bits_per_element"])) for r in rows] == [("16", 4.5),
+                                                                         ("32", 4.25)]
+  assert all(0.0 < float(r["test_loss"]) < 2.5 for r in rows), rows  # chance is ln 10 = 2.30
+  assert open(os.path.join(wd, "pareto_train.png"), "rb").read(4) == b"\x89PNG"
+  assert "MLP training (test loss)" in open(os.path.join(wd, "summary.md")).read()
