@@ -362,7 +362,7 @@ def test_bf16_exact_gemm_matches_f32_gemm_of_fake_quantized_values(name, rng):
 def test_default_impl_is_auto_and_off_gpu_equals_the_reference_bit_for_bit(recipe, rng):
   assert qdot._DEFAULT_IMPL.get() == "auto", "the default GEMM impl should be 'auto'"
   x = jnp.asarray(rng.standard_normal((32, 64)).astype(np.float32))
-  w = jnp.asarray(rng.standard_normal((64, 48)).astype(np.float32) * 0.1)
+  w = jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32) * 0.1)
   key = jax.random.key(3)
 
   def f(x, w, impl):
