@@ -170,9 +170,9 @@ def make_steps(model: GPT, tx):
 
 def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, workdir: str,
               stop: common.StopRequested) -> dict[str, Any]:
-  width, depth, heads, mlp, ctx = GPT_CONFIGS[FLAGS.model]
-  model = GPT(256, width, depth, heads, mlp, ctx, None if run.recipe.is_identity else run.recipe,
-              common.compute_dtype(FLAGS.dtype), run.bf16_last_blocks)
+  model = GPT.from_name(FLAGS.model, recipe=None if run.recipe.is_identity else run.recipe,
+                        dtype=common.compute_dtype(FLAGS.dtype),
+                        high_precision_last=run.bf16_last_blocks)
   sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, min(FLAGS.warmup, FLAGS.steps // 2),
                                              max(FLAGS.steps, 1), FLAGS.lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0),

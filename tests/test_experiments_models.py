@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.models import ViT
+from experiments.models import GPT, MLP, ViT
 
 
 @pytest.mark.parametrize("recipe", [None, "mxfp4"])
@@ -50,3 +50,26 @@ def test_vit_rejects_bad_sizes():
     ViT.from_name("vit_tiny", 10).init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))
   with pytest.raises(ValueError, match="unknown ViT"):
     ViT.from_name("vit_huge", 10)
+
+
+def test_gpt_is_causal_and_keeps_last_blocks_high_precision(rng):
+  m = GPT.from_name("gpt_tiny", recipe="mxfp4", high_precision_last=1)
+  tok = jnp.asarray(rng.integers(0, 256, (2, 32)), jnp.int32)
+  params = m.init({"params": jax.random.key(0), "quant": jax.random.key(1)}, tok)["params"]
+  assert "kernel" in params["block3"]["fc1"] and m.depth == 4
+  out = m.apply({"params": params}, tok, rngs={"quant": jax.random.key(2)})
+  assert out.shape == (2, 32, 256)
+  changed = tok.at[:, 20].set((tok[:, 20] + 1) % 256)  # a later byte must not change earlier logits
+  out2 = m.apply({"params": params}, changed, rngs={"quant": jax.random.key(2)})
+  np.testing.assert_array_equal(np.asarray(out[:, :20]), np.asarray(out2[:, :20]))
+
+
+def test_gpt_and_mlp_bad_input():
+  with pytest.raises(ValueError, match="unknown GPT 'gpt_xl'"):
+    GPT.from_name("gpt_xl")
+  m = GPT.from_name("gpt_tiny")
+  with pytest.raises(ValueError, match="exceeds the model's context 64"):
+    m.init(jax.random.key(0), jnp.zeros((1, 65), jnp.int32))
+  mlp = MLP(10, recipe="mxfp4")
+  with pytest.raises(ValueError, match="not a multiple of 32"):  # K = 40: no whole blocks
+    mlp.init({"params": jax.random.key(0), "quant": jax.random.key(1)}, jnp.zeros((4, 40)))
