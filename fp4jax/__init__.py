@@ -5,7 +5,7 @@
 >>> y = fp4jax.dequantize(q)
 """
 
-from fp4jax import estimators, formats, hadamard, recipes, spec as spec_lib
+from fp4jax import distributed, estimators, formats, hadamard, recipes, spec as spec_lib
 from fp4jax.formats import (BF16_SCALE, E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FP32_SCALE, INT4,
                             INT8, MXINT8, UE4M3, ElementFormat, ScaleFormat, exmy, intn,
                             pow2_scale)
@@ -35,7 +35,7 @@ def __getattr__(name):
 __all__ = [
     "BF16_SCALE", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "E8M0", "FP32_SCALE", "INT4", "INT8",
     "MXINT8", "UE4M3", "ElementFormat", "PRESETS", "QArray", "QuantSpec", "ScaleFormat",
-    "dequantize", "element_scales", "estimators", "exmy", "fake_quant", "formats", "gemm_impl", "get_spec", "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
+    "dequantize", "distributed", "element_scales", "estimators", "exmy", "fake_quant", "formats", "gemm_impl", "get_spec", "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
     "recipes", "round_to_format", "quantize_model", "Rule", "linen", "nnx", "rules", "optim",
     "ptq", "checkpoint",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fp4jax import bits, blocks, packing, prng, scales
+from fp4jax import bits, blocks, distributed, packing, prng, scales
 from fp4jax import rounding as rounding_lib
 from fp4jax.qarray import QArray
 from fp4jax.spec import QuantSpec, resolve_spec
@@ -104,6 +104,8 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   full = b.shape
   ext = blocks.block_extents(full, spec, ax)
   amax = blocks.block_max(bits.abs_bits(b), ext)
+  if spec.granularity == "tensor":  # one scale for the whole tensor: global across shards
+    amax = distributed.reduce_amax_bits(amax)
 
   rbits = None
   if spec.rounding == "stochastic":
@@ -131,7 +133,8 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
       if explicit_ts is not None:
         ts = explicit_ts
       else:
-        tensor_amax = bits.bits_f32(jnp.max(amax).astype(jnp.uint32))
+        tensor_amax = bits.bits_f32(
+            distributed.reduce_amax_bits(jnp.max(amax)).astype(jnp.uint32))
         ts = scales.tensor_scale_from_amax(tensor_amax, elem, sfmt)
       # Materialise the scalar: otherwise XLA fuses the whole-tensor reduction into
       # every consumer of the exact-division graph and compile time explodes.

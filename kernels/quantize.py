@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from fp4jax import bits, hadamard, prng, scales
+from fp4jax import bits, distributed, hadamard, prng, scales
 from fp4jax import rounding as rounding_lib
 from fp4jax.qarray import QArray
 from fp4jax.quantize import quantize as _quantize_xla
@@ -428,7 +428,8 @@ def _prepare(x, spec, key, tensor_scale, rht_block, axis=-1):
       v = bits.to_f32_exact(x)
       if rht_block:
         v = hadamard.rht_butterfly(jnp.moveaxis(v, axis, -1), rht_block, hseed[0], hseed[1])
-      ts = _tensor_scale(jnp.max(bits.abs_bits(bits.f32_bits(v))), spec)
+      ts = _tensor_scale(distributed.reduce_amax_bits(jnp.max(bits.abs_bits(bits.f32_bits(v)))),
+                         spec)
     else:
       ts = jnp.asarray(tensor_scale, jnp.float32).reshape(())
   return seed4, ts

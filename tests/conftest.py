@@ -8,6 +8,11 @@ import pytest
 
 # CPU unless the caller chooses (the GPU machine runs the suite with "cuda,cpu").
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight host CPU devices (before JAX starts), so the sharding tests run real 8-device
+# meshes; single-device code runs on the first, as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
 
 def bits_equal_or_both_nan(a, b) -> np.ndarray:
