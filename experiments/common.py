@@ -28,12 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import fp4jax
+from fp4jax import distributed
 from fp4jax import recipes as recipes_lib
 
 
 TRAINING_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
                   "log_every", "checkpoint_every", "workdir", "resume", "stop_at", "dtype",
-                  "impl")
+                  "impl", "mesh", "grad_comm", "coordinator_address", "num_processes",
+                  "process_id")
 
 
 def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_what: str,
@@ -60,11 +62,29 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
                     "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
   flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl: auto, xla, "
                       "pallas)")
+  flags.DEFINE_string("mesh", None, "device mesh over axes data and fsdp, e.g. 'data:2' "
+                      "(data parallel), 'data:2,fsdp:4' (FSDP inside, data parallel across), "
+                      "'fsdp:-1' (all devices); default: one device, no sharding")
+  flags.DEFINE_enum("grad_comm", "f32", list(distributed.GRAD_COMMS),
+                    "gradient communication over the mesh's data axis: f32 (XLA's all-reduce) "
+                    "or FP8 codes with a shared power-of-two scale (FP8-LM / the Microsoft FP4 "
+                    "recipe)")
+  flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 "
+                      "(jax.distributed.initialize; SLURM / Open MPI launches are detected)")
+  flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+  flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
 def device_description() -> str:
   d = jax.devices()[0]
-  return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+  hosts = f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+  return f"{d.platform}:{d.device_kind} x{jax.device_count()}{hosts}"
+
+
+def is_chief() -> bool:
+  """Process 0 writes the logs, plots and summaries (every process saves its shards of a
+  checkpoint through orbax)."""
+  return jax.process_index() == 0
 
 
 def write_config(workdir: str, flag_values: dict[str, Any], **extra) -> dict:
@@ -75,9 +95,10 @@ def write_config(workdir: str, flag_values: dict[str, Any], **extra) -> dict:
          "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
          "python": platform.python_version(), "device": device_description(),
          "argv": sys.argv, **extra}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=1, default=str)
+  if is_chief():
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg, f, indent=1, default=str)
   return cfg
 
 
@@ -94,6 +115,8 @@ class MetricsLog:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
   def write(self, record: dict[str, Any]) -> None:
+    if not is_chief():
+      return
     clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) and
                  np.ndim(v) == 0 else v) for k, v in record.items()}
     with open(self.path, "a") as f:
@@ -106,6 +129,8 @@ class MetricsLog:
       return [json.loads(line) for line in f if line.strip()]
 
   def truncate(self, after_step: int) -> None:
+    if not is_chief():
+      return
     keep = [r for r in self.read() if r.get("step", 0) <= after_step]
     with open(self.path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -177,6 +202,8 @@ def train_runs(runs: Sequence[Any], train_one: Callable) -> tuple[list[dict], bo
 def plot_curves(runs: dict[str, list[dict[str, Any]]], key: str, path: str, title: str,
                 kind: str = "eval", ylabel: str | None = None, logy: bool = False) -> str:
   """One line per run of ``key`` against step, from the runs' ``kind`` records."""
+  if not is_chief():
+    return path
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -215,6 +242,8 @@ def write_summary(workdir: str, title: str, rows: Sequence[dict[str, Any]],
   text = f"# {title}\n\n{markdown_table(rows, columns)}\n"
   if notes:
     text += f"\n{notes}\n"
+  if not is_chief():
+    return text
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(text)
   print(text, flush=True)
@@ -258,7 +287,7 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     start = int(state.step)
     log.truncate(start)
     print(f"[{name}] resumed from step {start}", flush=True)
-  elif os.path.exists(log.path):
+  elif os.path.exists(log.path) and is_chief():
     os.remove(log.path)  # a fresh run: no stale history
   progress = Progress(cfg.steps, cfg.examples_per_step, f"[{name}]")
   t0, interrupted = time.perf_counter(), False
@@ -303,6 +332,97 @@ class TrainState(NamedTuple):
   params: Any
   opt_state: Any
   key: jax.Array
+
+
+class Parallel(NamedTuple):
+  """How a run uses its devices (``--mesh``, ``--grad_comm``; :mod:`fp4jax.distributed`).
+
+  Without ``--mesh`` (``mesh=None``) everything is exactly the one-device program: plain
+  ``jax.jit``, batches as ``jnp`` arrays. With a mesh, the state is placed with FSDP
+  shardings aligned to the recipe's blocks, batches are split over every mesh axis, the
+  train step is jitted with those shardings (XLA's partitioner inserts the collectives)
+  and, with ``grad_comm`` FP8, the cross-``data`` gradient mean is sent in FP8.
+  """
+  mesh: Any = None
+  alignment: int = 1
+  grad_comm: str = "f32"
+
+  @classmethod
+  def from_flags(cls, mesh: str | None, grad_comm: str, recipe: Any) -> "Parallel":
+    if mesh is None:
+      if grad_comm != "f32":
+        raise ValueError(f"--grad_comm={grad_comm} needs a --mesh with a data axis of 2 or "
+                         "more devices, e.g. --mesh=data:2")
+      return cls()
+    m = distributed.make_mesh(mesh)
+    if grad_comm != "f32" and distributed.axis_size(m, "data") < 2:
+      raise ValueError(f"--grad_comm={grad_comm} communicates over the mesh's data axis, "
+                       f"which has 1 device in --mesh={mesh}; use e.g. --mesh=data:2")
+    return cls(m, distributed.recipe_alignment(recipe), grad_comm)
+
+  @property
+  def devices(self) -> int:
+    return 1 if self.mesh is None else int(self.mesh.devices.size)
+
+  def describe(self) -> str:
+    if self.mesh is None:
+      return "one device"
+    axes = ",".join(f"{a}:{n}" for a, n in self.mesh.shape.items())
+    return f"mesh {axes}, blocks aligned to {self.alignment}, gradients {self.grad_comm}"
+
+  def check_batch(self, batch_size: int) -> None:
+    """Every device gets whole examples. (Scale blocks along the tokens, the wgrad GEMM's
+    contraction axis, may cross devices on the partitioner path: quantization there is
+    defined on the global tensor, so XLA moves what it needs and the numbers do not
+    change. Inside the FP8-communication region each device quantizes its own tokens, as a
+    data-parallel worker does.)"""
+    if self.mesh is None:
+      return
+    n = distributed.batch_size_multiple(self.mesh)
+    if batch_size % n:
+      raise ValueError(f"--batch_size={batch_size} does not split over the {n} devices of "
+                       f"the mesh: pick a multiple of {n}")
+
+  def value_and_grad(self, loss_fn: Callable, batch_argnums: Sequence[int],
+                     key_argnum: int) -> Callable:
+    """``jax.value_and_grad(loss_fn)``, or its FP8-communicating data-parallel form."""
+    if self.mesh is None or self.grad_comm == "f32":
+      return jax.value_and_grad(loss_fn)
+    return distributed.data_parallel_value_and_grad(
+        loss_fn, self.mesh, batch_argnums=batch_argnums, key_argnum=key_argnum,
+        grad_comm=self.grad_comm)
+
+  def place_state(self, state: Any) -> Any:
+    if self.mesh is None:
+      return state
+    return distributed.place(state, self.state_shardings(state))
+
+  def state_shardings(self, state: Any) -> Any:
+    return distributed.state_shardings(state, self.mesh, self.alignment)
+
+  def jit_train_step(self, step_fn: Callable, state: Any,
+                     batch_ndims: Sequence[int]) -> Callable:
+    """``jax.jit(step_fn)`` for ``step_fn(state, *batch) -> (state, metrics)``; with a
+    mesh, the state keeps its shardings across steps (one executable for every step) and
+    the batch arrays (of ranks ``batch_ndims``) are split along their first axis."""
+    if self.mesh is None:
+      return jax.jit(step_fn)
+    st = self.state_shardings(state)
+    bs = tuple(distributed.batch_sharding(self.mesh, nd) for nd in batch_ndims)
+    return jax.jit(step_fn, in_shardings=(st, *bs),
+                   out_shardings=(st, distributed.replicated(self.mesh)))
+
+  def batch(self, arrays: Sequence[np.ndarray]) -> tuple[jax.Array, ...]:
+    if self.mesh is None:
+      return tuple(jnp.asarray(a) for a in arrays)
+    return distributed.shard_batch(arrays, self.mesh)
+
+
+def initialize_distributed(flag_values) -> bool:
+  """``jax.distributed.initialize`` for multi-host launches (before any device use)."""
+  return distributed.initialize_if_multihost(flag_values.coordinator_address,
+                                             flag_values.num_processes,
+                                             flag_values.process_id)
 
 
 def compute_dtype(flag: str):

@@ -147,15 +147,17 @@ def windows(stream: np.ndarray, starts: np.ndarray, context: int):
   return seq[:, :-1], seq[:, 1:]
 
 
-def make_steps(model: GPT, tx):
+def make_steps(model: GPT, tx, par: common.Parallel, state: common.TrainState):
+  """The jitted train and eval steps (sharded over ``par``'s mesh, if any)."""
   def loss_fn(params, x, y, key):
     logits = model.apply({"params": params}, x, rngs={"quant": key})
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
+  grad_fn = par.value_and_grad(loss_fn, batch_argnums=(0, 1), key_argnum=2)
+
   def train_step(state: common.TrainState, x, y):
     key = jax.random.fold_in(state.key, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
+    loss, grads = grad_fn(state.params, x, y, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return (common.TrainState(state.step + 1, optax.apply_updates(state.params, updates),
                               opt_state, state.key),
@@ -165,11 +167,11 @@ def make_steps(model: GPT, tx):
   def eval_step(state: common.TrainState, x, y):
     return loss_fn(state.params, x, y, jax.random.fold_in(state.key, 2**31 - 1))
 
-  return train_step, eval_step
+  return par.jit_train_step(train_step, state, (2, 2)), eval_step
 
 
 def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, workdir: str,
-              stop: common.StopRequested) -> dict[str, Any]:
+              stop: common.StopRequested, par: common.Parallel) -> dict[str, Any]:
   model = GPT.from_name(FLAGS.model, recipe=None if run.recipe.is_identity else run.recipe,
                         dtype=common.compute_dtype(FLAGS.dtype),
                         high_precision_last=run.bf16_last_blocks)
@@ -180,15 +182,16 @@ def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, wo
   init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
   params = model.init({"params": init_key, "quant": quant_key},
                       jnp.zeros((1, context), jnp.int32))["params"]
-  state = common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
-  train_step, eval_step = make_steps(model, tx)
+  state = par.place_state(
+      common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key))
+  train_step, eval_step = make_steps(model, tx, par, state)
   val_starts = np.random.default_rng(12345).integers(
       0, len(val) - context - 1, (FLAGS.eval_batches, FLAGS.batch_size))
 
   def get_batch(step):
     starts = np.random.default_rng([FLAGS.seed, step]).integers(0, len(train) - context - 1,
                                                                 FLAGS.batch_size)
-    return tuple(jnp.asarray(a) for a in windows(train, starts, context))
+    return par.batch(windows(train, starts, context))
 
   def evaluate(st):
     losses = [float(eval_step(st, *map(jnp.asarray, windows(val, s, context))))
@@ -203,17 +206,19 @@ def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, wo
   out = common.train_loop(run.name, rdir, state, train_step, get_batch, evaluate, cfg, stop)
   rec = out["records"]
   final = {"run": run.name, "recipe": run.recipe.name, "bf16_last_blocks": run.bf16_last_blocks,
-           "steps": int(out["state"].step), "train_loss": common.last(rec, "train", "loss"),
+           "devices": par.devices, "grad_comm": par.grad_comm, "steps": int(out["state"].step), "train_loss": common.last(rec, "train", "loss"),
            "val_loss": common.last(rec, "eval", "val_loss"),
            "val_bits_per_byte": common.last(rec, "eval", "val_bits_per_byte"),
            "seconds": out["seconds"], "interrupted": out["interrupted"]}
-  with open(os.path.join(rdir, "final.json"), "w") as f:
-    json.dump(final, f, indent=1)
+  if common.is_chief():
+    with open(os.path.join(rdir, "final.json"), "w") as f:
+      json.dump(final, f, indent=1)
   return final
 
 
 def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
+  common.initialize_distributed(FLAGS)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if FLAGS.model not in GPT_CONFIGS:
@@ -228,21 +233,26 @@ def main(argv):
                       block_size=FLAGS.block_size) for n in FLAGS.compare]
     if len({r.name for r in runs}) != len(runs):
       raise ValueError(f"--compare has repeated runs: {FLAGS.compare}")
+    pars = {}
     for r in runs:
       check_model_fits(r, FLAGS.model, context, FLAGS.batch_size)
+      pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe)
+      pars[r.name].check_batch(FLAGS.batch_size)
     train, val = split_text(data.load_bytes(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_bytes),
                             context)
   except ValueError as e:
     raise app.UsageError(str(e))
   common.write_config(FLAGS.workdir, common.flag_dict(flags, _FLAG_NAMES),
                       runs=[{"name": r.name, "recipe": r.recipe.name,
-                             "bf16_last_blocks": r.bf16_last_blocks} for r in runs],
+                             "bf16_last_blocks": r.bf16_last_blocks,
+                             "parallel": pars[r.name].describe()} for r in runs],
                       data={"train_bytes": int(len(train)), "val_bytes": int(len(val))})
   print(f"gpt_fp4: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of {FLAGS.model} on "
         f"{FLAGS.dataset} ({len(train)} train / {len(val)} validation bytes) on "
-        f"{common.device_description()}; workdir {FLAGS.workdir}", flush=True)
+        f"{common.device_description()} ({pars[runs[0].name].describe()}); workdir "
+        f"{FLAGS.workdir}", flush=True)
   finals, stopped = common.train_runs(
-      runs, lambda r, stop: train_run(r, train, val, context, FLAGS.workdir, stop))
+      runs, lambda r, stop: train_run(r, train, val, context, FLAGS.workdir, stop, pars[r.name]))
   histories = {r.name: common.MetricsLog(os.path.join(FLAGS.workdir, r.name,
                                                       "metrics.jsonl")).read()
                for r in runs[:len(finals)]}
@@ -258,8 +268,8 @@ def main(argv):
   common.write_summary(
       FLAGS.workdir, f"gpt_fp4: {FLAGS.model} on {FLAGS.dataset}, {FLAGS.steps} steps, batch "
       f"{FLAGS.batch_size}x{context} bytes, seed {FLAGS.seed} ({common.device_description()})",
-      finals, ["run", "steps", "bf16_last_blocks", "train_loss", "val_loss",
-               "val_bits_per_byte", "val_loss_gap_to_bf16", "seconds"],
+      finals, ["run", "steps", "devices", "grad_comm", "bf16_last_blocks", "train_loss",
+               "val_loss", "val_bits_per_byte", "val_loss_gap_to_bf16", "seconds"],
       notes="Losses in nats per byte; the gap is run minus BF16. Plots: val_loss.png, loss.png.")
   if stopped:
     sys.exit(130)

@@ -166,7 +166,8 @@ def build_model(run: RunSpec, num_classes: int) -> ViT:
              quantize_embed=False)
 
 
-def make_steps(model: ViT, tx, run: RunSpec):
+def make_steps(model: ViT, tx, run: RunSpec, par: common.Parallel, state: common.TrainState):
+  """The jitted train and eval steps (sharded over ``par``'s mesh, if any)."""
   def apply(params, opt_state, images, key):
     variables = {"params": params}
     if run.q_ema:
@@ -178,10 +179,11 @@ def make_steps(model: ViT, tx, run: RunSpec):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                            labels).mean()
 
-  @jax.jit
+  grad_fn = par.value_and_grad(loss_fn, batch_argnums=(1, 2), key_argnum=3)
+
   def train_step(state: common.TrainState, images, labels):
     key = jax.random.fold_in(state.key, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.opt_state, images, labels, key)
+    loss, grads = grad_fn(state.params, state.opt_state, images, labels, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -196,7 +198,7 @@ def make_steps(model: ViT, tx, run: RunSpec):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return loss.sum(), (jnp.argmax(logits, -1) == labels).sum()
 
-  return train_step, eval_step
+  return par.jit_train_step(train_step, state, (4, 1)), eval_step
 
 
 def evaluate(eval_step, state, x, y, batch=512) -> dict[str, float]:
@@ -208,8 +210,8 @@ def evaluate(eval_step, state, x, y, batch=512) -> dict[str, float]:
   return {"test_loss": tot_loss / len(y), "test_accuracy": correct / len(y)}
 
 
-def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
-              stop: common.StopRequested) -> dict[str, Any]:
+def train_run(run: RunSpec, ds: data.ImageData, workdir: str, stop: common.StopRequested,
+              par: common.Parallel) -> dict[str, Any]:
   """Trains one run to ``--steps`` (or until Ctrl-C / ``--stop_at``); its final metrics."""
   rdir = os.path.join(workdir, run.name)
   model = build_model(run, len(ds.classes))
@@ -217,12 +219,13 @@ def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
   init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
   params = model.init({"params": init_key, "quant": quant_key},
                       jnp.asarray(ds.train_x[:2]))["params"]
-  state = common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key)
-  train_step, eval_step = make_steps(model, tx, run)
+  state = par.place_state(
+      common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key))
+  train_step, eval_step = make_steps(model, tx, run, par, state)
 
   def get_batch(step):
     idx = data.batches(len(ds.train_y), FLAGS.batch_size, FLAGS.seed, step)
-    return jnp.asarray(ds.train_x[idx]), jnp.asarray(ds.train_y[idx])
+    return par.batch((ds.train_x[idx], ds.train_y[idx]))
 
   cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
                           FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
@@ -231,14 +234,16 @@ def train_run(run: RunSpec, ds: data.ImageData, workdir: str,
                           lambda st: evaluate(eval_step, st, ds.test_x, ds.test_y), cfg, stop)
   rec = out["records"]
   final = {"run": run.name, "recipe": run.recipe.name, "q_ema": run.q_ema,
-           "q_ramping": run.q_ramping, "steps": int(out["state"].step),
+           "q_ramping": run.q_ramping, "devices": par.devices, "grad_comm": par.grad_comm,
+           "steps": int(out["state"].step),
            "train_loss": common.last(rec, "train", "loss"),
            "test_loss": common.last(rec, "eval", "test_loss"),
            "test_accuracy": common.last(rec, "eval", "test_accuracy"),
            "oscillating": common.last(rec, "train", "oscillating"),
            "seconds": out["seconds"], "interrupted": out["interrupted"]}
-  with open(os.path.join(rdir, "final.json"), "w") as f:
-    json.dump(final, f, indent=1)
+  if common.is_chief():
+    with open(os.path.join(rdir, "final.json"), "w") as f:
+      json.dump(final, f, indent=1)
   return final
 
 
@@ -258,7 +263,8 @@ def report(workdir: str, finals: list[dict], runs: list[RunSpec]) -> None:
     if base and f["test_accuracy"] is not None and base["test_accuracy"] is not None:
       f["accuracy_gap_to_bf16"] = f["test_accuracy"] - base["test_accuracy"]
       f["loss_gap_to_bf16"] = f["test_loss"] - base["test_loss"]
-  cols = ["run", "steps", "train_loss", "test_loss", "test_accuracy", "accuracy_gap_to_bf16",
+  cols = ["run", "steps", "devices", "grad_comm", "train_loss", "test_loss", "test_accuracy",
+          "accuracy_gap_to_bf16",
           "loss_gap_to_bf16", "oscillating", "seconds"]
   common.write_summary(
       workdir, f"vit_tetrajet: {FLAGS.model} on {FLAGS.dataset}, {FLAGS.steps} steps, "
@@ -271,14 +277,18 @@ def report(workdir: str, finals: list[dict], runs: list[RunSpec]) -> None:
 
 def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
+  common.initialize_distributed(FLAGS)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if FLAGS.model not in MODELS:
     raise app.UsageError(f"--model={FLAGS.model!r} is unknown; choose one of {', '.join(MODELS)}")
   try:
     runs = runs_from_flags()
+    pars = {}
     for r in runs:
       check_model_fits(r.recipe, FLAGS.model)
+      pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe)
+      pars[r.name].check_batch(FLAGS.batch_size)
     ds = data.load_images(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size, FLAGS.seed)
   except ValueError as e:
     raise app.UsageError(str(e))
@@ -291,13 +301,16 @@ def main(argv):
     raise app.UsageError(f"--compare has repeated runs: {[r.name for r in runs]}")
   common.write_config(FLAGS.workdir, common.flag_dict(flags, _FLAG_NAMES),
                       runs=[{"name": r.name, "recipe": r.recipe.name, "q_ema": r.q_ema,
-                             "q_ramping": r.q_ramping} for r in runs],
+                             "q_ramping": r.q_ramping, "parallel": pars[r.name].describe()}
+                            for r in runs],
                       data={"train": int(len(ds.train_y)), "test": int(len(ds.test_y)),
                             "image": list(ds.train_x.shape[1:])})
   print(f"vit_tetrajet: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of "
         f"{FLAGS.model} on {FLAGS.dataset} ({len(ds.train_y)} train / {len(ds.test_y)} test) "
-        f"on {common.device_description()}; workdir {FLAGS.workdir}", flush=True)
-  finals, stopped = common.train_runs(runs, lambda r, stop: train_run(r, ds, FLAGS.workdir, stop))
+        f"on {common.device_description()} ({pars[runs[0].name].describe()}); workdir "
+        f"{FLAGS.workdir}", flush=True)
+  finals, stopped = common.train_runs(
+      runs, lambda r, stop: train_run(r, ds, FLAGS.workdir, stop, pars[r.name]))
   report(FLAGS.workdir, finals, runs[:len(finals)])
   if stopped:
     sys.exit(130)
