@@ -34,7 +34,7 @@ from fp4jax import recipes as recipes_lib
 
 TRAINING_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
                   "log_every", "checkpoint_every", "workdir", "resume", "stop_at", "dtype",
-                  "impl", "mesh", "grad_comm", "coordinator_address", "num_processes",
+                  "impl", "mesh", "grad_comm", "spmd", "coordinator_address", "num_processes",
                   "process_id")
 
 
@@ -69,6 +69,10 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
                     "gradient communication over the mesh's data axis: f32 (XLA's all-reduce) "
                     "or FP8 codes with a shared power-of-two scale (FP8-LM / the Microsoft FP4 "
                     "recipe)")
+  flags.DEFINE_enum("spmd", "auto", ["auto", "partitioner", "shard_map"],
+                    "with --mesh, where gradients come from: XLA's partitioner on global "
+                    "tensors, or an explicit per-device data-parallel region (auto: shard_map "
+                    "for FP8 gradients or Pallas kernels on several GPUs)")
   flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 "
                       "(jax.distributed.initialize; SLURM / Open MPI launches are detected)")
   flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -335,30 +339,46 @@ class TrainState(NamedTuple):
 
 
 class Parallel(NamedTuple):
-  """How a run uses its devices (``--mesh``, ``--grad_comm``; :mod:`fp4jax.distributed`).
+  """How a run uses its devices (``--mesh``, ``--grad_comm``, ``--spmd``;
+  :mod:`fp4jax.distributed`).
 
   Without ``--mesh`` (``mesh=None``) everything is exactly the one-device program: plain
   ``jax.jit``, batches as ``jnp`` arrays. With a mesh, the state is placed with FSDP
-  shardings aligned to the recipe's blocks, batches are split over every mesh axis, the
-  train step is jitted with those shardings (XLA's partitioner inserts the collectives)
-  and, with ``grad_comm`` FP8, the cross-``data`` gradient mean is sent in FP8.
+  shardings aligned to the recipe's blocks, batches are split over every mesh axis and
+  the train step is jitted with those shardings. The gradient then comes either from
+  XLA's partitioner (``partitioner``: quantization on the global tensors, bit-identical
+  to one device; the collectives are XLA's) or from an explicit data-parallel region
+  (``shard_map``: per-device gradients, averaged in FP32 or sent in FP8). ``--spmd=auto``
+  takes ``shard_map`` when gradients travel in FP8 or when the GEMMs may run Pallas
+  kernels on a multi-GPU mesh (XLA cannot split a Pallas call), else ``partitioner``.
   """
   mesh: Any = None
   alignment: int = 1
   grad_comm: str = "f32"
+  manual: bool = False
 
   @classmethod
-  def from_flags(cls, mesh: str | None, grad_comm: str, recipe: Any) -> "Parallel":
+  def from_flags(cls, mesh: str | None, grad_comm: str, recipe: Any, spmd: str = "auto",
+                 impl: str = "auto") -> "Parallel":
+    if spmd not in ("auto", "partitioner", "shard_map"):
+      raise ValueError(f"--spmd must be auto, partitioner or shard_map, got {spmd!r}")
     if mesh is None:
       if grad_comm != "f32":
-        raise ValueError(f"--grad_comm={grad_comm} needs a --mesh with a data axis of 2 or "
-                         "more devices, e.g. --mesh=data:2")
+        raise ValueError(f"--grad_comm={grad_comm} needs a --mesh of 2 or more devices, "
+                         "e.g. --mesh=data:2")
       return cls()
     m = distributed.make_mesh(mesh)
-    if grad_comm != "f32" and distributed.axis_size(m, "data") < 2:
-      raise ValueError(f"--grad_comm={grad_comm} communicates over the mesh's data axis, "
-                       f"which has 1 device in --mesh={mesh}; use e.g. --mesh=data:2")
-    return cls(m, distributed.recipe_alignment(recipe), grad_comm)
+    if grad_comm != "f32":
+      if m.devices.size < 2:
+        raise ValueError(f"--grad_comm={grad_comm} needs a mesh of 2 or more devices; "
+                         f"--mesh={mesh} has 1")
+      if spmd == "partitioner":
+        raise ValueError(f"--grad_comm={grad_comm} sends gradients from an explicit "
+                         "data-parallel region: use --spmd=shard_map (or auto)")
+    kernels = (jax.default_backend() == "gpu" and impl != "xla" and m.devices.size > 1
+               and not recipes_lib.get(recipe).is_identity)
+    manual = spmd == "shard_map" or (spmd == "auto" and (grad_comm != "f32" or kernels))
+    return cls(m, distributed.recipe_alignment(recipe), grad_comm, manual)
 
   @property
   def devices(self) -> int:
@@ -368,7 +388,9 @@ class Parallel(NamedTuple):
     if self.mesh is None:
       return "one device"
     axes = ",".join(f"{a}:{n}" for a, n in self.mesh.shape.items())
-    return f"mesh {axes}, blocks aligned to {self.alignment}, gradients {self.grad_comm}"
+    how = "shard_map" if self.manual else "partitioner"
+    return (f"mesh {axes}, blocks aligned to {self.alignment}, {how}, gradients "
+            f"{self.grad_comm}")
 
   def check_batch(self, batch_size: int) -> None:
     """Every device gets whole examples. (Scale blocks along the tokens, the wgrad GEMM's
@@ -385,8 +407,8 @@ class Parallel(NamedTuple):
 
   def value_and_grad(self, loss_fn: Callable, batch_argnums: Sequence[int],
                      key_argnum: int) -> Callable:
-    """``jax.value_and_grad(loss_fn)``, or its FP8-communicating data-parallel form."""
-    if self.mesh is None or self.grad_comm == "f32":
+    """``jax.value_and_grad(loss_fn)``, or its explicit data-parallel form."""
+    if self.mesh is None or not self.manual:
       return jax.value_and_grad(loss_fn)
     return distributed.data_parallel_value_and_grad(
         loss_fn, self.mesh, batch_argnums=batch_argnums, key_argnum=key_argnum,

@@ -236,7 +236,8 @@ def main(argv):
     pars = {}
     for r in runs:
       check_model_fits(r, FLAGS.model, context, FLAGS.batch_size)
-      pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe)
+      pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe,
+                                                  FLAGS.spmd, FLAGS.impl)
       pars[r.name].check_batch(FLAGS.batch_size)
     train, val = split_text(data.load_bytes(FLAGS.dataset, FLAGS.data_dir, FLAGS.max_bytes),
                             context)

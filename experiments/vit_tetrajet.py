@@ -287,7 +287,8 @@ def main(argv):
     pars = {}
     for r in runs:
       check_model_fits(r.recipe, FLAGS.model)
-      pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe)
+      pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe,
+                                                  FLAGS.spmd, FLAGS.impl)
       pars[r.name].check_batch(FLAGS.batch_size)
     ds = data.load_images(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size, FLAGS.seed)
   except ValueError as e:

@@ -29,13 +29,19 @@ How quantization stays correct under sharding (the default, partitioner path):
 
 FP8 gradient communication (Peng et al. 2023, "FP8-LM: Training FP8 Large Language
 Models", arXiv 2310.18313, used by Wang et al. 2025, arXiv 2501.17116, the Microsoft FP4
-recipe): :func:`data_parallel_value_and_grad` computes each ``data`` shard's gradients
-inside ``jax.shard_map``, quantizes every gradient tensor to FP8 with one power-of-two
-scale shared by all shards (from the global amax, so nothing overflows and the sum needs
-no rescaling), all-gathers the 1-byte codes and sums them in FP32. Inside that manual
-region, fp4jax reduces its whole-tensor amaxes (NVFP4 tensor scales, per-tensor scales)
-across the manual axes (:func:`amax_reduced_over`), so tensor scales stay global; the
-stochastic-rounding key is folded with the shard index, so shards draw distinct bits.
+recipe): :func:`data_parallel_value_and_grad` computes each device's gradients on its
+slice of the batch inside ``jax.shard_map``, quantizes every gradient tensor to FP8 with
+one power-of-two scale shared by all devices (from the global amax, so nothing overflows
+and the sum needs no rescaling), all-gathers the 1-byte codes and sums them in FP32.
+Inside that manual region, fp4jax reduces its whole-tensor amaxes (NVFP4 tensor scales,
+per-tensor scales) across the devices (:func:`amax_reduced_over`), so tensor scales stay
+global; the stochastic-rounding key is folded with the device index, so devices draw
+distinct bits. Scales along the tokens (the wgrad GEMM's blocks, per-channel scales of
+its operands) are each device's own there, as in any data-parallel worker.
+
+The same manual region with an FP32 ``pmean`` is how Pallas kernels run on a multi-GPU
+mesh: XLA's partitioner cannot split a Pallas custom call, so the experiments use the
+region whenever the GEMMs may take the kernels (``experiments.common.Parallel``).
 """
 
 from __future__ import annotations
@@ -313,46 +319,56 @@ def fp8_mean_over(grads: Any, axis_name: str | tuple[str, ...], fmt: str = "fp8_
 
 def data_parallel_value_and_grad(loss_fn: Callable, mesh: Mesh, *, batch_argnums: Sequence[int],
                                  key_argnum: int | None = None, grad_comm: str = "fp8_e4m3",
-                                 has_aux: bool = False) -> Callable:
-  """``jax.value_and_grad(loss_fn)`` whose cross-``data`` gradient mean is communicated in
-  FP8 (see the module docstring).
+                                 has_aux: bool = False,
+                                 axes: Sequence[str] = BATCH_AXES) -> Callable:
+  """``jax.value_and_grad(loss_fn)`` as explicit data parallelism (``jax.shard_map``
+  manual over ``axes``): each device differentiates its slice of the batch, then the
+  gradient mean over the devices is communicated in FP8 (see the module docstring) or in
+  FP32.
+
+  Parameters enter the region replicated: FSDP-sharded parameters are all-gathered at its
+  boundary (whole, once per step) and the mean gradients leave replicated, to be sliced
+  back to their shards by the caller's ``out_shardings``; optimizer state stays sharded.
+  Inside, every array is a plain per-device array, so Pallas kernels (which XLA's
+  partitioner cannot split) run on each device's own data.
 
   Args:
     loss_fn: ``(params, *args) -> loss`` (or ``(loss, aux)`` with ``has_aux``); the loss is
       a mean over the batch.
-    mesh: a mesh from :func:`make_mesh`; the ``fsdp`` axis (if any) stays with the
-      partitioner inside (its reduce-scatter is FP32), the ``data`` axis is manual.
-    batch_argnums: positions in ``args`` (after params) of arrays split along ``data``.
-    key_argnum: position in ``args`` of the quantization key, folded with the shard index
-      so shards draw distinct stochastic-rounding bits.
-    grad_comm: ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"f32"`` (a ``pmean``: the same manual
-      data parallelism with full-precision gradients, e.g. to measure what FP8 changes, or
-      to run per-device Pallas kernels, which XLA's partitioner cannot split).
+    mesh: a mesh from :func:`make_mesh`.
+    batch_argnums: positions in ``args`` (after params) of arrays split along ``axes``.
+    key_argnum: position in ``args`` of the quantization key, folded with the device's
+      index so devices draw distinct stochastic-rounding bits.
+    grad_comm: ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"f32"`` (a ``pmean``).
+    axes: the mesh axes the batch is split over (manual inside the region).
   Returns:
-    ``(params, *args) -> (loss, grads)``, the loss averaged over shards.
+    ``(params, *args) -> (loss, grads)``, the loss averaged over devices.
   """
   if grad_comm != "f32":
     _fp8_dtype(grad_comm)
-  batch_argnums = tuple(batch_argnums)
+  batch_argnums, axes = tuple(batch_argnums), tuple(axes)
+  unknown = set(axes) - set(mesh.axis_names)
+  if unknown:
+    raise ValueError(f"axes {sorted(unknown)} are not axes of the mesh {mesh.axis_names}")
 
   def wrapped(params, *args):
-    specs = tuple(P("data") if i in batch_argnums else P() for i in range(len(args)))
+    specs = tuple(P(axes) if i in batch_argnums else P() for i in range(len(args)))
 
     def body(params, *args):
       args = list(args)
       if key_argnum is not None:
-        args[key_argnum] = jax.random.fold_in(args[key_argnum], jax.lax.axis_index("data"))
-      with amax_reduced_over(("data",)):
+        args[key_argnum] = jax.random.fold_in(args[key_argnum], jax.lax.axis_index(axes))
+      with amax_reduced_over(axes):
         out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)
       if grad_comm == "f32":
-        grads = jax.tree.map(lambda g: jax.lax.pmean(g, "data"), grads)
+        grads = jax.tree.map(lambda g: jax.lax.pmean(g, axes), grads)
       else:
-        grads = fp8_mean_over(grads, "data", grad_comm)
-      out = jax.tree.map(lambda v: jax.lax.pmean(v, "data"), out)
+        grads = fp8_mean_over(grads, axes, grad_comm)
+      out = jax.tree.map(lambda v: jax.lax.pmean(v, axes), out)
       return out, grads
 
     return jax.shard_map(body, mesh=mesh, in_specs=(P(),) + specs, out_specs=(P(), P()),
-                         axis_names={"data"}, check_vma=False)(params, *args)
+                         axis_names=set(axes), check_vma=False)(params, *args)
   return wrapped
 
 

@@ -331,10 +331,28 @@ def test_data_parallel_shards_draw_distinct_random_bits():
   assert float(jnp.std(g)) < 0.6 * float(jnp.std(one))
 
 
-def test_data_parallel_value_and_grad_rejects_unknown_grad_comm():
+def test_data_parallel_value_and_grad_rejects_unknown_grad_comm_and_axes():
+  mesh = distributed.make_mesh("data:8")
   with pytest.raises(ValueError, match="grad_comm must be one of f32, fp8_e4m3, fp8_e5m2"):
-    distributed.data_parallel_value_and_grad(lambda p: p, distributed.make_mesh("data:8"),
-                                             batch_argnums=(), grad_comm="fp8")
+    distributed.data_parallel_value_and_grad(lambda p: p, mesh, batch_argnums=(),
+                                             grad_comm="fp8")
+  with pytest.raises(ValueError, match=re.escape("axes ['model'] are not axes of the mesh")):
+    distributed.data_parallel_value_and_grad(lambda p: p, mesh, batch_argnums=(),
+                                             axes=("data", "model"))
+
+
+def test_data_parallel_over_the_data_axis_only_leaves_fsdp_to_the_partitioner(rng):
+  params, x, y = _mlp(rng)
+  loss = lambda p, x, y, k: _mlp_loss(p, x, y, k, recipe="bf16")
+  exact_l, exact_g = jax.jit(jax.value_and_grad(loss))(params, x, y, jax.random.key(0))
+  mesh = distributed.make_mesh("data:2,fsdp:4")
+  f = distributed.data_parallel_value_and_grad(loss, mesh, batch_argnums=(0, 1), key_argnum=2,
+                                               grad_comm="fp8_e4m3", axes=("data",))
+  placed = distributed.place(params, distributed.state_shardings(params, mesh, 16))
+  got_l, got_g = jax.jit(f)(placed, *distributed.shard_batch([x, y], mesh), jax.random.key(0))
+  np.testing.assert_allclose(got_l, exact_l, rtol=1e-5)
+  for k in params:
+    assert _rel(got_g[k], exact_g[k]) < 2.0 ** -4, k
 
 
 def test_communicated_bytes():

@@ -57,7 +57,7 @@ def gpt_runs(tmp_path_factory):
 
 def test_one_and_eight_devices_give_the_same_loss_curve(gpt_runs):
   one, _, p8, _, stopped = gpt_runs
-  assert "(mesh data:2,fsdp:4, blocks aligned to 1, gradients f32)" in p8.stdout  # bf16
+  assert "(mesh data:2,fsdp:4, blocks aligned to 1, partitioner, gradients f32)" in p8.stdout  # bf16
   for run, rtol in (("bf16", 1e-4), ("mxfp4", 2e-2)):
     a, b = _curve(one, run), stopped[run]
     assert sorted(b) == [1, 2, 3, 4]
@@ -89,7 +89,7 @@ def test_fp8_gradient_communication_trains_like_f32(tmp_path):
   p = _run("experiments.gpt_fp4", "--compare=bf16", "--mesh=data:8", "--grad_comm=fp8_e4m3",
            f"--workdir={wd}", *GPT_TINY)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert "gradients fp8_e4m3" in p.stdout
+  assert "shard_map, gradients fp8_e4m3" in p.stdout
   final = json.load(open(os.path.join(wd, "bf16", "final.json")))
   assert final["grad_comm"] == "fp8_e4m3" and final["devices"] == 8
   curve = _curve(wd, "bf16")
@@ -114,7 +114,8 @@ def test_vit_trains_on_an_fsdp_mesh(tmp_path):
     (["--mesh=model:2"], "axis one of data, fsdp"),
     (["--mesh=data:16"], "needs 16 devices but 8 are available"),
     (["--grad_comm=fp8_e4m3"], "needs a --mesh"),
-    (["--mesh=fsdp:8", "--grad_comm=fp8_e4m3"], "data axis, which has 1 device"),
+    (["--mesh=data:1", "--grad_comm=fp8_e4m3"], "needs a mesh of 2 or more devices"),
+    (["--mesh=data:8", "--grad_comm=fp8_e4m3", "--spmd=partitioner"], "use --spmd=shard_map"),
     (["--mesh=data:8", "--batch_size=12"], "does not split over the 8 devices"),
 ])
 def test_bad_mesh_flags_exit_with_a_clear_message(tmp_path, args, message):
