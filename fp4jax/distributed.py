@@ -16,14 +16,18 @@ How quantization stays correct under sharding (the default, partitioner path):
   global amax), and stochastic-rounding bits are the counter hash of each element's
   *global* index (:mod:`fp4jax.prng`), so every shard draws different bits and the same
   bits as an unsharded run, reproducibly from the step's key.
-* **Scale blocks never straddle shards.** :func:`fsdp_partition` only shards a
+* **Parameter shards hold whole scale blocks.** :func:`fsdp_partition` only shards a
   parameter dimension whose per-shard length is a multiple of :func:`recipe_alignment`
   (the least common multiple of the recipe's block sizes, tile sides and Hadamard
-  sizes), and the batch is split into whole examples. So each device holds whole blocks
-  of its shard: the partitioner quantizes weights shard-locally *before* the FSDP
-  all-gather (only a scalar amax crosses devices for NVFP4), and activation and gradient
-  blocks along the feature axes are local too. Parameters that do not divide stay
-  replicated (biases, norms).
+  sizes); the rest (biases, norms, odd shapes) stay replicated, and the batch is split
+  into whole examples. A weight's blocks along its sharded dimension are then local to a
+  device. Where a block does span devices (e.g. the wgrad operands' blocks along the
+  tokens when a device holds fewer tokens than a block), the partitioner all-reduces the
+  block maxima (integer bit patterns: exact), so the answer is still the global one.
+* What the partitioner moves is its choice: on 8 host devices it keeps an FSDP weight
+  sharded along the output features and all-gathers the (dequantized, float)
+  activations rather than the weight. Moving packed FP4 codes instead would need the GEMM
+  to take ``QArray`` operands across the all-gather; not done.
 * Only GEMM accumulation and the gradient all-reduce change order with the device count,
   so losses agree within float-reduction tolerance, not bit for bit.
 
@@ -32,7 +36,9 @@ Models", arXiv 2310.18313, used by Wang et al. 2025, arXiv 2501.17116, the Micro
 recipe): :func:`data_parallel_value_and_grad` computes each device's gradients on its
 slice of the batch inside ``jax.shard_map``, quantizes every gradient tensor to FP8 with
 one power-of-two scale shared by all devices (from the global amax, so nothing overflows
-and the sum needs no rescaling), all-gathers the 1-byte codes and sums them in FP32.
+and the sum needs no rescaling) and averages them as a ring all-reduce does, in two
+phases that move FP8 bytes: a reduce-scatter (``all_to_all``, sums in FP32) and an
+all-gather of the re-encoded means (:func:`fp8_mean_over`).
 Inside that manual region, fp4jax reduces its whole-tensor amaxes (NVFP4 tensor scales,
 per-tensor scales) across the devices (:func:`amax_reduced_over`), so tensor scales stay
 global; the stochastic-rounding key is folded with the device index, so devices draw
@@ -299,21 +305,49 @@ def fp8_decode_sum(codes: jax.Array, e: jax.Array) -> jax.Array:
   return jnp.sum(codes.astype(jnp.float32), axis=0) * jnp.ldexp(jnp.float32(1), e)
 
 
+def _to_bytes(codes: jax.Array) -> jax.Array:
+  # Sent as their bytes: backends without FP8 collectives would otherwise widen them.
+  return jax.lax.bitcast_convert_type(codes, jnp.uint8)
+
+
+def _shared_exponent(v: jax.Array, axis_name, fmt: str) -> jax.Array:
+  local = jnp.max(jnp.abs(v)) if v.size else jnp.float32(0)
+  return fp8_communication_scale(jax.lax.pmax(local, axis_name), fmt)
+
+
 def fp8_mean_over(grads: Any, axis_name: str | tuple[str, ...], fmt: str = "fp8_e4m3") -> Any:
-  """Inside ``shard_map``: the mean over ``axis_name`` of every gradient leaf, sent as FP8
-  codes (1 byte per element) plus one shared exponent per tensor."""
-  n = jax.lax.psum(1, axis_name)
+  """Inside ``shard_map``: the mean over ``axis_name``'s ``n`` devices of every gradient
+  leaf, communicated as FP8 bytes, in the two phases of a ring all-reduce:
+
+  1. reduce-scatter: each tensor is encoded in FP8 with a power-of-two scale shared by all
+     devices (:func:`fp8_communication_scale` of the global amax), cut into ``n`` chunks and
+     exchanged (``all_to_all`` of bytes); each device sums the ``n`` copies of its chunk in
+     FP32 and divides by ``n``;
+  2. all-gather: each device's mean chunk is encoded again in FP8 with a fresh shared
+     scale and all-gathered (bytes), then decoded.
+
+  Each device sends ``2 (n-1)/n`` bytes per element, a quarter of an FP32 all-reduce, and
+  the result is identical on every device. Two FP8 roundings (3 mantissa bits for E4M3):
+  each element is off by at most ``2^-4`` of its tensor's largest magnitude per rounding.
+  NaN/Inf anywhere in a tensor makes its mean NaN."""
+  n = jax.lax.axis_size(axis_name)
 
   def one(g):
-    if not jnp.issubdtype(g.dtype, jnp.floating):
+    if not jnp.issubdtype(g.dtype, jnp.floating) or g.size == 0:
       return g
-    local = jnp.max(jnp.abs(g.astype(jnp.float32)))
-    e = fp8_communication_scale(jax.lax.pmax(local, axis_name), fmt)
-    codes = fp8_encode(g, e, fmt)
-    # Sent as their bytes: backends without FP8 collectives would otherwise widen them.
-    sent = jax.lax.all_gather(jax.lax.bitcast_convert_type(codes, jnp.uint8), axis_name)
-    codes = jax.lax.bitcast_convert_type(sent, codes.dtype)
-    return (fp8_decode_sum(codes, e) / n).astype(g.dtype)
+    flat = g.reshape(-1).astype(jnp.float32)
+    chunk = -(-flat.size // n)
+    flat = jnp.pad(flat, (0, chunk * n - flat.size))
+    e1 = _shared_exponent(flat, axis_name, fmt)
+    codes = fp8_encode(flat, e1, fmt)
+    recv = jax.lax.all_to_all(_to_bytes(codes).reshape(n, chunk), axis_name, 0, 0)
+    mine = fp8_decode_sum(jax.lax.bitcast_convert_type(recv, codes.dtype), e1) / n
+    e2 = _shared_exponent(mine, axis_name, fmt)
+    sent = fp8_encode(mine, e2, fmt)
+    got = jax.lax.all_gather(_to_bytes(sent), axis_name)  # (n, chunk)
+    mean = jax.lax.bitcast_convert_type(got, sent.dtype).astype(jnp.float32) * \
+        jnp.ldexp(jnp.float32(1), e2)
+    return mean.reshape(-1)[:g.size].reshape(g.shape).astype(g.dtype)
   return jax.tree.map(one, grads)
 
 
@@ -374,15 +408,16 @@ def data_parallel_value_and_grad(loss_fn: Callable, mesh: Mesh, *, batch_argnums
 
 def communicated_bytes(grads: Any, grad_comm: str, data: int) -> int:
   """Bytes each device sends for one gradient mean over ``data`` devices: a ring
-  all-reduce of FP32 sends ``2 (n-1)/n * 4`` bytes per element; the FP8 all-gather sends
-  ``(n-1)/n * 1`` byte per element plus a 4-byte amax per tensor."""
+  all-reduce of FP32 sends ``2 (n-1)/n * 4`` bytes per element; :func:`fp8_mean_over`
+  sends ``2 (n-1)/n * 1`` (its reduce-scatter and all-gather phases) plus two 4-byte
+  amaxes per tensor (their ``pmax``)."""
   if data <= 1:
     return 0
   leaves = [g for g in jax.tree.leaves(grads) if jnp.issubdtype(g.dtype, jnp.floating)]
   elems = sum(int(np.prod(g.shape)) for g in leaves)
   if grad_comm == "f32":
     return int(2 * (data - 1) / data * 4 * elems)
-  return int((data - 1) / data * elems + 4 * len(leaves))
+  return int(2 * (data - 1) / data * elems + 8 * len(leaves))
 
 
 __all__ = ["BATCH_AXES", "GRAD_COMMS", "MESH_AXES", "amax_reduced_over", "axis_size",

@@ -131,3 +131,24 @@ def test_parallel_without_a_mesh_is_the_one_device_program():
   par.check_batch(7)  # any batch size
   with pytest.raises(ValueError, match="needs a --mesh"):
     common.Parallel.from_flags(None, "fp8_e4m3", "mxfp4")
+
+
+def test_overlay_plots_runs_from_different_workdirs(gpt_runs, tmp_path):
+  one, eight, *_ = gpt_runs
+  out = str(tmp_path / "o" / "loss.png")
+  p = _run("experiments.overlay", f"--runs=1 device={one}/bf16;8 devices={eight}/bf16",
+           "--key=loss", "--kind=train", f"--out={out}", devices=1, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert open(out, "rb").read(4) == b"\x89PNG"
+  assert "1 device: loss" in p.stdout and "8 devices: loss" in p.stdout
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nolabel", "must be label=<run directory>"),
+    ("a=/nonexistent", "has no metrics.jsonl"),
+    (";", "--runs is empty"),
+])
+def test_overlay_rejects_bad_runs(spec, message):
+  from experiments import overlay
+  with pytest.raises(ValueError, match=message):
+    overlay.parse_runs(spec)
