@@ -148,6 +148,9 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv):
   del argv
   dev = jax.devices()[0]
+  slug = dev.device_kind.lower().replace(" ", "_")
+  out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                  f"scaling_{slug}.json")
   rows = []
   for name in FLAGS.models:
     for recipe in FLAGS.recipes:
@@ -161,14 +164,16 @@ def main(argv):
           print(f"{name:10s} {recipe:8s} {comm:9s} {mesh:14s} {r['step_ms']:9.2f} ms  "
                 f"{r['examples_per_s']:10.1f} ex/s  loss {r['first_step_loss']:.5f}",
                 flush=True)
-  rows = with_efficiency(rows)
+          write(out, dev, with_efficiency(rows))  # after every row: a time limit keeps them
   for r in rows:
     print(f"{r['model']} {r['recipe']} {r['grad_comm']} {r['mesh']}: efficiency "
           f"{100 * r['scaling_efficiency']:.1f}%")
-  slug = dev.device_kind.lower().replace(" ", "_")
-  out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                  f"scaling_{slug}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  plot(rows, os.path.splitext(out)[0] + ".png")
+  print(f"wrote {out}")
+
+
+def write(out: str, dev, rows: list[dict]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump({"device": dev.device_kind, "devices": jax.device_count(),
                "jax": jax.__version__, "python": platform.python_version(),
@@ -176,8 +181,6 @@ def main(argv):
                                                      "grad_comms", "spmd", "batch_per_device",
                                                      "reps")},
                "rows": rows}, f, indent=1)
-  plot(rows, os.path.splitext(out)[0] + ".png")
-  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
