@@ -7,7 +7,9 @@ Vision (images float32 in [0, 1], shape (N, H, W, C); labels int32):
     ``test_batch``: pickled dicts of ``b"data"`` (N, 3072) uint8 rows, R then G then B
     planes of 32x32, and ``b"labels"``) in ``data_dir``.
   * ``imagefolder``: ``data_dir/{train,test}/<class>/<image>`` (PNG/JPEG/BMP; classes
-    sorted by name, images resized to ``image_size`` if given).
+    sorted by name).
+  Any of them resized to ``image_size`` x ``image_size`` if given (bilinear), so the
+  digits also feed ViT-S/16 at 224x224.
 
 Language (a uint8 byte stream, vocabulary 256):
   * ``stdlib``: the Python standard library's own ``.py`` sources (the running
@@ -124,15 +126,38 @@ def load_imagefolder(data_dir: str, image_size: int | None = None) -> ImageData:
   return ImageData(*out, classes)
 
 
+def resize_images(x: np.ndarray, size: int) -> np.ndarray:
+  """(N, H, W, C) float images in [0, 1] resized to (N, size, size, C), bilinear (PIL's,
+  per channel, in float32), e.g. the 8x8 digits to 224x224 for ViT-S/16."""
+  from PIL import Image
+  if not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"--image_size must be a positive integer, got {size!r}")
+  if x.shape[1:3] == (size, size):
+    return x
+  out = np.empty((x.shape[0], size, size, x.shape[3]), np.float32)
+  for i in range(x.shape[0]):
+    for c in range(x.shape[3]):
+      im = Image.fromarray(np.ascontiguousarray(x[i, :, :, c], np.float32), mode="F")
+      out[i, :, :, c] = np.asarray(im.resize((size, size), Image.BILINEAR), np.float32)
+  return np.clip(out, 0.0, 1.0)
+
+
 def load_images(dataset: str, data_dir: str | None = None, image_size: int | None = None,
                 seed: int = 0) -> ImageData:
-  """One of :data:`VISION_DATASETS`."""
-  if dataset == "digits":
-    return load_digits(seed)
-  if dataset == "cifar10":
-    return load_cifar10(data_dir)
+  """One of :data:`VISION_DATASETS`; ``image_size`` resizes any of them (square)."""
   if dataset == "imagefolder":
     return load_imagefolder(data_dir, image_size)
+  if dataset == "digits":
+    d = load_digits(seed)
+  elif dataset == "cifar10":
+    d = load_cifar10(data_dir)
+  else:
+    d = None
+  if d is not None:
+    if image_size is None:
+      return d
+    return d._replace(train_x=resize_images(d.train_x, image_size),
+                      test_x=resize_images(d.test_x, image_size))
   raise ValueError(f"--dataset={dataset!r} is not a vision dataset; choose one of "
                    f"{', '.join(VISION_DATASETS)}")
 

@@ -64,7 +64,8 @@ def define_flags() -> None:
   flags.DEFINE_string("model", "vit_digits", f"one of {', '.join(MODELS)}")
   flags.DEFINE_enum("dataset", "digits", list(data.VISION_DATASETS), "training data")
   flags.DEFINE_string("data_dir", None, "folder of cifar10 / imagefolder data")
-  flags.DEFINE_integer("image_size", None, "resize imagefolder images to this side")
+  flags.DEFINE_integer("image_size", None, "resize the images to this side (bilinear), e.g. "
+                       "224 for --model=vit_s16 on the digits")
   flags.DEFINE_bool("scan_layers", True, "compile one encoder block (nn.scan) instead of depth")
   common.define_training_flags(workdir="runs/vit_tetrajet", steps=600, batch_size=128,
                                batch_what="images", lr=2e-3, weight_decay=0.05, warmup=100,

@@ -100,3 +100,30 @@ def test_batches_are_a_pure_function_of_step():
 def test_bad_data_arguments_raise_clear_errors(tmp_path, call, match):
   with pytest.raises(ValueError, match=match):
     call(tmp_path)
+
+
+def test_digits_resized_for_a_patch_16_vit():
+  small = data.load_images("digits")
+  big = data.load_images("digits", image_size=32)
+  assert big.train_x.shape == (len(small.train_y), 32, 32, 1)
+  assert big.train_x.dtype == np.float32 and 0.0 <= big.train_x.min() <= big.train_x.max() <= 1.0
+  np.testing.assert_array_equal(big.train_y, small.train_y)
+  # Bilinear upsampling keeps each image's mean brightness close to the original's.
+  np.testing.assert_allclose(big.test_x.mean(axis=(1, 2, 3)), small.test_x.mean(axis=(1, 2, 3)),
+                             atol=0.03)
+
+
+@pytest.mark.parametrize("x,size", [
+    (np.full((2, 5, 7, 3), 0.25, np.float32), 6),   # a constant image stays constant
+    (np.full((1, 8, 8, 1), 1.0, np.float32), 224),
+])
+def test_resize_images_constant(x, size):
+  y = data.resize_images(x, size)
+  assert y.shape == (x.shape[0], size, size, x.shape[3])
+  np.testing.assert_allclose(y, x.flat[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5])
+def test_resize_images_rejects_bad_sizes(size):
+  with pytest.raises(ValueError, match="--image_size must be a positive integer"):
+    data.resize_images(np.zeros((1, 4, 4, 1), np.float32), size)
