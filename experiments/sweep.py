@@ -180,9 +180,16 @@ def train_plot(rows: list[dict], base: dict, path: str) -> None:
   ax.plot([b for b, _ in front], [-l for _, l in front], "-o", ms=3, color="tab:red",
           label="Pareto front")
   ax.axhline(base["test_loss"], color="k", ls="--", lw=1, label="float32")
+  _finish_bits_plot(fig, ax, path, "test loss after training",
+                    "MLP on digits, all GEMM operands quantized")
+
+
+def _finish_bits_plot(fig, ax, path: str, ylabel: str, title: str) -> None:
+  """Labels (x: bits per element), grid, legend; saves and closes the figure."""
+  import matplotlib.pyplot as plt
   ax.set_xlabel("bits per element (codes + block scales)")
-  ax.set_ylabel("test loss after training")
-  ax.set_title("MLP on digits, all GEMM operands quantized")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -238,14 +245,7 @@ def pareto_plot(rows: list[dict], path: str) -> None:
     line = ax.scatter(b, s, s=6, alpha=0.35)
     fb, fs = zip(*pareto(pts))
     ax.plot(fb, fs, "-o", ms=3, color=line.get_facecolor()[0], label=tensor)
-  ax.set_xlabel("bits per element (codes + block scales)")
-  ax.set_ylabel("SNR (dB)")
-  ax.set_title("quantization SNR against storage: Pareto fronts")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _finish_bits_plot(fig, ax, path, "SNR (dB)", "quantization SNR against storage: Pareto fronts")
 
 
 def main(argv):

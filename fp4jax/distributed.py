@@ -163,8 +163,10 @@ def fsdp_partition(shape: Sequence[int], fsdp: int, alignment: int = 1) -> P:
   per-shard length is a multiple of ``alignment``; replicated when none is (or
   ``fsdp == 1``, or a scalar). Leading dimensions (e.g. a scanned layer axis) are never
   sharded, so a scan's per-layer slice stays local."""
+  if fsdp < 1 or alignment < 1:
+    raise ValueError(f"fsdp_partition: fsdp ({fsdp}) and alignment ({alignment}) must be >= 1")
   shape = tuple(int(d) for d in shape)
-  if fsdp <= 1 or not shape:
+  if fsdp == 1 or not shape:
     return P()
   cands = [d for d in range(max(len(shape) - 2, 0), len(shape))
            if shape[d] % (fsdp * alignment) == 0]
@@ -411,6 +413,8 @@ def communicated_bytes(grads: Any, grad_comm: str, data: int) -> int:
   all-reduce of FP32 sends ``2 (n-1)/n * 4`` bytes per element; :func:`fp8_mean_over`
   sends ``2 (n-1)/n * 1`` (its reduce-scatter and all-gather phases) plus two 4-byte
   amaxes per tensor (their ``pmax``)."""
+  if grad_comm != "f32":
+    _fp8_dtype(grad_comm)  # names the valid choices
   if data <= 1:
     return 0
   leaves = [g for g in jax.tree.leaves(grads) if jnp.issubdtype(g.dtype, jnp.floating)]

@@ -47,10 +47,13 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "JSON path (default kernels/results/scaling_<device>.json)")
 
 
-def _model_and_data(name: str, recipe, batch: int, rng: np.random.Generator):
-  """(model, loss/step factory kind, example inputs for init, a batch of host arrays)."""
+def _model(name: str, recipe):
+  """(kind "vit" or "gpt", the Flax model, an input for init)."""
   from experiments import common, vit_tetrajet
   from experiments.models import GPT, GPT_CONFIGS, ViT
+  if name not in vit_tetrajet.MODELS and name not in GPT_CONFIGS:
+    raise ValueError(f"--models: unknown model {name!r}; ViT: "
+                     f"{', '.join(vit_tetrajet.MODELS)}; GPT: {', '.join(GPT_CONFIGS)}")
   dtype = common.compute_dtype(FLAGS.dtype)
   rec = None if recipe.is_identity else recipe
   if name in vit_tetrajet.MODELS:
@@ -58,16 +61,18 @@ def _model_and_data(name: str, recipe, batch: int, rng: np.random.Generator):
     side = FLAGS.image or (224 if p == 16 else 8)
     model = ViT(10, p, w, d, h, m, recipe=rec, dtype=dtype, scan_layers=True,
                 quantize_embed=False)
-    x = rng.standard_normal((batch, side, side, 3 if p == 16 else 1)).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
-    return "vit", model, x[:2], (x, y)
-  if name in GPT_CONFIGS:
-    ctx = FLAGS.context or GPT_CONFIGS[name][4]
-    model = GPT.from_name(name, recipe=rec, dtype=dtype)
-    seq = rng.integers(0, 256, (batch, ctx + 1)).astype(np.int32)
-    return "gpt", model, seq[:1, :-1], (seq[:, :-1], seq[:, 1:])
-  raise ValueError(f"--models: unknown model {name!r}; ViT: "
-                   f"{', '.join(vit_tetrajet.MODELS)}; GPT: {', '.join(GPT_CONFIGS)}")
+    return "vit", model, np.zeros((1, side, side, 3 if p == 16 else 1), np.float32)
+  ctx = FLAGS.context or GPT_CONFIGS[name][4]
+  return "gpt", GPT.from_name(name, recipe=rec, dtype=dtype), np.zeros((1, ctx), np.int32)
+
+
+def _batch(kind: str, init_x: np.ndarray, batch: int, rng: np.random.Generator):
+  """A synthetic batch of host arrays shaped like ``init_x``: (images, labels) or (x, y)."""
+  if kind == "vit":
+    x = rng.standard_normal((batch, *init_x.shape[1:])).astype(np.float32)
+    return x, rng.integers(0, 10, batch).astype(np.int32)
+  seq = rng.integers(0, 256, (batch, init_x.shape[1] + 1)).astype(np.int32)
+  return seq[:, :-1], seq[:, 1:]
 
 
 def measure(name: str, recipe_name: str, mesh: str, grad_comm: str) -> dict:
@@ -75,11 +80,10 @@ def measure(name: str, recipe_name: str, mesh: str, grad_comm: str) -> dict:
   from experiments import common, gpt_fp4, vit_tetrajet
   recipe = common.build_recipe(recipe_name)
   par = common.Parallel.from_flags(mesh, grad_comm, recipe, FLAGS.spmd)
-  kind, model, init_x, _ = _model_and_data(name, recipe, 1, np.random.default_rng(0))
+  kind, model, init_x = _model(name, recipe)
   per_dev = FLAGS.batch_per_device or (128 if kind == "vit" else 8)
   batch = per_dev * par.devices
-  # The same data on every mesh: the first `batch` examples of one fixed stream.
-  _, _, _, host = _model_and_data(name, recipe, batch, np.random.default_rng(1))
+  host = _batch(kind, init_x, batch, np.random.default_rng(1))
   init_key, quant_key = jax.random.split(jax.random.key(0))
   params = model.init({"params": init_key, "quant": quant_key}, jnp.asarray(init_x))["params"]
   tx = optax.adamw(1e-4)

@@ -427,3 +427,19 @@ def test_initialize_if_multihost_calls_jax_distributed_only_when_launched(monkey
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   assert distributed.initialize_if_multihost(**args) == (expected is not None)
   assert calls == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize("call", [
+    lambda: distributed.fp8_communication_scale(jnp.float32(1.0), "fp8_e3m4"),
+    lambda: distributed.fp8_encode(jnp.ones(3), jnp.int32(0), "fp8"),
+    lambda: distributed.communicated_bytes({"w": jnp.zeros(4)}, "bf16", 2),
+])
+def test_fp8_helpers_reject_unknown_formats(call):
+  with pytest.raises(ValueError, match="grad_comm must be one of f32, fp8_e4m3, fp8_e5m2"):
+    call()
+
+
+@pytest.mark.parametrize("fsdp,align", [(0, 1), (2, 0), (-1, 32)])
+def test_fsdp_partition_rejects_non_positive_sizes(fsdp, align):
+  with pytest.raises(ValueError, match="must be >= 1"):
+    distributed.fsdp_partition((64, 64), fsdp, align)

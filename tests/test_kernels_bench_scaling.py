@@ -43,3 +43,8 @@ def test_bench_scaling_writes_rows_for_every_configuration(tmp_path):
 def test_with_efficiency(rows, expected):
   got = [r["scaling_efficiency"] for r in bench_scaling.with_efficiency(rows)]
   assert got == pytest.approx(expected)
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ValueError, match="unknown model 'vit_huge'; ViT: vit_digits"):
+    bench_scaling._model("vit_huge", None)
