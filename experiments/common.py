@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fp4jax
-from fp4jax import distributed
+from fp4jax import blocks, dispatch, distributed
 from fp4jax import recipes as recipes_lib
 
 
@@ -367,7 +367,10 @@ class Parallel(NamedTuple):
         raise ValueError(f"--grad_comm={grad_comm} needs a --mesh of 2 or more devices, "
                          "e.g. --mesh=data:2")
       return cls()
-    m = distributed.make_mesh(mesh)
+    try:
+      m = distributed.make_mesh(mesh)
+    except ValueError as e:
+      raise ValueError(f"--mesh={mesh}: {e}") from None
     if grad_comm != "f32":
       if m.devices.size < 2:
         raise ValueError(f"--grad_comm={grad_comm} needs a mesh of 2 or more devices; "
@@ -375,7 +378,7 @@ class Parallel(NamedTuple):
       if spmd == "partitioner":
         raise ValueError(f"--grad_comm={grad_comm} sends gradients from an explicit "
                          "data-parallel region: use --spmd=shard_map (or auto)")
-    kernels = (jax.default_backend() == "gpu" and impl != "xla" and m.devices.size > 1
+    kernels = (dispatch.device_facts().on_gpu and impl != "xla" and m.devices.size > 1
                and not recipes_lib.get(recipe).is_identity)
     manual = spmd == "shard_map" or (spmd == "auto" and (grad_comm != "f32" or kernels))
     return cls(m, distributed.recipe_alignment(recipe), grad_comm, manual)
@@ -450,7 +453,7 @@ def initialize_distributed(flag_values) -> bool:
 def compute_dtype(flag: str):
   """``auto``: bfloat16 on a GPU, float32 elsewhere (XLA:CPU is slow in bfloat16)."""
   if flag == "auto":
-    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return jnp.bfloat16 if dispatch.device_facts().on_gpu else jnp.float32
   return jnp.dtype(flag)
 
 
@@ -458,19 +461,28 @@ def _override(spec, block_size, scale_mode):
   if spec is None:
     return None
   if block_size is not None:
-    if spec.granularity == "block":
-      spec = spec.replace(block_size=block_size)
-    elif spec.granularity == "tile":
-      spec = spec.replace(tile=(block_size, block_size))
-    else:
-      raise ValueError(f"--block_size={block_size}: {spec.name or 'a spec'} is scaled per "
-                       f"{spec.granularity}, not per block; drop --block_size")
+    spec = spec.with_block_size(block_size)  # the one meaning of a block size (fp4jax.spec)
   if scale_mode is not None:
     spec = spec.replace(scale_mode=scale_mode)
   return spec
 
 
-OPERANDS = ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs", "wgrad_lhs", "wgrad_grad")
+OPERANDS = recipes_lib.OPERANDS
+
+
+def check_widths_fit(recipe: recipes_lib.Recipe, widths: dict[str, int], model: str) -> None:
+  """Every GEMM width of a model (``{"width": 384, "MLP width": 1536, ...}``) must hold
+  whole blocks of every quantized operand (:func:`fp4jax.blocks.required_multiple`, the
+  library's one alignment rule)."""
+  for op in OPERANDS:
+    spec = getattr(recipe, op)
+    for axis in (-1, -2):
+      blk = blocks.required_multiple(spec, axis)
+      for what, n in widths.items():
+        if n % blk:
+          raise ValueError(f"block size {blk} of recipe {recipe.name!r} does not divide the "
+                           f"{what} {n} of --model={model}: pass a --block_size that "
+                           f"divides it, or another --model")
 
 
 def build_recipe(name: str, block_size: int | None = None,

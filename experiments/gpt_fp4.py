@@ -36,7 +36,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments import common, data
-from experiments.models import GPT, GPT_CONFIGS
+from fp4jax.models import GPT, GPT_CONFIGS
 from fp4jax import recipes as recipes_lib
 
 FLAGS = flags.FLAGS
@@ -122,15 +122,8 @@ def check_model_fits(run: RunSpec, model: str, context: int, batch: int) -> None
   width, depth, _, mlp, _ = GPT_CONFIGS[model]
   if run.bf16_last_blocks > depth:
     raise ValueError(f"--bf16_last_blocks={run.bf16_last_blocks} exceeds the depth {depth}")
-  for op in common.OPERANDS:
-    spec = getattr(run.recipe, op)
-    if spec is None:
-      continue
-    blk = {"block": spec.block_size, "tile": spec.tile[0]}.get(spec.granularity, 1)
-    for what, n in (("width", width), ("MLP width", mlp), ("tokens per batch", batch * context)):
-      if n % blk:
-        raise ValueError(f"block size {blk} of run {run.name!r} does not divide the {what} "
-                         f"{n} of --model={model}: pass a --block_size that divides it")
+  common.check_widths_fit(run.recipe, {"width": width, "MLP width": mlp,
+                                       "tokens per batch": batch * context}, model)
 
 
 def split_text(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:

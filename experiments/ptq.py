@@ -27,7 +27,7 @@ from absl import logging as absl_logging
 
 import fp4jax
 from experiments import common, data
-from experiments.models import ViT
+from fp4jax.models import ViT
 from experiments.vit_tetrajet import MODELS
 from fp4jax import ptq
 

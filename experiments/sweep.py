@@ -39,7 +39,7 @@ from absl import logging as absl_logging
 
 import fp4jax
 from experiments import common, data
-from experiments.models import MLP, ViT
+from fp4jax.models import MLP, ViT
 from fp4jax import recipes as recipes_lib
 from experiments.vit_tetrajet import MODELS
 

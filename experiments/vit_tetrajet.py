@@ -35,7 +35,7 @@ from absl import logging as absl_logging
 
 import fp4jax
 from experiments import common, data
-from experiments.models import VIT_CONFIGS, ViT
+from fp4jax.models import VIT_CONFIGS, ViT
 from fp4jax import optim, recipes as recipes_lib
 from fp4jax.optim.weights import path_str
 
@@ -114,17 +114,8 @@ def runs_from_flags() -> list[RunSpec]:
 def check_model_fits(recipe: recipes_lib.Recipe, model: str) -> None:
   """Every quantized GEMM axis of the encoder blocks must hold whole blocks."""
   _, width, _, heads, mlp = MODELS[model]
-  for op in common.OPERANDS:
-    spec = getattr(recipe, op)
-    if spec is None:
-      continue
-    blk = spec.block_size if spec.granularity == "block" else (
-        spec.tile[0] if spec.granularity == "tile" else 1)
-    for what, n in (("width", width), ("MLP width", mlp), ("QKV width", 3 * width)):
-      if n % blk:
-        raise ValueError(f"block size {blk} of recipe {recipe.name!r} does not divide the "
-                         f"{what} {n} of --model={model}: pass a --block_size that divides "
-                         f"{width} and {mlp}, or a wider --model")
+  common.check_widths_fit(recipe, {"width": width, "MLP width": mlp, "QKV width": 3 * width},
+                          model)
 
 
 def quantized_weight_fn(recipe: recipes_lib.Recipe):

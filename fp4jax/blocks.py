@@ -31,6 +31,35 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
   return axis - ndim if axis >= 0 else axis
 
 
+def required_multiple(spec: QuantSpec | None, axis: int) -> int:
+  """What the length of ``axis`` must be a multiple of for ``spec``'s scale blocks: the
+  block size along a blocked axis, the tile side along a tiled one (``axis`` -2 or -1 of
+  the tiled pair), 1 for channel / tensor scales or no spec. The one alignment rule:
+  GEMM shape checks, FSDP shard sizes, model-fit checks and padding all ask it."""
+  if spec is None:
+    return 1
+  if spec.granularity == "block":
+    return spec.block_size
+  if spec.granularity == "tile":
+    return spec.tile[-2 if axis in (-2, 0) else -1]
+  return 1
+
+
+def alignment(specs, *extra: int | None) -> int:
+  """Least common multiple of :func:`required_multiple` over ``specs`` (each along its
+  own blocked axis, tiles along both sides) and any ``extra`` lengths (e.g. Hadamard
+  block sizes; None ignored): a length or shard boundary that is a multiple of it never
+  splits a scale block, a tile or a transform block."""
+  align = 1
+  for spec in specs:
+    if spec is not None:
+      align = math.lcm(align, required_multiple(spec, -1), required_multiple(spec, -2))
+  for n in extra:
+    if n:
+      align = math.lcm(align, int(n))
+  return align
+
+
 def block_extents(shape: tuple[int, ...], spec: QuantSpec, axis: int) -> tuple[int, ...]:
   """Per-dimension block extents for ``shape`` (before padding; axis is negative)."""
   nd = len(shape)

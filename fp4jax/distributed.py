@@ -52,8 +52,6 @@ region whenever the GEMMs may take the kernels (``experiments.common.Parallel``)
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -63,12 +61,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fp4jax import bits, formats, recipes as recipes_lib, scales, tensor_amax
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch is split over every axis (FSDP is data parallel too)
 GRAD_COMMS = ("f32", "fp8_e4m3", "fp8_e5m2")
 
-_AMAX_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "fp4jax_amax_axes", default=())
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -88,31 +86,31 @@ def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
     name, sep, size = part.strip().partition(":")
     name = name.strip()
     if not sep or name not in MESH_AXES:
-      raise ValueError(f"--mesh={spec!r}: each entry must be <axis>:<size> with axis one of "
+      raise ValueError(f"mesh spec {spec!r}: each entry must be <axis>:<size> with axis one of "
                        f"{', '.join(MESH_AXES)}, e.g. 'data:2,fsdp:4'; got {part.strip()!r}")
     if name in seen:
-      raise ValueError(f"--mesh={spec!r}: axis {name!r} is given twice")
+      raise ValueError(f"mesh spec {spec!r}: axis {name!r} is given twice")
     seen.add(name)
     try:
       n = int(size)
     except ValueError:
-      raise ValueError(f"--mesh={spec!r}: the size of {name!r} must be an integer, got "
+      raise ValueError(f"mesh spec {spec!r}: the size of {name!r} must be an integer, got "
                        f"{size!r}") from None
     if n == -1 and wildcard is None:
       wildcard = name
       continue
     if n < 1:
-      raise ValueError(f"--mesh={spec!r}: sizes must be >= 1 (or one -1 for 'the rest'), "
+      raise ValueError(f"mesh spec {spec!r}: sizes must be >= 1 (or one -1 for 'the rest'), "
                        f"got {name}:{n}")
     sizes[name] = n
   known = math.prod(v for k, v in sizes.items() if k != wildcard)
   if wildcard is not None:
     if num_devices % known:
-      raise ValueError(f"--mesh={spec!r}: {num_devices} devices do not split into "
+      raise ValueError(f"mesh spec {spec!r}: {num_devices} devices do not split into "
                        f"{known} x {wildcard}")
     sizes[wildcard] = num_devices // known
   if math.prod(sizes.values()) > num_devices:
-    raise ValueError(f"--mesh={spec!r} needs {math.prod(sizes.values())} devices but "
+    raise ValueError(f"mesh spec {spec!r} needs {math.prod(sizes.values())} devices but "
                      f"{num_devices} are available; make the sizes multiply to at most "
                      f"{num_devices} (or use -1 for one axis)")
   return sizes
@@ -138,24 +136,9 @@ def batch_size_multiple(mesh: Mesh) -> int:
 # -------------------------------------------------------------------- sharding rules
 
 def recipe_alignment(recipe: Any) -> int:
-  """The least common multiple of a recipe's block sizes, tile sides and Hadamard sizes
-  (1 for an unquantized recipe): a shard boundary at a multiple of it never splits a
-  scale block, a 2D tile or a Hadamard block."""
-  from fp4jax import recipes as recipes_lib  # recipes import the numerics; keep this light
-  recipe = recipes_lib.get(recipe)
-  align = 1
-  for op in ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs", "wgrad_lhs", "wgrad_grad"):
-    spec = getattr(recipe, op)
-    if spec is None:
-      continue
-    if spec.granularity == "block":
-      align = math.lcm(align, spec.block_size)
-    elif spec.granularity == "tile":
-      align = math.lcm(align, *spec.tile)
-  for h in (recipe.hadamard_fwd, recipe.hadamard_dgrad, recipe.hadamard_wgrad):
-    if h:
-      align = math.lcm(align, int(h))
-  return align
+  """:func:`fp4jax.recipes.alignment`: a shard boundary at a multiple of it never splits
+  a scale block, a 2D tile or a Hadamard block of the recipe."""
+  return recipes_lib.alignment(recipe)
 
 
 def fsdp_partition(shape: Sequence[int], fsdp: int, alignment: int = 1) -> P:
@@ -214,9 +197,9 @@ def shard_batch(arrays: Sequence[np.ndarray], mesh: Mesh) -> tuple[jax.Array, ..
   for a in arrays:
     a = np.asarray(a)
     if a.ndim == 0 or a.shape[0] % n:
-      raise ValueError(f"the batch dimension ({a.shape[0] if a.ndim else 'scalar'}) must be a "
-                       f"multiple of the mesh's {n} devices: pick --batch_size divisible by "
-                       f"{n} or a smaller --mesh")
+      raise ValueError(f"shard_batch: the batch dimension ({a.shape[0] if a.ndim else 'scalar'}) "
+                       f"must be a multiple of the mesh's {n} devices: use a batch size "
+                       f"divisible by {n} or a mesh of fewer devices")
     out.append(jax.make_array_from_callback(a.shape, batch_sharding(mesh, a.ndim),
                                             lambda idx, a=a: a[idx]))
   return tuple(out)
@@ -247,36 +230,25 @@ def initialize_if_multihost(coordinator_address: str | None = None,
 
 # -------------------------------------------- amax reductions inside shard_map regions
 
-@contextlib.contextmanager
-def amax_reduced_over(axis_names: Sequence[str]):
-  """Within this context (while tracing a ``shard_map`` body manual over ``axis_names``),
-  fp4jax's whole-tensor amaxes (NVFP4 tensor scales, ``granularity="tensor"`` scales)
-  are max-reduced across those axes, so each shard uses the global tensor's scale."""
-  token = _AMAX_AXES.set(tuple(axis_names))
-  try:
-    yield
-  finally:
-    _AMAX_AXES.reset(token)
-
-
-def reduce_amax_bits(amax_bits: jax.Array) -> jax.Array:
-  """A whole-tensor amax (as float bit patterns) made global over the axes of
-  :func:`amax_reduced_over`; unchanged outside such a region. Bit patterns of |x| order
-  like the values, so an integer max is the float max (NaN's patterns are largest)."""
-  axes = _AMAX_AXES.get()
-  if not axes:
-    return amax_bits
-  return jax.lax.pmax(amax_bits, axes)
+# Whole-tensor amaxes inside shard_map regions: the hook lives with the numerics
+# (fp4jax.tensor_amax); these are its names here, where users of meshes look for them.
+amax_reduced_over = tensor_amax.reduced_over
+reduce_amax_bits = tensor_amax.reduce_amax_bits
 
 
 # ----------------------------------------------------------- FP8 gradient all-reduce
 
+# Gradient communication formats: their dtypes and element formats (maxima from the table).
+_FP8_COMMS = {"fp8_e4m3": (jnp.float8_e4m3fn, formats.E4M3),
+              "fp8_e5m2": (jnp.float8_e5m2, formats.E5M2)}
+
+
 def _fp8_dtype(fmt: str):
-  if fmt == "fp8_e4m3":
-    return jnp.float8_e4m3fn, 448.0
-  if fmt == "fp8_e5m2":
-    return jnp.float8_e5m2, 57344.0
-  raise ValueError(f"grad_comm must be one of {', '.join(GRAD_COMMS)}, got {fmt!r}")
+  """``(dtype, largest finite value)`` of an FP8 gradient format."""
+  if fmt not in _FP8_COMMS:
+    raise ValueError(f"grad_comm must be one of {', '.join(GRAD_COMMS)}, got {fmt!r}")
+  dtype, element = _FP8_COMMS[fmt]
+  return dtype, float(element.max_value)
 
 
 def fp8_communication_scale(global_amax: jax.Array, fmt: str = "fp8_e4m3") -> jax.Array:
@@ -287,9 +259,8 @@ def fp8_communication_scale(global_amax: jax.Array, fmt: str = "fp8_e4m3") -> ja
   the float bits, subnormal amaxes included), clamped to ``[-126, 126]`` so that ``2^-e``
   is a normal float32 (a zero or tiny amax gives -126). A non-finite amax gives 0: its
   NaN/Inf travels in the codes and poisons the sum, as it should."""
-  from fp4jax import bits, formats, scales  # the numerics; imported here to keep this light
   _fp8_dtype(fmt)
-  element = formats.E4M3 if fmt == "fp8_e4m3" else formats.E5M2
+  element = _FP8_COMMS[fmt][1]
   amax_bits = bits.abs_bits(bits.f32_bits(jnp.asarray(global_amax, jnp.float32)))
   code = scales.pow2_scale_code(amax_bits, element, formats.E8M0, "rceil")
   e = jnp.clip(scales.pow2_scale_exponent(code, formats.E8M0), -126, 126)

@@ -35,7 +35,7 @@ from jax import lax
 from fp4jax import hadamard
 from fp4jax.optim.weights import as_weight_spec_fn, path_str
 from fp4jax.qarray import QArray
-from fp4jax.quantize import dequantize, element_scales, quantize
+from fp4jax.quantization import dequantize, element_scales, quantize
 from fp4jax.rounding import round_to_format
 from fp4jax.scales import tensor_scale_from_amax
 from fp4jax.spec import QuantSpec, get_spec

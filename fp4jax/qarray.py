@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax import packing
+from fp4jax import decode, packing
 from fp4jax.spec import QuantSpec
 
 
@@ -94,9 +94,32 @@ class QArray:
     return 8.0 * n / max(self.size, 1)
 
   def dequantize(self, dtype=None) -> jax.Array:
-    """The represented values, as ``dtype`` (default: the original dtype)."""
-    from fp4jax.quantize import dequantize  # the numerics live in quantize.py
-    return dequantize(self, dtype)
+    """The represented values, as ``dtype`` (default: the original dtype); exact
+    (:func:`fp4jax.decode.dequantize`)."""
+    return decode.dequantize(self, dtype)
+
+  def element_scales(self) -> jax.Array:
+    """The float32 scale of every element (:func:`fp4jax.decode.element_scales`)."""
+    return decode.element_scales(self)
+
+  def transpose(self) -> "QArray":
+    """The QArray of the 2D transpose: codes and scales transposed, the blocked axis
+    flipped (a (M, K) array blocked along K becomes (K, M) blocked along K, i.e.
+    ``axis=-2``). No element is re-encoded, so it is exact and free of rounding."""
+    if self.ndim != 2:
+      raise ValueError(f"QArray.transpose takes 2D arrays, got shape {self.shape}; use "
+                       "dequantize and jnp.transpose for other ranks")
+    ts = None if self.tensor_scale is None else self.tensor_scale.reshape(1, 1)
+    spec = self.spec
+    if spec.granularity == "tile":
+      spec = spec.replace(tile=tuple(reversed(spec.tile)))
+    return QArray(self.codes.T, self.scales.T, ts, spec, -1 if self.axis == -2 else -2,
+                  tuple(reversed(self.padding)), self.orig_dtype)
+
+  @property
+  def T(self) -> "QArray":  # noqa: N802 (numpy's name)
+    """:meth:`transpose`."""
+    return self.transpose()
 
   def __repr__(self) -> str:
     ts = "" if self.tensor_scale is None else ", tensor_scale=f32"

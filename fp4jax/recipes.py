@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fp4jax import blocks
 from fp4jax.spec import QuantSpec, get_spec
 
 OPERANDS = ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs", "wgrad_lhs", "wgrad_grad")
@@ -170,6 +171,16 @@ RECIPES: dict[str, Recipe] = {
         "setting). The asymmetric variant is 'msfp4_asym'."),
 }
 RECIPES["msfp4_asym"] = RECIPES["msfp4"].replace(name="msfp4_asym", lhs_asymmetric=True)
+
+
+def alignment(recipe: str | Recipe) -> int:
+  """The least common multiple of a recipe's block sizes, tile sides and Hadamard sizes
+  (:func:`fp4jax.blocks.alignment`; 1 for an unquantized recipe). Every GEMM axis the
+  recipe blocks (K, N, and the tokens M of wgrad, which qdot pads) and every FSDP shard
+  boundary that is a multiple of it holds whole blocks."""
+  r = get(recipe)
+  return blocks.alignment([getattr(r, op) for op in OPERANDS], r.hadamard_fwd,
+                          r.hadamard_dgrad, r.hadamard_wgrad)
 
 
 def get(name: str | Recipe) -> Recipe:

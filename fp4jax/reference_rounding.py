@@ -26,7 +26,8 @@ import numpy as np
 from fp4jax import bits, packing
 from fp4jax import rounding as rounding_lib
 from fp4jax.formats import ElementFormat
-from fp4jax.quantize import dequantize, element_scales, quantize
+from fp4jax.decode import dequantize, element_scales
+from fp4jax.encode import quantize_reference as quantize
 from fp4jax.spec import QuantSpec, get_spec
 
 

@@ -102,6 +102,24 @@ class QuantSpec:
     """A copy with ``changes`` applied and validated (``name`` is kept unless given)."""
     return dataclasses.replace(self, **changes)
 
+  def with_block_size(self, block_size: int) -> "QuantSpec":
+    """The one meaning of "block size ``n``" for every granularity (``quantize``'s
+    ``block_size=`` argument and the experiments' ``--block_size`` both use it):
+
+    * ``"block"``: ``n`` consecutive elements along the axis share a scale;
+    * ``"tile"``: ``n x n`` tiles (a tile is ``n`` long along either tiled axis);
+    * ``"channel"``: switches to blocks of ``n`` along the axis;
+    * ``"tensor"``: an error, per-tensor scaling has no blocks.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+      raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if self.granularity == "tile":
+      return self.replace(tile=(block_size, block_size))
+    if self.granularity == "tensor":
+      raise ValueError(f"block_size={block_size}: {self.name or 'this spec'} has one scale per "
+                       "tensor, no blocks; use a block or channel spec")
+    return self.replace(granularity="block", block_size=block_size)
+
   @property
   def elements_per_scale(self) -> int | None:
     """Elements sharing one scale, or None where it depends on the shape."""
@@ -119,6 +137,36 @@ class QuantSpec:
     if n is None:
       return None
     return self.element.bits + self.scale_format.storage_bits / n
+
+
+def significand_bits(spec: QuantSpec) -> int | None:
+  """Significant bits of ``element x block scale`` (the tensor scale left out), or None
+  when the scale has more than 8 (FP32 / BF16 scales).
+
+  An element of ``m`` mantissa bits has ``m + 1`` significant bits (integers: ``bits - 1``
+  magnitude bits, ``mbits + 1`` too); a power-of-two scale adds none; a float scale of
+  ``n`` mantissa bits multiplies two integer significands, ``(m + 1) + (n + 1)`` bits.
+  """
+  elem, sfmt = spec.element, spec.scale_format
+  sig = elem.mbits + 1
+  if sfmt.is_pow2:
+    return sig
+  if sfmt.element is None or sfmt.element.mbits > 7:
+    return None
+  return sig + sfmt.element.mbits + 1
+
+
+def bf16_exact(spec: QuantSpec) -> bool:
+  """Whether ``element x block scale`` is exactly a bfloat16 for every code and scale.
+
+  BF16 has 8 significant bits and FP32's exponent range, so it holds the product when
+  :func:`significand_bits` is at most 8: E2M1 x E8M0 (MXFP4, 2 bits), E2M1 x E4M3
+  (NVFP4, 6), E4M3 x E4M3 (7), INT8 x E8M0 (7). Products below 2^-126 are BF16 subnormals
+  with fewer bits; they are smaller than any term a normal-range product can be
+  distinguished from at float32 accumulation, so they stay within the accumulation bound.
+  """
+  sig = significand_bits(spec)
+  return sig is not None and sig <= 8
 
 
 def _mx(element, name, **kw) -> QuantSpec:
@@ -179,6 +227,6 @@ def resolve_spec(spec: str | QuantSpec, **overrides) -> QuantSpec:
   """``get_spec(spec)`` with every override that is not None applied."""
   base = get_spec(spec)
   changes = {k: v for k, v in overrides.items() if v is not None}
-  if "block_size" in changes and base.granularity == "channel":
-    changes.setdefault("granularity", "block")
+  if "block_size" in changes:
+    base = base.with_block_size(changes.pop("block_size"))
   return base.replace(**changes) if changes else base

@@ -7,7 +7,7 @@ r"""Correctness and speed of the FP4 GEMM paths, in one run.
    that decode in the kernel) against the float32 product of the
    dequantized operands, on random operands and on operands with a wide per-block
    exponent spread, zero blocks and a NaN scale; the worst error as a multiple of
-   ``sum_k |a_ik b_kj|`` is recorded (tests/test_kernels_fp4_matmul.py bounds it).
+   ``sum_k |a_ik b_kj|`` is recorded (tests/test_kernels_matmul.py bounds it).
 2. Speed (median of 5 runs of ``--reps`` calls) per shape: XLA BF16 dot, XLA FP8 E4M3 dot
    (B transposed, "NT"), ``jax.nn.scaled_matmul`` on pre-quantized MXFP8,
    ``jax.nn.scaled_dot_general`` MXFP8 / NVFP4 including its quantization, naive
@@ -32,11 +32,25 @@ import numpy as np
 from absl import app, flags
 
 import fp4jax
-from fp4jax.quantize import dequantize
-from kernels import fp4_matmul as fm
-from kernels import fp4_unpack as fu
-from kernels import quantize as kq
+from fp4jax import dispatch
+from fp4jax.kernels import matmul as fm
+from fp4jax.kernels import quantize as kq
+from fp4jax.kernels import unpack as fu
+from fp4jax.kernels import weight_only as wo
+from fp4jax.quantization import dequantize
+from kernels import inkernel_matmul as im
 from kernels.timing import median_time as bench
+
+INTERPRET = not dispatch.device_facts().on_gpu  # a CPU smoke run interprets the kernels
+
+
+def gemm(a, b, impl, *, out_dtype=jnp.bfloat16, tile=None, num_warps=4):
+  """One GEMM path by name: the library's (fp4jax.kernels.matmul.IMPLS) or the lab's
+  in-kernel-decoding Triton GEMMs ("fp8", "bf16")."""
+  if impl in im.PATHS:
+    return im.inkernel_matmul(a, b, path=impl, out_dtype=out_dtype, tile=tile,
+                              num_warps=num_warps, interpret=INTERPRET)
+  return fm.fp4_matmul(a, b, impl=impl, out_dtype=out_dtype, interpret=INTERPRET)
 
 FLAGS = flags.FLAGS
 SHAPES = {  # name -> (M, K, N)
@@ -103,7 +117,7 @@ def check_all(rng, save) -> dict:
       key = f"{label}/{'adversarial' if adv else 'random'}"
       try:
         a, b = _operands(rng, 512, 1024, 384, sa, sb, adv)
-        y = fm.fp4_matmul(a, b, impl=impl, out_dtype=jnp.float32)
+        y = gemm(a, b, impl, out_dtype=jnp.float32)
         ratio, nan_ok = _error_ratio(y, a, b)
         res[key] = {"max_err_over_sum_abs": ratio, "nan_positions_match": nan_ok}
       except Exception as e:
@@ -117,8 +131,8 @@ def check_all(rng, save) -> dict:
       w = fp4jax.quantize(jnp.asarray(rng.standard_normal((1024, 384)).astype(np.float32)),
                           spec, -2)
       x = jnp.asarray(rng.standard_normal((40, 1024)).astype(np.float32))
-      y = fm.weight_only_matmul(x, w, out_dtype=jnp.float32)
-      ref = fm.weight_only_reference(x, w)
+      y = wo.weight_only_matmul(x, w, out_dtype=jnp.float32, interpret=INTERPRET)
+      ref = wo.weight_only_reference(x, w)
       xb = jnp.abs(x.astype(jnp.bfloat16).astype(jnp.float32))
       mag = jnp.dot(xb, jnp.abs(dequantize(w, jnp.float32)), precision="highest")
       res[key] = {"max_err_over_sum_abs": float(jnp.max(jnp.abs(y - ref) / mag))}
@@ -155,12 +169,14 @@ def _variants(m, k, n, rng, tile):
   if m < 1024:  # skinny: BF16 activations x FP4 weights
     for name, spec in (("mxfp4", MX), ("nvfp4", NV)):
       wq = fp4jax.quantize(w, spec, -2)
-      v[f"weight_only_{name}"] = (jax.jit(lambda x, wq: fm.weight_only_matmul(x, wq)), (x, wq))
-      bm = fm.weight_only_rows_tile(m)
+      v[f"weight_only_{name}"] = (jax.jit(lambda x, wq: wo.weight_only_matmul(
+          x, wq, interpret=INTERPRET)), (x, wq))
+      bm = wo.weight_only_rows_tile(m)
       for bn, splits, warps in ((128, None, 4), (64, 8, 4), (64, None, 8), (32, None, 4)):
         v[f"weight_only_{name}/bn{bn}_s{splits}_w{warps}"] = (jax.jit(
-            lambda x, wq, bn=bn, splits=splits, warps=warps, bm=bm: fm.weight_only_matmul(
-                x, wq, tile=(bm, bn, 256), splits=splits, num_warps=warps)), (x, wq))
+            lambda x, wq, bn=bn, splits=splits, warps=warps, bm=bm: wo.weight_only_matmul(
+                x, wq, tile=(bm, bn, 256), splits=splits, num_warps=warps,
+                interpret=INTERPRET)), (x, wq))
     return v
   x8, wt8 = x.astype(jnp.float8_e4m3fn), w.T.astype(jnp.float8_e4m3fn)
   v["xla_fp8_nt"] = (jax.jit(lambda a, bt: jax.lax.dot_general(
@@ -178,7 +194,7 @@ def _variants(m, k, n, rng, tile):
   v["naive_fakequant_mxfp4_bf16"] = (jax.jit(lambda x, w: jnp.dot(
       naive_fake_quant_mxfp4(x, 1), naive_fake_quant_mxfp4(w, 0),
       preferred_element_type=jnp.float32).astype(jnp.bfloat16)), (x, w))
-  interp = not kq.on_gpu()  # a CPU smoke run interprets the kernels
+  interp = INTERPRET
   v["xla_bf16_nt"] = (jax.jit(lambda a, bt: jax.lax.dot_general(
       a, bt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
                       (x, w.T))
@@ -197,20 +213,19 @@ def _variants(m, k, n, rng, tile):
     paths += [("mxfp4_fp8", MX, "fp8"), ("mxfp4_bf16", MX, "bf16"), ("nvfp4_bf16", NV, "bf16")]
   for name, spec, impl in paths:
     a, b = fp4jax.quantize(x, spec, -1), fp4jax.quantize(w, spec, -2)
-    v[f"fp4jax_{name}"] = (jax.jit(lambda a, b, impl=impl: fm.fp4_matmul(
-        a, b, impl=impl, tile=tile)), (a, b))
-    v[f"fp4jax_{name}_incl_quant"] = (jax.jit(lambda x, w, spec=spec, impl=impl: fm.fp4_matmul(
+    v[f"fp4jax_{name}"] = (jax.jit(lambda a, b, impl=impl: gemm(a, b, impl, tile=tile)), (a, b))
+    v[f"fp4jax_{name}_incl_quant"] = (jax.jit(lambda x, w, spec=spec, impl=impl: gemm(
         kq.quantize(x, spec, -1, interpret=interp), kq.quantize(w, spec, -2, interpret=interp),
-        impl=impl, tile=tile)), (x, w))
+        impl, tile=tile)), (x, w))
   return v
 
 
 def main(argv):
   del argv
-  dev = jax.devices()[0]
-  gpu = dev.device_kind.replace(" ", "_").lower()
-  out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results", f"matmul_{gpu}.json")
-  res = {"device": dev.device_kind, "jax": jax.__version__, "checks": {}, "timings": {},
+  facts = dispatch.device_facts()
+  out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
+                                       f"matmul_{facts.slug}.json")
+  res = {"device": facts.kind, "jax": jax.__version__, "checks": {}, "timings": {},
          "sweep": {}}
 
   def save():
@@ -233,8 +248,8 @@ def main(argv):
         for warps in (4, 8):
           label = f"{name}/{t[0]}x{t[1]}x{t[2]}/w{warps}"
           try:
-            f = jax.jit(lambda a, b, t=t, warps=warps, impl=impl: fm.fp4_matmul(
-                a, b, impl=impl, tile=t, num_warps=warps))
+            f = jax.jit(lambda a, b, t=t, warps=warps, impl=impl: gemm(
+                a, b, impl, tile=t, num_warps=warps))
             s = bench(f, a, b, reps=FLAGS.reps)
             res["sweep"][label] = {"ms": s * 1e3, "tflops": 2 * m * n * k / s / 1e12}
             if name == "mxfp4_fp8" and (not best or s < best["s"]):
@@ -259,7 +274,7 @@ def main(argv):
         row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
       save()
     base = row["xla_bf16"]["ms"] if isinstance(row.get("xla_bf16"), dict) else float("nan")
-    print(f"\n{shape} M={m} K={k} N={n} on {dev.device_kind} "
+    print(f"\n{shape} M={m} K={k} N={n} on {facts.kind} "
           f"({time.perf_counter() - start:.0f} s)")
     for name, r in row.items():
       if isinstance(r, dict):

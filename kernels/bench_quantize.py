@@ -25,7 +25,8 @@ import numpy as np
 from absl import app, flags
 
 import fp4jax
-from kernels import quantize as kq
+from fp4jax import dispatch
+from fp4jax.kernels import quantize as kq
 from kernels.timing import median_time as bench
 
 FLAGS = flags.FLAGS
@@ -86,7 +87,7 @@ def adversarial(rng, shape, dtype):
 
 def run_kernel(x, name, key, tile=None, num_warps=None, num_stages=1):
   spec, orient, had = CONFIGS[name]
-  interpret = not kq.on_gpu()  # a CPU smoke run of this script interprets the kernels
+  interpret = not dispatch.device_facts().on_gpu  # a CPU smoke run interprets the kernels
   if orient == "both":
     return kq.quantize_both(x, spec, key, tile=tile, num_warps=num_warps,
                             num_stages=num_stages, interpret=interpret)
@@ -177,11 +178,11 @@ def main(argv):
     for name in list(CONFIGS):
       if name not in FLAGS.configs:
         del CONFIGS[name]
-  dev = jax.devices()[0]
-  gpu = dev.device_kind.replace(" ", "_").lower()
+  facts = dispatch.device_facts()
+  gpu = facts.slug
   out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
                                        f"quantize_{gpu}.json")
-  res = {"device": dev.device_kind, "jax": jax.__version__, "checks": {}, "timings": {},
+  res = {"device": facts.kind, "jax": jax.__version__, "checks": {}, "timings": {},
          "sweep": {}}
   rng = np.random.default_rng(0)
 
@@ -267,7 +268,7 @@ def main(argv):
       except Exception as e:
         row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     res["timings"][str(n)] = row
-    print(f"\n{n}x{n} bf16 on {dev.device_kind}  (copy {copy_bw:.3f} TB/s)")
+    print(f"\n{n}x{n} bf16 on {facts.kind}  (copy {copy_bw:.3f} TB/s)")
     naive = {"mxfp4": row.get("naive_xla_mxfp4"), "nvfp4": row.get("naive_xla_nvfp4")}
     for label, v in row.items():
       if isinstance(v, dict):

@@ -24,14 +24,15 @@ import optax
 from absl import app, flags
 
 import fp4jax
-from experiments.models import ViT
+from fp4jax import dispatch
+from fp4jax.models import ViT
 from kernels.timing import median_time
 from kernels.trace_summary import summarize_trace
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 256, "images per step")
 flags.DEFINE_integer("image", 224, "image side")
-flags.DEFINE_string("model", "vit_s16", "ViT configuration (experiments.models.VIT_CONFIGS)")
+flags.DEFINE_string("model", "vit_s16", "ViT configuration (fp4jax.models.VIT_CONFIGS)")
 flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"], "FP4 recipes to time")
 flags.DEFINE_list("impls", ["xla", "auto"], "GEMM implementations (fp4jax.gemm_impl)")
 flags.DEFINE_bool("scan_layers", True, "scan the encoder blocks (compiles one block, not 12)")
@@ -76,8 +77,8 @@ def profile_step(step, params, opt_state, images, labels, key, trace_dir, steps=
 
 def main(argv):
   del argv
-  dev = jax.devices()[0]
-  gpu = dev.device_kind.replace(" ", "_").lower()
+  facts = dispatch.device_facts()
+  gpu = facts.slug
   out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results", f"step_{gpu}.json")
   rng = np.random.default_rng(0)
   b, s = FLAGS.batch, FLAGS.image
@@ -85,7 +86,7 @@ def main(argv):
   labels = jnp.asarray(rng.integers(0, 1000, b))
   key = jax.random.key(1)
   tx = optax.adamw(1e-3)
-  res = {"device": dev.device_kind, "jax": jax.__version__, "model": FLAGS.model, "batch": b,
+  res = {"device": facts.kind, "jax": jax.__version__, "model": FLAGS.model, "batch": b,
          "steps": {}}
 
   def save():

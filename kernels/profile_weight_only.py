@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 import fp4jax
-from kernels import fp4_matmul
+
 
 flags.DEFINE_integer("m", 16, "activation rows (skinny M)")
 flags.DEFINE_integer("k", 8192, "contraction size")
@@ -32,7 +32,7 @@ def main(argv):
   x = jnp.asarray(rng.standard_normal((f.m, f.k)).astype(np.float32)).astype(jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((f.k, f.n)).astype(np.float32)).astype(jnp.bfloat16)
   wq = fp4jax.quantize(w, fp4jax.get_spec(f.format), -2)
-  g = jax.jit(fp4_matmul.weight_only_matmul)
+  g = jax.jit(fp4jax.weight_only_matmul)
   for _ in range(2):
     jax.block_until_ready(g(x, wq))
   print(f"ran weight-only {f.format} {f.m}x{f.k}x{f.n} twice on {jax.devices()[0].device_kind}")

@@ -28,3 +28,12 @@ def rng(request):
   """A fresh numpy Generator per test, seeded from the test's id (crc32: the
   same seed in every process and run, unlike the salted str hash)."""
   return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_log():
+  """fp4jax.dispatch logs each decision once per process; tests that read the log need
+  every decision of their own to be logged."""
+  from fp4jax import dispatch
+  dispatch._LOGGED.clear()
+  yield

@@ -1,4 +1,4 @@
-"""kernels/quantize.py against the pure-JAX reference, bit for bit.
+"""fp4jax/kernels/quantize.py against the pure-JAX reference, bit for bit.
 
 On CPU (CI) the kernels run in Pallas interpret mode; on a GPU they are compiled
 (Triton): ``JAX_PLATFORMS=cuda,cpu pytest tests/test_kernels_quantize.py``.
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import fp4jax
-from kernels import quantize as kq
+from fp4jax.kernels import quantize as kq
 
-INTERPRET = not kq.on_gpu()
+INTERPRET = not fp4jax.dispatch.device_facts().on_gpu
 MX, NV = fp4jax.get_spec("mxfp4"), fp4jax.get_spec("nvfp4")
 SPECS = {
     "mxfp4_floor": MX, "mxfp4_rceil": MX.replace(scale_mode="rceil"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fp4jax
-from fp4jax import estimators, hadamard, qdot, recipes
+from fp4jax import estimators, gemm, hadamard, qdot, recipes
 
 RECIPES = sorted(recipes.RECIPES)
 OPS = recipes.OPERANDS
@@ -256,7 +256,7 @@ def test_kernel_impl_matches_xla_forward_and_gradients(recipe, rng, caplog):
     scale = float(jnp.max(jnp.abs(v)))
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-5 * scale,
                                err_msg=f"{recipe}: {name} differs between impl='pallas' and 'xla'")
-  gemm_lines = [r for r in caplog.messages if "via kernels/fp4_matmul" in r]
+  gemm_lines = [r for r in caplog.messages if "via fp8_xla" in r or "via bf16_xla" in r]
   assert len(gemm_lines) >= 1, "no GEMM went through the FP4 kernels"
 
 
@@ -275,7 +275,7 @@ def test_gemm_impl_context_reaches_flax_layers(rng, caplog):
   with caplog.at_level(logging.DEBUG, logger="fp4jax"):
     with fp4jax.gemm_impl("pallas"):
       y_kernels = layer.apply(params, x)
-  assert any("via kernels/fp4_matmul" in m for m in caplog.messages)
+  assert any("via fp8_xla" in m or "via bf16_xla" in m for m in caplog.messages)
   y_xla = layer.apply(params, x)
   np.testing.assert_allclose(np.asarray(y_kernels), np.asarray(y_xla), rtol=0,
                              atol=1e-5 * float(jnp.max(jnp.abs(y_xla))))
@@ -310,8 +310,8 @@ def test_wgrad_pads_token_counts_that_are_not_block_multiples(recipe, rng):
     ("fp8_e4m3_channel", None)])
 def test_significand_bits_and_bf16_exactness(name, bits):
   spec = fp4jax.get_spec(name)
-  assert qdot.significand_bits(spec) == bits, f"{name}: expected {bits} significant bits"
-  assert qdot.bf16_exact(spec) == (bits is not None and bits <= 8)
+  assert fp4jax.spec_lib.significand_bits(spec) == bits, f"{name}: expected {bits} significant bits"
+  assert fp4jax.spec_lib.bf16_exact(spec) == (bits is not None and bits <= 8)
 
 
 def _wide_operand(rng, shape):
@@ -349,9 +349,9 @@ def test_bf16_exact_gemm_matches_f32_gemm_of_fake_quantized_values(name, rng):
                                                      jnp.float32)
   xq, wq = fp4jax.quantize(x, spec, -1), fp4jax.quantize(w, spec, -2)
   xv, wv = fp4jax.dequantize(xq, jnp.float32), fp4jax.dequantize(wq, jnp.float32)
-  got = np.asarray(qdot._mm_bf16_exact(xq, xv.shape, wq, wv.shape, "mk,kn->mn"))
-  want = np.asarray(qdot._mm(xv, wv, "mk,kn->mn"))
-  bound = 2.0 ** -22 * np.asarray(qdot._mm(jnp.abs(xv), jnp.abs(wv), "mk,kn->mn"))
+  got = np.asarray(gemm.einsum_bf16_exact(xq, xv.shape, wq, wv.shape, "mk,kn->mn"))
+  want = np.asarray(gemm.einsum_f32(xv, wv, "mk,kn->mn"))
+  bound = 2.0 ** -22 * np.asarray(gemm.einsum_f32(jnp.abs(xv), jnp.abs(wv), "mk,kn->mn"))
   assert np.all(np.abs(got - want) <= bound), (
       f"{name}: worst |got - want| / bound = {np.max(np.abs(got - want) / (bound + 1e-300))}")
   if spec.tensor_scale is None and jax.default_backend() == "cpu":  # GPU: cuBLAS's order
@@ -360,7 +360,7 @@ def test_bf16_exact_gemm_matches_f32_gemm_of_fake_quantized_values(name, rng):
 
 @pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
 def test_default_impl_is_auto_and_off_gpu_equals_the_reference_bit_for_bit(recipe, rng):
-  assert qdot._DEFAULT_IMPL.get() == "auto", "the default GEMM impl should be 'auto'"
+  assert fp4jax.dispatch.current_policy() == "auto", "the default GEMM impl should be 'auto'"
   x = jnp.asarray(rng.standard_normal((32, 64)).astype(np.float32))
   w = jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32) * 0.1)
   key = jax.random.key(3)

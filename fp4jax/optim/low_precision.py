@@ -31,7 +31,7 @@ import optax
 from fp4jax import formats
 from fp4jax.optim.weights import path_str
 from fp4jax.qarray import QArray
-from fp4jax.quantize import dequantize, fake_quant, quantize
+from fp4jax.quantization import dequantize, fake_quant, quantize
 from fp4jax.rounding import round_to_format
 from fp4jax.spec import QuantSpec, get_spec
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fp4jax.quantize import fake_quant
+from fp4jax.quantization import fake_quant
 from fp4jax.spec import QuantSpec, get_spec
 
 WeightSpecFn = Callable[[tuple, jax.Array], "tuple[QuantSpec, int] | None"]

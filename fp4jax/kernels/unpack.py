@@ -1,7 +1,7 @@
 r"""Unpack FP4 GEMM operands for a vendor GEMM: packed E2M1 codes + 8-bit block scales ->
 one E4M3 or BF16 element per value, K-major, in one memory-bound pass.
 
-The Hopper FP4 GEMMs of :mod:`kernels.fp4_matmul` (``impl="fp8_xla"`` / ``"bf16_xla"``)
+The Hopper FP4 GEMMs of :mod:`fp4jax.kernels.matmul` (``impl="fp8_xla"`` / ``"bf16_xla"``)
 hand the unpacked operands to XLA's GEMM (cuBLASLt), which on Hopper beats a Triton GEMM
 that decodes nibbles between its MMAs (kernels/NOTES.md has the measurements). This
 kernel is the decoding pass; it reads 4.25-4.5 bits per element and writes 8 or 16.

@@ -1,4 +1,4 @@
-"""kernels/fp4_unpack.py: the unpack kernel equals its pure-JAX reference bit for bit, its
+"""fp4jax/kernels/unpack.py: the unpack kernel equals its pure-JAX reference bit for bit, its
 values are the dequantized operand (exactly, in the documented range), and the K order
 it writes is the same for both GEMM operands."""
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import fp4jax
-from fp4jax.quantize import dequantize
-from kernels import fp4_unpack as fu
-from kernels.quantize import on_gpu
 
-INTERPRET = not on_gpu()
+from fp4jax.kernels import unpack as fu
+from fp4jax.quantization import dequantize
+
+INTERPRET = not fp4jax.dispatch.device_facts().on_gpu
 MX, NV = fp4jax.get_spec("mxfp4"), fp4jax.get_spec("nvfp4")
 SPECS = {"mxfp4": MX, "mxfp4_b16": MX.replace(block_size=16), "nvfp4": NV,
          "nvfp4_one_level": NV.replace(tensor_scale=None)}

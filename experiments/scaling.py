@@ -1,6 +1,6 @@
 r"""Data-parallel scaling of the FP4 training step: one device against a mesh of several.
 
-    python -m kernels.bench_scaling --meshes="data:1;data:2" --models=vit_s16,gpt_small \
+    python -m experiments.scaling --meshes="data:1;data:2" --models=vit_s16,gpt_small \
         --recipes=bf16,mxfp4 [--batch_per_device 128] [--spmd auto] [--grad_comms f32,fp8_e4m3]
 
 For each model x recipe x gradient communication x mesh, the experiments' own train step
@@ -11,7 +11,7 @@ step time, examples per second and the scaling efficiency
 ``throughput(N devices) / (N x throughput(1 device))`` against the first mesh of the
 same model and recipe, and the step's loss (the same initial parameters and data on every
 mesh, so the first-step losses agree within reduction order). Writes
-``kernels/results/scaling_<gpu>.json`` and a bar plot beside it.
+``experiments/results/scaling_<gpu>.json`` and a bar plot beside it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_string("meshes", "data:1;data:2", "';'-separated meshes to compare (the first "
                       "is the base), e.g. 'data:1;data:2;data:2,fsdp:2'")
   flags.DEFINE_list("models", ["vit_s16", "gpt_small"], "ViT (experiments.vit_tetrajet.MODELS) "
-                    "or GPT (experiments.models.GPT_CONFIGS) configurations")
+                    "or GPT (fp4jax.models.GPT_CONFIGS) configurations")
   flags.DEFINE_list("recipes", ["bf16", "mxfp4"], "recipes")
   flags.DEFINE_list("grad_comms", ["f32"], "gradient communication (fp4jax.distributed)")
   flags.DEFINE_enum("spmd", "auto", ["auto", "partitioner", "shard_map"], "see experiments.common")
@@ -44,13 +44,13 @@ def define_flags() -> None:
   flags.DEFINE_integer("context", None, "GPT sequence length (default: the model's)")
   flags.DEFINE_integer("reps", 10, "timed steps per configuration (after two warm-up steps)")
   flags.DEFINE_string("dtype", "auto", "compute dtype (auto: bfloat16 on GPU)")
-  flags.DEFINE_string("out", None, "JSON path (default kernels/results/scaling_<device>.json)")
+  flags.DEFINE_string("out", None, "JSON path (default experiments/results/scaling_<device>.json)")
 
 
 def _model(name: str, recipe):
   """(kind "vit" or "gpt", the Flax model, an input for init)."""
   from experiments import common, vit_tetrajet
-  from experiments.models import GPT, GPT_CONFIGS, ViT
+  from fp4jax.models import GPT, GPT_CONFIGS, ViT
   if name not in vit_tetrajet.MODELS and name not in GPT_CONFIGS:
     raise ValueError(f"--models: unknown model {name!r}; ViT: "
                      f"{', '.join(vit_tetrajet.MODELS)}; GPT: {', '.join(GPT_CONFIGS)}")

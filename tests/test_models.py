@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.models import GPT, MLP, ViT
+from fp4jax.models import GPT, MLP, ViT
 
 
 @pytest.mark.parametrize("recipe", [None, "mxfp4"])

@@ -1,5 +1,9 @@
-"""Models of the experiments: a Vision Transformer (Dosovitskiy et al., 2021) and a
-byte-level GPT (decoder-only transformer, Radford et al., 2019).
+"""Reference models built from fp4jax's layers: a Vision Transformer (Dosovitskiy et al.,
+2021), a byte-level GPT (decoder-only transformer, Radford et al., 2019) and an MLP.
+
+They are what the experiments train (``experiments/``) and what the kernel lab's
+benchmarks time (``kernels/bench_step.py``), from one importable place that neither
+side's command-line flags drive: every choice is a constructor argument.
 
 Every linear layer is ``fp4jax.linen.QDense`` with the model's ``recipe`` (plain
 ``flax.linen.Dense`` when the recipe is None or "bf16"), except the classifier head,

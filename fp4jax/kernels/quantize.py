@@ -21,15 +21,15 @@ and reference are the same function by construction, and the tests check it bit 
 bit. The NVFP4 tensor scale is a separate XLA reduction (``max |x|`` over the tensor)
 before the kernel, or the caller's value (e.g. last step's amax).
 
-The reference is :func:`fp4jax.quantize` (``impl="xla"``); :func:`quantize_reference`
-names it here for the tests and the benchmark.
+The reference is :func:`fp4jax.encode.quantize_reference` (what ``fp4jax.quantize``
+runs with ``impl="xla"``); :func:`quantize_reference` names it here for the tests and the
+benchmark. Which of the two runs for a call is decided in :mod:`fp4jax.dispatch`; the
+``interpret`` argument (Pallas interpret mode, for CPUs) comes from there too.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -38,18 +38,39 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from fp4jax import bits, distributed, hadamard, prng, scales
+from fp4jax import bits, hadamard, prng, scales, tensor_amax
 from fp4jax import rounding as rounding_lib
+from fp4jax.encode import quantize_reference as _quantize_xla
 from fp4jax.qarray import QArray
-from fp4jax.quantize import quantize as _quantize_xla
 from fp4jax.spec import QuantSpec
 
-log = logging.getLogger("fp4jax")
 U32, I32 = jnp.uint32, jnp.int32
+
+# What the kernels take (fp4jax.dispatch reads these through unsupported_reason).
+BLOCK_SIZES = (16, 32)
+ELEMENT_BITS = (4, 8)
+INPUT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+class FloatScaleConstants(NamedTuple):
+  """Layout of the per-tensor float32 vector the float-scale kernels read (one SMEM-sized
+  operand instead of eleven): indices into it, see :func:`_float_scale_constants`."""
+
+  TENSOR_SCALE: int = 0    # t (1 for one-level scales)
+  INV_TENSOR_SCALE: int = 1  # fl(1 / t)
+  AMAX_FACTOR: int = 2     # c = fl((1/t) / max(element)): block scale estimate amax * c
+  RECIP_TABLE: int = 3     # D[m] = fl((1/t) / (8 + m)), m = 0..7, at RECIP_TABLE + m
+  FAST_PATH_OK: int = 11   # 1.0 when the fast path's bounds hold for this tensor, else 0
+  LENGTH: int = 16         # padded to a power of two
+
+
+FSC = FloatScaleConstants()
+E4M3_MANTISSAS = 8         # UE4M3 significands 8 + m, m = 0..7 (the reciprocal table's size)
 
 
 def quantize_reference(x, spec, axis=-1, **kwargs) -> QArray:
-  """The pure-JAX quantizer the kernels must equal (``fp4jax.quantize``, impl="xla")."""
+  """The pure-JAX quantizer the kernels must equal (:func:`fp4jax.encode.quantize_reference`,
+  which ``fp4jax.quantize(..., impl="xla")`` runs)."""
   return _quantize_xla(x, spec, axis, **kwargs)
 
 
@@ -57,15 +78,15 @@ def unsupported_reason(x_shape, dtype, spec: QuantSpec, axis: int) -> str | None
   """Why the kernels cannot take this configuration (None: they can)."""
   if len(x_shape) != 2:
     return f"kernels take 2D operands, got rank {len(x_shape)}"
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in INPUT_DTYPES]:
     return f"kernels read float32 or bfloat16, got {jnp.dtype(dtype)}"
   if axis % 2 not in (0, 1):
     return f"axis {axis} is not an axis of a 2D operand"
   if spec.granularity != "block":
     return f"granularity {spec.granularity!r} (kernels do 1D blocks)"
-  if spec.block_size not in (16, 32):
+  if spec.block_size not in BLOCK_SIZES:
     return f"block size {spec.block_size} (kernels do 16 and 32)"
-  if spec.element.bits not in (4, 8):
+  if spec.element.bits not in ELEMENT_BITS:
     return f"{spec.element.bits}-bit elements (kernels do 4 and 8 bits)"
   if spec.element.bits == 4 and not spec.packed:
     return "unpacked 4-bit codes"
@@ -267,8 +288,10 @@ def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht
   ts = inv_ts = fconst = None
   if fs_ref is not None:  # float scales: see _float_scale_constants
     if spec.tensor_scale == "amax":
-      ts, inv_ts = fs_ref[0], fs_ref[1]
-    fconst = (fs_ref[2], [fs_ref[3 + m] for m in range(8)], fs_ref[11] > 0)
+      ts, inv_ts = fs_ref[FSC.TENSOR_SCALE], fs_ref[FSC.INV_TENSOR_SCALE]
+    fconst = (fs_ref[FSC.AMAX_FACTOR],
+              [fs_ref[FSC.RECIP_TABLE + m] for m in range(E4M3_MANTISSAS)],
+              fs_ref[FSC.FAST_PATH_OK] > 0)
   sr = spec.rounding == "stochastic"
 
   def random_bits(**where):
@@ -342,7 +365,7 @@ def _quantize_call(x, seed, ts, *, spec, orient, bm, bk, interpret, rht_block, n
               pl.BlockSpec((4,), lambda i, j: (0,))]
   args = [xp, seed]
   if not spec.scale_format.is_pow2:
-    in_specs.append(pl.BlockSpec((16,), lambda i, j: (0,)))
+    in_specs.append(pl.BlockSpec((FSC.LENGTH,), lambda i, j: (0,)))
     args.append(_float_scale_constants(ts, spec))
   kernel = functools.partial(_kernel, spec=spec, orient=orient, bm=bm, bk=bk, width=k,
                              rht_block=rht_block)
@@ -378,12 +401,13 @@ def _float_scale_constants(ts, spec: QuantSpec):
   t = jnp.float32(1.0) if ts is None else ts.reshape(())
   inv_t = bits.div_f32(one, t)
   c = bits.div_f32(inv_t, np.float32(spec.element.max_value))
-  table = [bits.div_f32(inv_t, np.float32(8 + m)) for m in range(8)]
-  consts = jnp.stack([t, inv_t, c] + table)
+  table = [bits.div_f32(inv_t, np.float32(8 + m)) for m in range(E4M3_MANTISSAS)]
+  consts = jnp.stack([t, inv_t, c] + table)  # indices TENSOR_SCALE .. RECIP_TABLE + 7
   e = (bits.f32_bits(consts) >> 23) & U32(0xFF)
   ok = jnp.all((e >= 1) & (e <= 254)) & (bits.f32_bits(c) <= bits.f32_bits(np.float32(2.0**118)))
-  return jnp.concatenate([consts, jnp.where(ok, one, np.float32(0.0)).reshape(1),
-                          jnp.zeros(4, jnp.float32)])
+  vec = jnp.concatenate([consts, jnp.where(ok, one, np.float32(0.0)).reshape(1)])
+  assert vec.shape[0] == FSC.FAST_PATH_OK + 1
+  return jnp.pad(vec, (0, FSC.LENGTH - vec.shape[0]))
 
 
 def _call_without_ts(kernel, x_ref, seed_ref, *out_refs):
@@ -428,8 +452,8 @@ def _prepare(x, spec, key, tensor_scale, rht_block, axis=-1):
       v = bits.to_f32_exact(x)
       if rht_block:
         v = hadamard.rht_butterfly(jnp.moveaxis(v, axis, -1), rht_block, hseed[0], hseed[1])
-      ts = _tensor_scale(distributed.reduce_amax_bits(jnp.max(bits.abs_bits(bits.f32_bits(v)))),
-                         spec)
+      ts = _tensor_scale(
+          tensor_amax.reduce_amax_bits(jnp.max(bits.abs_bits(bits.f32_bits(v)))), spec)
     else:
       ts = jnp.asarray(tensor_scale, jnp.float32).reshape(())
   return seed4, ts
@@ -506,12 +530,6 @@ def hadamard_quantize_reference(x, spec, axis=-1, key=None, hadamard_block=16, *
   return _quantize_xla(jnp.moveaxis(yt, -1, axis), spec, axis, key=key, **kw)
 
 
-def on_gpu() -> bool:
-  try:
-    return jax.default_backend() == "gpu"
-  except RuntimeError:
-    return False
-
-
-__all__ = ["hadamard_quantize_reference", "key_for_signs", "on_gpu", "quantize",
-           "quantize_both", "quantize_reference", "unsupported_reason"]
+__all__ = ["BLOCK_SIZES", "ELEMENT_BITS", "FSC", "FloatScaleConstants", "INPUT_DTYPES",
+           "hadamard_quantize_reference", "key_for_signs", "quantize", "quantize_both",
+           "quantize_reference", "unsupported_reason"]

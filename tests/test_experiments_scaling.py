@@ -1,4 +1,4 @@
-"""kernels.bench_scaling on 8 host CPU devices in a tiny configuration: it runs every
+"""experiments.scaling on 8 host CPU devices in a tiny configuration: it runs every
 configuration, writes the JSON and plot, and computes scaling efficiency correctly."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kernels import bench_scaling
+from experiments import scaling as bench_scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_scaling_writes_rows_for_every_configuration(tmp_path):
   out = str(tmp_path / "scaling_cpu.json")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-m", "kernels.bench_scaling", "--meshes=data:1;data:2",
+  p = subprocess.run([sys.executable, "-m", "experiments.scaling", "--meshes=data:1;data:2",
                       "--models=gpt_tiny", "--recipes=bf16", "--grad_comms=f32,fp8_e4m3",
                       "--reps=1", "--batch_per_device=8", "--context=32", f"--out={out}"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

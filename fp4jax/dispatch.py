@@ -1,0 +1,306 @@
+"""Which implementation runs for each quantize and each GEMM: the one place that looks at
+devices.
+
+A maintainer who asks "which code runs for this GEMM on this device?" reads this module.
+
+Vocabulary
+----------
+* :data:`POLICIES`, what users set (``fp4jax.gemm_impl(...)``, ``quantize(impl=...)``,
+  ``qdot_general(impl=...)``):
+
+  - ``"xla"``: pure JAX, never a kernel; the reference, bit for bit.
+  - ``"auto"`` (the default): the measured-fastest exact implementation for the device;
+    off a GPU it is ``"xla"``.
+  - ``"pallas"``: the Pallas kernels wherever they take the configuration, in interpret
+    mode off a GPU (how CPU tests run them); an unsupported quantize is an error.
+
+* :class:`QuantizeImpl` and :class:`GemmImpl`, what actually runs; each member's
+  docstring says where its code is.
+
+Invariants
+----------
+* Only :func:`device_facts` inspects devices. Kernels run what they are told (including
+  ``interpret``); ``quantize``, ``qdot`` and the Flax layers ask :func:`choose_quantize`
+  and :func:`choose_gemm`.
+* Every implementation computes the reference's numbers: quantize kernels bit for bit,
+  GEMMs up to float32 accumulation order (and, for tensor-scaled operands off the ``"xla"``
+  policy, where the FP32 tensor scale is applied: one rounding per block scale).
+* Each distinct decision is logged once, at DEBUG, on the ``"fp4jax"`` logger.
+* Choices happen at trace time: a function jit-compiled before a policy change keeps the
+  implementation it was traced with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import enum
+import logging
+from typing import Any, Iterator, NamedTuple
+
+import jax
+
+from fp4jax import spec as spec_lib
+from fp4jax.kernels import matmul as kernel_matmul
+from fp4jax.kernels import quantize as kernel_quantize
+from fp4jax.qarray import QArray
+from fp4jax.spec import QuantSpec
+
+log = logging.getLogger("fp4jax")
+
+POLICIES = ("xla", "auto", "pallas")
+# The contraction length from which "auto" takes the FP8 GEMM on Hopper: XLA's FP8 GEMM
+# beats its BF16 one at K = 8192 (1.45x for the whole path, H100) but loses at ViT-S's
+# K = 384 (0.30x against 0.79x): kernels/NOTES.md.
+FP8_MIN_K = 2048
+BLACKWELL_GENERATION = 10   # compute capability major of sm_100 (native FP4 GEMMs)
+
+
+# ------------------------------------------------------------------------ device facts
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+  """What the choices depend on, read once per call from the default device."""
+
+  platform: str          # "cpu", "gpu", "tpu"
+  generation: int = 0    # GPU compute capability major (9 Hopper, 10 Blackwell); 0 elsewhere
+  kind: str = ""         # e.g. "NVIDIA H200"
+
+  @property
+  def on_gpu(self) -> bool:
+    return self.platform == "gpu"
+
+  @property
+  def bf16_dot(self) -> bool:
+    """Whether XLA runs a BF16 x BF16 -> F32 dot natively (XLA:CPU has no such thunk)."""
+    return self.platform != "cpu"
+
+  @property
+  def slug(self) -> str:
+    """The device kind as a file-name part (``nvidia_h200``), for benchmark results."""
+    return (self.kind or self.platform).lower().replace(" ", "_")
+
+
+def device_facts() -> DeviceFacts:
+  """The facts of JAX's default device (the one a jitted function runs on)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return DeviceFacts("cpu")
+  if dev.platform != "gpu":
+    return DeviceFacts(dev.platform, 0, getattr(dev, "device_kind", ""))
+  cc = str(getattr(dev, "compute_capability", "0"))
+  return DeviceFacts("gpu", int(cc.split(".")[0] or 0), dev.device_kind)
+
+
+# ----------------------------------------------------------------------------- policy
+
+_POLICY = contextvars.ContextVar("fp4jax_gemm_impl", default="auto")
+
+
+@contextlib.contextmanager
+def gemm_impl(impl: str) -> Iterator[None]:
+  """Sets the policy of every :func:`fp4jax.qdot_general` traced inside (layers of
+  :mod:`fp4jax.linen` / :mod:`fp4jax.nnx` included) that does not pass its own::
+
+      with fp4jax.gemm_impl("xla"):       # the pure-JAX reference everywhere
+        loss, grads = train_step(params, batch)   # traced (jit-compiled) in here
+
+  It acts at trace time: a function jit-compiled before keeps the implementation it was
+  traced with.
+  """
+  check_policy(impl, "gemm_impl")
+  token = _POLICY.set(impl)
+  try:
+    yield
+  finally:
+    _POLICY.reset(token)
+
+
+def check_policy(impl: Any, where: str) -> str:
+  if impl not in POLICIES:
+    raise ValueError(f"{where}: impl must be one of {POLICIES}, got {impl!r}")
+  return impl
+
+
+def current_policy() -> str:
+  """The policy of the innermost :func:`gemm_impl` context ("auto" outside any)."""
+  return _POLICY.get()
+
+
+def resolve_policy(impl: str | None, facts: DeviceFacts | None = None) -> str:
+  """``impl`` (None: the context's) with ``"auto"`` off a GPU turned into ``"xla"``."""
+  impl = current_policy() if impl is None else check_policy(impl, "impl")
+  facts = facts or device_facts()
+  return "xla" if impl == "auto" and not facts.on_gpu else impl
+
+
+# ---------------------------------------------------------------------- vocabulary
+
+
+class QuantizeImpl(enum.Enum):
+  """What runs for one ``fp4jax.quantize``."""
+
+  XLA = "xla"
+  """:func:`fp4jax.encode.quantize_reference`: pure JAX, integer operations on float bits."""
+
+  PALLAS = "pallas"
+  """:func:`fp4jax.kernels.quantize.quantize`: one fused kernel launch (Triton on a GPU,
+  interpret mode elsewhere), bit-identical to XLA."""
+
+
+class GemmImpl(enum.Enum):
+  """What runs for one GEMM of quantized operands (forward, dgrad or wgrad)."""
+
+  REFERENCE = "reference"
+  """XLA float32 GEMM (``Precision.HIGHEST``) of the fake-quantized values: any format."""
+
+  BF16_EXACT = "bf16_exact"
+  """XLA BF16 GEMM with float32 accumulation of the dequantized operands, where
+  ``element x block scale`` is exact in BF16 (:func:`fp4jax.spec.bf16_exact`: every MX
+  format, NVFP4); FP32 tensor scales in the epilogue."""
+
+  FP8_XLA = "fp8_xla"
+  """:mod:`fp4jax.kernels.unpack` to E4M3 (per-row reference exponent) + XLA's FP8 GEMM:
+  MXFP4 x MXFP4 on Hopper for K >= :data:`FP8_MIN_K`."""
+
+  BF16_XLA = "bf16_xla"
+  """:mod:`fp4jax.kernels.unpack` to BF16 + XLA's BF16 GEMM: E2M1 with 8-bit block
+  scales (NVFP4, MXFP4 at short K) on Hopper."""
+
+  BLACKWELL = "blackwell"
+  """:func:`jax.nn.scaled_matmul` (cuDNN) on native FP4 tensor cores, sm_100+."""
+
+  @property
+  def uses_kernels(self) -> bool:
+    """Whether it runs :func:`fp4jax.kernels.matmul.fp4_matmul` (2D QArray operands)."""
+    return self in (GemmImpl.FP8_XLA, GemmImpl.BF16_XLA, GemmImpl.BLACKWELL)
+
+
+class Choice(NamedTuple):
+  """One decision: what runs, whether in Pallas interpret mode, and why (for a fallback,
+  the reason the faster implementation was not taken; None when nothing was ruled out)."""
+
+  impl: Any
+  interpret: bool = False
+  reason: str | None = None
+
+
+_LOGGED: set = set()
+
+
+def _log_once(what: str, detail: str, choice: Choice) -> None:
+  key = (what, detail, choice.impl, choice.interpret, choice.reason)
+  if key in _LOGGED:
+    return
+  _LOGGED.add(key)
+  mode = " (interpret mode)" if choice.interpret else ""
+  why = f" ({choice.reason})" if choice.reason else ""
+  log.debug("fp4jax %s: %s via %s%s%s", what, detail, choice.impl.value, mode, why)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize_unsupported_reason(shape, dtype, spec: QuantSpec, axis: int, *, pad: bool = False,
+                                random_bits: bool = False) -> str | None:
+  """Why the quantize kernels cannot take this call (None: they can)."""
+  why = kernel_quantize.unsupported_reason(tuple(shape), dtype, spec, axis)
+  if why is None and random_bits:
+    why = "explicit random_bits (kernels hash their own from key)"
+  if why is None and pad:
+    why = "pad=True"
+  return why
+
+
+def choose_quantize(shape, dtype, spec: QuantSpec, axis: int, impl: str, *, pad: bool = False,
+                    random_bits: bool = False, facts: DeviceFacts | None = None) -> Choice:
+  """What runs for ``fp4jax.quantize(x, spec, axis, impl=impl, ...)``.
+
+  Raises:
+    ValueError: ``impl="pallas"`` and the kernels do not take the configuration.
+  """
+  check_policy(impl, "quantize")
+  facts = facts or device_facts()
+  detail = f"{spec.name or 'custom'} {tuple(shape)} axis {axis}"
+  if impl == "xla":
+    return Choice(QuantizeImpl.XLA)
+  why = quantize_unsupported_reason(shape, dtype, spec, axis, pad=pad, random_bits=random_bits)
+  if why is None and impl == "auto" and not facts.on_gpu:
+    why = "not on a GPU"
+  if why is not None:
+    if impl == "pallas":
+      raise ValueError(f"quantize(impl='pallas'): unsupported configuration: {why}; use "
+                       "impl='auto' to fall back to the pure-JAX path")
+    choice = Choice(QuantizeImpl.XLA, reason=why)
+  else:
+    choice = Choice(QuantizeImpl.PALLAS, interpret=not facts.on_gpu)
+  _log_once("quantize", detail, choice)
+  return choice
+
+
+# ------------------------------------------------------------------------------- GEMM
+
+
+def _tensor_scales_ok(q: QArray, policy: str) -> bool:
+  # The reference path keeps tensor scales folded into the block scales (fake-quantized
+  # values), so "xla" takes BF16 tensor cores only for operands without them (MX).
+  if q.tensor_scale is None:
+    return True
+  return policy != "xla" and q.tensor_scale.size == 1
+
+
+def _kernel_gemm(a: QArray, b: QArray, policy: str, facts: DeviceFacts) -> Choice | None:
+  """The kernel GEMM for a 2D pair in kernel layout (a (M, K), b (K, N), blocked along
+  K), or None where none fits."""
+  if facts.on_gpu and facts.generation >= BLACKWELL_GENERATION:
+    if kernel_matmul.unsupported_reason(a, b, "blackwell") is None:
+      return Choice(GemmImpl.BLACKWELL)
+  fp8 = kernel_matmul.unsupported_reason(a, b, "fp8_xla") is None
+  long_k = a.shape[1] >= FP8_MIN_K
+  if fp8 and (long_k or policy == "pallas"):
+    return Choice(GemmImpl.FP8_XLA, interpret=not facts.on_gpu)
+  if kernel_matmul.unsupported_reason(a, b, "bf16_xla") is None:
+    reason = f"K = {a.shape[1]} < {FP8_MIN_K}: BF16 beats FP8 there" if fp8 else None
+    return Choice(GemmImpl.BF16_XLA, interpret=not facts.on_gpu, reason=reason)
+  return None
+
+
+def choose_gemm(xq: QArray | None, yq: QArray | None, policy: str, *,
+                kernel_operands: tuple[QArray | None, QArray | None] | None = None,
+                facts: DeviceFacts | None = None) -> Choice:
+  """What runs for one GEMM of two quantized operands.
+
+  Args:
+    xq, yq: the operands' QArrays in the GEMM's own layout (None for an operand kept in
+      high precision, or rounded toward a reference).
+    policy: a resolved policy (:func:`resolve_policy`).
+    kernel_operands: the same QArrays as the kernels take them, 2D ``(M, K)`` blocked along
+      K and ``(K, N)`` blocked along K (default ``(xq, yq)``).
+  """
+  facts = facts or device_facts()
+  kxq, kyq = kernel_operands or (xq, yq)
+  detail = "x".join(q.spec.name or "custom" if q is not None else "float"
+                    for q in (xq, yq))
+  choice = None
+  if (policy != "xla" and isinstance(kxq, QArray) and isinstance(kyq, QArray)
+      and kxq.ndim == 2 and kyq.ndim == 2):
+    choice = _kernel_gemm(kxq, kyq, policy, facts)
+    if choice is not None:
+      detail += f" {kxq.shape[0]}x{kxq.shape[1]}x{kyq.shape[1]}"
+  if choice is None:
+    exact = (xq is not None and yq is not None and spec_lib.bf16_exact(xq.spec)
+             and spec_lib.bf16_exact(yq.spec) and _tensor_scales_ok(xq, policy)
+             and _tensor_scales_ok(yq, policy))
+    choice = Choice(GemmImpl.BF16_EXACT) if exact else Choice(
+        GemmImpl.REFERENCE, reason="an operand is not exact in BF16 (or not quantized)")
+  _log_once("GEMM", detail, choice)
+  return choice
+
+
+__all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
+           "POLICIES", "QuantizeImpl", "check_policy", "choose_gemm", "choose_quantize",
+           "current_policy", "device_facts", "gemm_impl", "quantize_unsupported_reason",
+           "resolve_policy"]

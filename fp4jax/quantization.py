@@ -1,0 +1,108 @@
+"""``quantize``, ``dequantize``, ``fake_quant``, ``element_scales``: the public entry points
+of the numerics.
+
+``quantize`` checks its arguments, resolves the spec with the call's overrides, asks
+:mod:`fp4jax.dispatch` which implementation runs (the pure-JAX reference of
+:mod:`fp4jax.encode`, or the fused Pallas kernel of :mod:`fp4jax.kernels.quantize`, bit
+for bit the same) and returns a :class:`~fp4jax.qarray.QArray`. ``dequantize`` decodes it
+exactly (:mod:`fp4jax.decode`).
+
+``quantize`` and ``dequantize`` are data transforms: rounding has a zero derivative almost
+everywhere, so differentiating through them gives zeros. Quantization-aware training
+differentiates :func:`fp4jax.qdot_general` (and the layers built on it), whose custom VJP
+applies the recipe's surrogate derivative.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax import decode, dispatch, encode
+from fp4jax.kernels import quantize as kernel_quantize
+from fp4jax.qarray import QArray
+from fp4jax.spec import QuantSpec
+
+SPEC_DEFAULT = encode.SPEC_DEFAULT
+
+
+def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
+             block_size: int | None = None, scale_mode: str | None = None,
+             rounding: str | None = None, key: jax.Array | None = None, *,
+             tensor_scale: Any = SPEC_DEFAULT, pad: bool = False,
+             random_bits: jax.Array | None = None, saturate: bool | None = None,
+             impl: str = "xla") -> QArray:
+  """Quantizes ``x`` to a block-scaled low-precision format.
+
+  Args:
+    x: float32 / bfloat16 / float16 array of any rank ``>= 1``.
+    spec: a preset name (``"mxfp4"``, ``"nvfp4"``, ... see ``fp4jax.PRESETS``) or a
+      :class:`QuantSpec`.
+    axis: the axis along which elements share a scale (blocks run along it, codes are
+      packed along it); for GEMM operands, the contraction axis.
+    block_size: overrides the spec's block size (:meth:`QuantSpec.with_block_size`: tiles
+      become ``n x n``, per-channel specs switch to blocks).
+    scale_mode: overrides the scale mode (``floor``/``ceil``/``even``/``rceil`` for
+      E8M0 scales, ``amax`` for float scales). None keeps the spec's.
+    rounding: overrides the rounding: ``"nearest"``, ``"stochastic"``, ``"toward_zero"``.
+    key: ``jax.random`` key for stochastic rounding (bits from :mod:`fp4jax.prng`).
+    tensor_scale: ``"amax"`` (two-level, NVFP4's default), ``None`` (one level) or an
+      FP32 value used as the tensor scale itself (e.g. from a previous step's amax via
+      :func:`fp4jax.scales.tensor_scale_from_amax`). Default: the spec's setting.
+    pad: zero-pad blocked axes that do not divide; otherwise that is an error.
+    random_bits: uint32 array of ``x.shape``, an alternative to ``key``.
+    saturate: overrides the spec's overflow behaviour.
+    impl: ``"xla"`` (the pure-JAX implementation), ``"pallas"`` (the fused kernels of
+      :mod:`fp4jax.kernels.quantize`; interpret mode off GPU; an error for configurations
+      they do not take) or ``"auto"`` (Pallas on a GPU where supported, else ``"xla"``).
+      :mod:`fp4jax.dispatch` decides and logs the choice at DEBUG on ``"fp4jax"``.
+
+  Returns:
+    A :class:`QArray` with ``codes`` (uint8, packed along ``axis``), ``scales`` of the
+    input's rank with blocked dimensions divided by their block extent, and
+    ``tensor_scale`` (shape ``(1,)*x.ndim``) for two-level scaling.
+  """
+  dispatch.check_policy(impl, "quantize")
+  req = encode.resolve_request(spec, block_size=block_size, scale_mode=scale_mode,
+                               rounding=rounding, saturate=saturate, tensor_scale=tensor_scale)
+  x = encode.check_input(x)
+  choice = dispatch.choose_quantize(x.shape, x.dtype, req.spec, axis, impl, pad=pad,
+                                    random_bits=random_bits is not None)
+  if choice.impl is dispatch.QuantizeImpl.PALLAS:
+    return kernel_quantize.quantize(x, req.spec, axis, key, tensor_scale=req.tensor_scale,
+                                    interpret=choice.interpret)
+  return encode.quantize_request(x, req, axis, key, pad=pad, random_bits=random_bits)
+
+
+def _check_qarray(q: Any, what: str) -> QArray:
+  if not isinstance(q, QArray):
+    raise TypeError(f"{what} expects a QArray, got {type(q).__name__}")
+  return q
+
+
+def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
+  """The values a :class:`QArray` represents, as ``dtype`` (default: the input's dtype).
+
+  Exact: element values times scales are formed from bits (E8M0) or with exactly
+  rounded float32 products (float scales, as torchao: ``q * (t * s)``), then cast.
+  """
+  return decode.dequantize(_check_qarray(q, "dequantize"), dtype)
+
+
+def element_scales(q: QArray) -> jax.Array:
+  """The float32 scale multiplying each element's code value (shape ``q.shape``):
+  ``2^s`` for power-of-two scales, ``s`` or ``t * s`` for float scales. Surrogate
+  gradients evaluate on ``x / element_scales(q)``."""
+  return decode.element_scales(_check_qarray(q, "element_scales"))
+
+
+def fake_quant(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
+               **kwargs) -> jax.Array:
+  """``dequantize(quantize(x, spec, axis, **kwargs), x.dtype)``: x rounded onto the format."""
+  x = jnp.asarray(x)
+  return dequantize(quantize(x, spec, axis, **kwargs), x.dtype)
+
+
+__all__ = ["dequantize", "element_scales", "fake_quant", "quantize"]

@@ -1,0 +1,60 @@
+"""The wheel ships ``fp4jax`` only, and the installed library works beside a user's own
+top-level package named ``kernels`` (a common name: the library must never import a
+top-level ``kernels``)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+  out = tmp_path_factory.mktemp("wheel")
+  p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                      "-q", "-w", str(out), str(ROOT)], capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  [whl] = out.glob("fp4jax-*.whl")
+  return whl
+
+
+def test_wheel_ships_only_the_fp4jax_package(wheel):
+  names = zipfile.ZipFile(wheel).namelist()
+  top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+  assert top == {"fp4jax"}, f"the wheel's top-level names: {sorted(top)}"
+  assert "fp4jax/kernels/quantize.py" in names, "the Pallas kernels ship with the library"
+  assert not any(n.startswith(("experiments/", "kernels/", "tests/", "tools/")) for n in names)
+
+
+def test_installed_wheel_works_beside_a_user_package_named_kernels(wheel, tmp_path):
+  site = tmp_path / "site"
+  p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                      "--target", str(site), str(wheel)], capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  user = tmp_path / "user_project"
+  (user / "kernels").mkdir(parents=True)
+  (user / "kernels" / "__init__.py").write_text("WHO = 'the user project'\n")
+  code = """
+import sys, jax, jax.numpy as jnp, numpy as np
+import fp4jax, kernels
+assert fp4jax.__file__.startswith(sys.argv[1]), fp4jax.__file__   # the installed wheel
+assert kernels.WHO == 'the user project'
+x = jax.random.normal(jax.random.key(0), (32, 64))
+q = fp4jax.quantize(x, 'mxfp4', impl='pallas')          # interpret mode off a GPU
+r = fp4jax.quantize(x, 'mxfp4', impl='xla')
+assert np.array_equal(np.asarray(q.codes), np.asarray(r.codes))
+y = fp4jax.qmatmul(x, jnp.ones((64, 32)), 'mxfp4', impl='pallas')
+print('ok', y.shape)
+"""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", code, str(site)], cwd=user, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0 and "ok (32, 32)" in p.stdout, p.stdout + p.stderr
