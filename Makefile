@@ -1,5 +1,6 @@
-# `make run`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
-.PHONY: setup run test report
+# `make run`: set up .venv and run the main job; `make test`: set up .venv and run the tests;
+# `make test-gpu`: the GPU test command (tools/test_gpu.sh), on a GPU machine.
+.PHONY: setup run test test-gpu report
 
 setup:
 	@tools/setup_venv.sh
@@ -12,3 +13,7 @@ report: setup
 
 test: setup
 	.venv/bin/python -m pytest -q -n auto tests
+
+# On a GPU machine with jax[cuda] installed (runs from the checkout, no venv): see the script.
+test-gpu:
+	tools/test_gpu.sh

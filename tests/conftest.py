@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import os
+import random
 import zlib
 
 import numpy as np
@@ -13,6 +14,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+
+
+# The CPU subsets of slow sweeps (tests/sweeps.py) change from run to run; the seed is
+# fixed here, in the controlling process, so that xdist's workers inherit it.
+os.environ.setdefault("FP4JAX_SWEEP_SEED", str(random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+  full = os.environ.get("FP4JAX_FULL_SWEEPS", "") == "1"
+  return (f"fp4jax sweeps: {'all combinations' if full else 'CPU subsets'}, "
+          f"FP4JAX_SWEEP_SEED={os.environ['FP4JAX_SWEEP_SEED']}")
 
 
 def bits_equal_or_both_nan(a, b) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fp4jax
+import sweeps
 from fp4jax.kernels import quantize as kq
 
 INTERPRET = not fp4jax.dispatch.device_facts().on_gpu
@@ -42,12 +43,11 @@ def _input(rng, shape, dtype, adversarial):
   return jnp.asarray(x).astype(dtype)
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-@pytest.mark.parametrize("axis", [-1, -2])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("shape,adversarial", [((64, 256), False), ((96, 160), True)],
-                         ids=["tile_multiple", "ragged_adversarial"])
-def test_kernel_equals_reference(name, axis, dtype, shape, adversarial, rng):
+@pytest.mark.parametrize("name,axis,dtype,case", sweeps.product(
+    16, name=sorted(SPECS), axis=[-1, -2], dtype={"bf16": jnp.bfloat16, "f32": jnp.float32},
+    case={"tile_multiple": ((64, 256), False), "ragged_adversarial": ((96, 160), True)}))
+def test_kernel_equals_reference(name, axis, dtype, case, rng):
+  shape, adversarial = case
   spec = SPECS[name]
   x = _input(rng, shape, dtype, adversarial)
   key = jax.random.key(int(rng.integers(1 << 30)))
@@ -69,10 +69,9 @@ def _banded_input(rng, dtype):
   return jnp.asarray(x).astype(dtype)
 
 
-@pytest.mark.parametrize("name", ["mxfp4_floor", "mxfp4_rceil", "mxfp4_sr", "nvfp4", "nvfp4_sr"])
-@pytest.mark.parametrize("axis", [-1, -2])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("data", ["banded", "tiny_tensor"])
+@pytest.mark.parametrize("name,axis,dtype,data", sweeps.product(
+    12, name=["mxfp4_floor", "mxfp4_rceil", "mxfp4_sr", "nvfp4", "nvfp4_sr"], axis=[-1, -2],
+    dtype={"bf16": jnp.bfloat16, "f32": jnp.float32}, data=["banded", "tiny_tensor"]))
 def test_fast_and_general_tiles_agree_with_reference(name, axis, dtype, data, rng):
   # Tiles of 32x64: some take the E2M1 fast path, some the general one (extreme scales,
   # subnormal-heavy blocks, non-finite values; for NVFP4 a tiny tensor makes 1/s huge).

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU test command (`make test-gpu`): every test file that means something on a GPU,
+# compiled for it rather than interpreted, with every combination of the kernel sweeps
+# (FP4JAX_FULL_SWEEPS=1; CPU runs take subsets, see tests/sweeps.py). Sized to finish inside
+# one 10-minute call on the H200 machine (16 cores): several pytest workers, and
+# XLA_PYTHON_CLIENT_PREALLOCATE=false, since with preallocation each worker's JAX claims
+# most of the GPU's memory and 8 workers then fail hundreds of tests out of memory.
+#
+#   tools/test_gpu.sh                 # all GPU files, then fp4jax.distributed
+#   WORKERS=8 tools/test_gpu.sh -x    # extra arguments go to the first pytest
+#
+# Needs python3 with jax[cuda], flax, optax, pytest, pytest-xdist (the GPU machine has them;
+# the repository runs from the checkout, PYTHONPATH=.).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false FP4JAX_FULL_SWEEPS=1 PYTHONUNBUFFERED=1
+GPU_FILES=(
+  tests/test_kernels_quantize.py tests/test_kernels_unpack.py tests/test_kernels_matmul.py
+  tests/test_kernels_weight_only.py tests/test_lab_inkernel_matmul.py tests/test_dispatch.py
+  tests/test_quantization.py tests/test_qdot.py tests/test_qconv.py tests/test_linen.py
+  tests/test_nnx.py
+)
+JAX_PLATFORMS=cuda,cpu "$PY" -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
+  --durations=15 "${GPU_FILES[@]}" "$@"
+rc=$?
+# fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU
+# devices (tests/conftest.py), under the GPU machine's jax; several GPUs would take them.
+JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 4 -p no:cacheprovider tests/test_distributed.py
+rc2=$?
+exit $(( rc != 0 ? rc : rc2 ))
