@@ -173,7 +173,7 @@ def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, wo
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(sched, b2=0.95, weight_decay=FLAGS.weight_decay))
   init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
-  params = model.init({"params": init_key, "quant": quant_key},
+  params = jax.jit(model.init)({"params": init_key, "quant": quant_key},
                       jnp.zeros((1, context), jnp.int32))["params"]
   state = par.place_state(
       common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key))

@@ -64,7 +64,7 @@ def train_bf16(model: ViT, ds: data.ImageData, steps: int, seed: int):
   """AdamW (warmup + cosine) as experiments.vit_tetrajet's defaults; returns params."""
   sched = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(100, steps // 2), max(steps, 1), 2e-5)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.05))
-  params = model.init(jax.random.key(seed), jnp.asarray(ds.train_x[:2]))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(ds.train_x[:2]))["params"]
   opt = tx.init(params)
 
   @jax.jit
@@ -93,7 +93,7 @@ def load_run(workdir: str, run: str):
   ds = data.load_images(cfg["dataset"], cfg.get("data_dir"), cfg.get("image_size"), cfg["seed"])
   p, w, d, h, m = MODELS[cfg["model"]]
   model = ViT(len(ds.classes), p, w, d, h, m)
-  params = model.init(jax.random.key(0), jnp.asarray(ds.train_x[:2]))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(ds.train_x[:2]))["params"]
   ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(workdir, run, "checkpoints"))
   if ckpt.latest_step() is None:
     raise ValueError(f"no checkpoint in {os.path.join(workdir, run, 'checkpoints')}")

@@ -85,7 +85,7 @@ def measure(name: str, recipe_name: str, mesh: str, grad_comm: str) -> dict:
   batch = per_dev * par.devices
   host = _batch(kind, init_x, batch, np.random.default_rng(1))
   init_key, quant_key = jax.random.split(jax.random.key(0))
-  params = model.init({"params": init_key, "quant": quant_key}, jnp.asarray(init_x))["params"]
+  params = jax.jit(model.init)({"params": init_key, "quant": quant_key}, jnp.asarray(init_x))["params"]
   tx = optax.adamw(1e-4)
   if kind == "vit" and not recipe.is_identity:  # the ViT step reports oscillation metrics
     from fp4jax import optim

@@ -85,7 +85,7 @@ def captured(steps: int, seed: int) -> dict[str, np.ndarray]:
   ds = data.load_digits(seed)
   p, w, d, h, m = MODELS["vit_digits"]
   model = ViT(10, p, w, d, h, m)
-  params = model.init(jax.random.key(seed), jnp.asarray(ds.train_x[:2]))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(ds.train_x[:2]))["params"]
   tx = optax.adamw(2e-3, weight_decay=0.05)
   opt = tx.init(params)
   loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
@@ -142,7 +142,7 @@ def train_config(spec: fp4jax.QuantSpec | None, ds: data.ImageData, steps: int,
   quantize all six GEMM operands with ``spec`` (None: unquantized), Adam 3e-3, batch 128."""
   recipe = None if spec is None else recipes_lib.Recipe("sweep", *([spec] * 6))
   model = MLP(len(ds.classes), recipe=recipe)
-  params = model.init({"params": jax.random.key(seed), "quant": jax.random.key(seed + 1)},
+  params = jax.jit(model.init)({"params": jax.random.key(seed), "quant": jax.random.key(seed + 1)},
                       jnp.asarray(ds.train_x[:2]))["params"]
   tx = optax.adam(3e-3)
   opt = tx.init(params)

@@ -121,7 +121,7 @@ def train_digits_mlp(seed: int = 0, steps: int = 300):
   x = (d.data / 16.0).astype(np.float32)
   y = d.target.astype(np.int32)
   m = MLP()
-  v = m.init(jax.random.key(seed), x[:2])
+  v = jax.jit(m.init)(jax.random.key(seed), x[:2])
   tx = optax.adam(3e-3)
   st = tx.init(v)
 

@@ -209,7 +209,7 @@ def train_run(run: RunSpec, ds: data.ImageData, workdir: str, stop: common.StopR
   model = build_model(run, len(ds.classes))
   tx = make_optimizer(run, FLAGS.steps)
   init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
-  params = model.init({"params": init_key, "quant": quant_key},
+  params = jax.jit(model.init)({"params": init_key, "quant": quant_key},
                       jnp.asarray(ds.train_x[:2]))["params"]
   state = par.place_state(
       common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key))

@@ -98,7 +98,7 @@ def main(argv):
   for recipe in ["bf16"] + FLAGS.recipes:
     model = ViT.from_name(FLAGS.model, 1000, recipe=recipe, dtype=jnp.bfloat16,
                           scan_layers=FLAGS.scan_layers)
-    params = model.init({"params": jax.random.key(0), "quant": key}, images[:2])
+    params = jax.jit(model.init)({"params": jax.random.key(0), "quant": key}, images[:2])
     opt_state = tx.init(params)
     losses = {}
     for impl in (["xla"] if recipe == "bf16" else FLAGS.impls):

@@ -16,6 +16,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              " --xla_force_host_platform_device_count=8").strip()
 
 
+# One persistent compilation cache for the whole session, shared by xdist's workers and by
+# the experiment tests' subprocesses (which run the same tiny configurations several
+# times: straight, stopped, resumed): each executable is compiled once. Only compiles of
+# 0.5 s or more are stored (the unit tests' many small ones would cost more to write).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="fp4jax-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  atexit.register(shutil.rmtree, _cache, True)  # the controlling process made it
+
 # The CPU subsets of slow sweeps (tests/sweeps.py) change from run to run; the seed is
 # fixed here, in the controlling process, so that xdist's workers inherit it.
 os.environ.setdefault("FP4JAX_SWEEP_SEED", str(random.SystemRandom().randrange(2**31)))

@@ -39,6 +39,16 @@ def test_choose_gemm_picks_the_documented_path(name, facts, policy, expected, rn
   assert choice.interpret == (expected.uses_kernels and not facts.on_gpu)
 
 
+def test_a_contraction_the_unpack_kernel_cannot_tile_stays_on_bf16_tensor_cores(rng):
+  # NVFP4's wgrad of 34 tokens pads M to 48: not a multiple of the unpack kernel's 32-wide
+  # K tiles (found by the GPU test command: it used to reach the kernel and fail there).
+  x = jnp.asarray(rng.standard_normal((48, 64)).astype(np.float32))
+  a, b = fp4jax.quantize(x.T, NV, -1), fp4jax.quantize(x, NV, -2)
+  choice = dispatch.choose_gemm(a, b, "auto", facts=HOPPER)
+  assert choice.impl is GemmImpl.BF16_EXACT, choice
+  assert "multiple of 32" in fp4jax.kernels.matmul.unsupported_reason(a, b, "bf16_xla")
+
+
 def test_choose_gemm_without_quantized_operands_is_the_reference(rng):
   a, _ = operands(rng, 32, 64, 32, MX, MX)
   assert dispatch.choose_gemm(a, None, "auto", facts=HOPPER).impl is GemmImpl.REFERENCE

@@ -66,18 +66,18 @@ def test_loss_decreases(compare_run, run):
   assert train[-1] < train[0], f"{run}: train loss did not decrease: {train}"
 
 
-def test_resume_continues_bit_exactly(tmp_path):
-  args = ["--format=mxfp4", "--q_ema", *TINY]
-  straight = str(tmp_path / "straight")
-  p = _run(f"--workdir={straight}", *args)
-  assert p.returncode == 0, p.stderr[-3000:]
+def test_resume_continues_bit_exactly(compare_run, tmp_path):
+  # The uninterrupted run is compare_run's (shared: one fewer tiny training run, and the
+  # stopped and resumed processes load its compiled step from the session's cache).
+  straight, _ = compare_run
+  run = "tetrajet+qema+qramp"   # Q-EMA and Q-Ramping state must survive the restart too
   resumed = str(tmp_path / "resumed")
-  p = _run(f"--workdir={resumed}", "--stop_at=3", *args)
+  p = _run(f"--workdir={resumed}", f"--compare={run}", "--stop_at=3", *TINY)
   assert p.returncode == 0 and "stopped at step 3" in p.stdout, p.stderr[-3000:]
-  p = _run(f"--workdir={resumed}", "--resume", *args)
+  p = _run(f"--workdir={resumed}", f"--compare={run}", "--resume", *TINY)
   assert p.returncode == 0 and "resumed from step 3" in p.stdout, p.stderr[-3000:]
-  a = _records(os.path.join(straight, "tetrajet+qema", "metrics.jsonl"))
-  b = _records(os.path.join(resumed, "tetrajet+qema", "metrics.jsonl"))
+  a = _records(os.path.join(straight, run, "metrics.jsonl"))
+  b = _records(os.path.join(resumed, run, "metrics.jsonl"))
   assert a == b, "a resumed run's metrics differ from an uninterrupted run's"
 
 
@@ -108,7 +108,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     (["--compare=bf16,tetrajet+fast"], "unknown option"),
     (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], "is not a directory"),
     (["--model=vit_huge"], "--model='vit_huge' is unknown"),
-    (["--format=fp8_e4m3_channel", "--block_size=32"], "not per block"),
+    (["--format=fp8_e4m3_tensor", "--block_size=32"], "one scale per tensor, no blocks"),
 ])
 def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   p = _run(f"--workdir={tmp_path}", *args, timeout=120)

@@ -30,7 +30,10 @@ def test_layout_matches_lax_conv(case, rng):
   w = jnp.asarray(rng.standard_normal(ws).astype(np.float32))
   want = lax.conv_general_dilated(x, w, strides, pad, ld, rd, dn, feature_group_count=g,
                                   precision=lax.Precision.HIGHEST)
-  got = qconv_general_dilated(x, w, strides, pad, ld, rd, dn, g, recipe=NOQUANT)
+  # The identity recipe is exactly lax.dot_general at the default precision, which on a
+  # GPU rounds f32 operands to TF32: compare layouts at full float32 precision.
+  with jax.default_matmul_precision("float32"):
+    got = qconv_general_dilated(x, w, strides, pad, ld, rd, dn, g, recipe=NOQUANT)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 

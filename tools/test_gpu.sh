@@ -16,17 +16,29 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false FP4JAX_FULL_SWEEPS=1 PYTHONUNBUFFERED=1
+# Workers share compiled executables (Triton compiles of the same kernel configuration
+# recur across tests and workers): JAX's persistent compilation cache.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/fp4jax_jax_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2
+# GPU_TESTS="tests/a.py tests/b.py::test_x" runs those instead (e.g. to re-check failures).
 GPU_FILES=(
   tests/test_kernels_quantize.py tests/test_kernels_unpack.py tests/test_kernels_matmul.py
   tests/test_kernels_weight_only.py tests/test_lab_inkernel_matmul.py tests/test_dispatch.py
   tests/test_quantization.py tests/test_qdot.py tests/test_qconv.py tests/test_linen.py
   tests/test_nnx.py
 )
-JAX_PLATFORMS=cuda,cpu "$PY" -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
-  --durations=15 "${GPU_FILES[@]}" "$@"
+if [ -n "${GPU_TESTS:-}" ]; then read -r -a GPU_FILES <<< "$GPU_TESTS"; fi
+# SIGINT at the time limit still prints the failures so far and the durations.
+JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-520}" "$PY" -m pytest -q \
+  -n "${WORKERS:-14}" --dist worksteal -p no:cacheprovider -p no:benchmark -rf --tb=short \
+  --durations=20 "${GPU_FILES[@]}" "$@"
 rc=$?
 # fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU
 # devices (tests/conftest.py), under the GPU machine's jax; several GPUs would take them.
-JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 4 -p no:cacheprovider tests/test_distributed.py
-rc2=$?
+rc2=0
+if [ -z "${GPU_TESTS:-}" ]; then
+  JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 4 -p no:cacheprovider -p no:benchmark \
+    tests/test_distributed.py
+  rc2=$?
+fi
 exit $(( rc != 0 ? rc : rc2 ))

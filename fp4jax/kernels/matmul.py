@@ -46,6 +46,7 @@ from fp4jax.qarray import QArray
 U32, I32 = jnp.uint32, jnp.int32
 IMPLS = ("fp8_xla", "bf16_xla", "blackwell", "reference")
 BLOCK_SIZES = (16, 32)   # scale blocks the unpack kernel takes
+K_MULTIPLE = 32          # the unpack kernel's K tiles are >= 16 packed bytes
 E8M0_BIAS = 127
 E4M3_SPREAD = 8          # binades of block scales below the row's largest that E4M3 holds
 _HIGHEST = lax.Precision.HIGHEST
@@ -114,6 +115,9 @@ def unsupported_reason(a: QArray, b: QArray, impl: str) -> str | None:
     why = _operand_reason(q)
     if why:
       return why
+  if impl in ("fp8_xla", "bf16_xla") and a.shape[1] % K_MULTIPLE:
+    return (f"contraction length {a.shape[1]} is not a multiple of {K_MULTIPLE} (the unpack "
+            "kernel's smallest K tile)")
   if impl == "fp8_xla" and not (_is_e8m0(a) and _is_e8m0(b)):
     return f"fp8_xla takes E8M0 scales on both operands (MX formats), got {a.spec.name} x {b.spec.name}"
   if impl == "blackwell" and not blackwell_pair(a, b):
