@@ -30,7 +30,7 @@ GPU_FILES=(
 if [ -n "${GPU_TESTS:-}" ]; then read -r -a GPU_FILES <<< "$GPU_TESTS"; fi
 # SIGINT at the time limit still prints the failures so far and the durations.
 JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-520}" "$PY" -m pytest -q \
-  -n "${WORKERS:-14}" --dist worksteal -p no:cacheprovider -p no:benchmark -rf --tb=short \
+  -n "${WORKERS:-16}" --dist worksteal -p no:cacheprovider -p no:benchmark -rf --tb=short \
   --durations=20 "${GPU_FILES[@]}" "$@"
 rc=$?
 # fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU
