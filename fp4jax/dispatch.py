@@ -216,11 +216,15 @@ def quantize_unsupported_reason(shape, dtype, spec: QuantSpec, axis: int, *, pad
 
 
 def choose_quantize(shape, dtype, spec: QuantSpec, axis: int, impl: str, *, pad: bool = False,
-                    random_bits: bool = False, facts: DeviceFacts | None = None) -> Choice:
+                    random_bits: bool = False, strict: bool = True,
+                    facts: DeviceFacts | None = None) -> Choice:
   """What runs for ``fp4jax.quantize(x, spec, axis, impl=impl, ...)``.
 
+  ``strict=False`` (a GEMM operand, which must quantize whatever its shape): ``"pallas"``
+  falls back to XLA where the kernels do not take the configuration instead of raising.
+
   Raises:
-    ValueError: ``impl="pallas"`` and the kernels do not take the configuration.
+    ValueError: ``impl="pallas"``, ``strict``, and the kernels do not take the configuration.
   """
   check_policy(impl, "quantize")
   facts = facts or device_facts()
@@ -231,7 +235,7 @@ def choose_quantize(shape, dtype, spec: QuantSpec, axis: int, impl: str, *, pad:
   if why is None and impl == "auto" and not facts.on_gpu:
     why = "not on a GPU"
   if why is not None:
-    if impl == "pallas":
+    if impl == "pallas" and strict:
       raise ValueError(f"quantize(impl='pallas'): unsupported configuration: {why}; use "
                        "impl='auto' to fall back to the pure-JAX path")
     choice = Choice(QuantizeImpl.XLA, reason=why)

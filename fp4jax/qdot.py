@@ -34,7 +34,7 @@ from fp4jax import asymmetric, blocks, dispatch, estimators, gemm, hadamard, out
 from fp4jax import recipes as recipes_lib
 from fp4jax import reference_rounding
 from fp4jax.dispatch import gemm_impl  # the user-facing policy override, re-exported here
-from fp4jax.quantization import dequantize, element_scales, quantize
+from fp4jax.quantization import dequantize, element_scales, quantize, quantize_operand
 from fp4jax.spec import QuantSpec
 
 # Randomness: fold_in(key, i) per use. Operands take i = 0..5 (recipes.OPERANDS order), the
@@ -66,10 +66,7 @@ def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
     value, centred, scale_of = z + dequantize(q_asym, jnp.float32), x - z, q_asym
   else:
     if impl != "xla" and x.shape[0] == 1:  # the kernels take 2D operands
-      # An operand the kernels do not take is quantized by XLA, under "pallas" too (a
-      # GEMM operand of any shape must quantize; standalone quantize(impl="pallas") raises).
-      supported = dispatch.quantize_unsupported_reason(x.shape[1:], x.dtype, spec, axis) is None
-      q = quantize(x[0], spec, axis, key=key, impl=impl if supported else "xla")
+      q = quantize_operand(x[0], spec, axis, key, impl)
       value = dequantize(q, jnp.float32)[None]
     else:
       q = quantize(x, spec, axis, key=key)

@@ -70,10 +70,25 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   x = encode.check_input(x)
   choice = dispatch.choose_quantize(x.shape, x.dtype, req.spec, axis, impl, pad=pad,
                                     random_bits=random_bits is not None)
+  return _run(choice, x, req, axis, key, pad=pad, random_bits=random_bits)
+
+
+def _run(choice: dispatch.Choice, x, req: encode.Request, axis: int, key, *, pad=False,
+         random_bits=None) -> QArray:
   if choice.impl is dispatch.QuantizeImpl.PALLAS:
     return kernel_quantize.quantize(x, req.spec, axis, key, tensor_scale=req.tensor_scale,
                                     interpret=choice.interpret)
   return encode.quantize_request(x, req, axis, key, pad=pad, random_bits=random_bits)
+
+
+def quantize_operand(x: jax.Array, spec: QuantSpec, axis: int, key: jax.Array | None,
+                     policy: str) -> QArray:
+  """A GEMM operand's quantization (:mod:`fp4jax.qdot`): like :func:`quantize` under a
+  resolved ``policy``, but an operand the kernels do not take falls back to XLA under
+  ``"pallas"`` too (it must quantize whatever its shape); one decision per operand."""
+  x = encode.check_input(x)
+  choice = dispatch.choose_quantize(x.shape, x.dtype, spec, axis, policy, strict=False)
+  return _run(choice, x, encode.Request(spec, None), axis, key)
 
 
 def _check_qarray(q: Any, what: str) -> QArray:
