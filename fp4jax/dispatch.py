@@ -20,8 +20,9 @@ Vocabulary
 Invariants
 ----------
 * Only :func:`device_facts` inspects devices. Kernels run what they are told (including
-  ``interpret``); ``quantize``, ``qdot`` and the Flax layers ask :func:`choose_quantize`
-  and :func:`choose_gemm`.
+  ``interpret``); :mod:`fp4jax.quantization` asks :func:`choose_quantize` and
+  :mod:`fp4jax.gemm` asks :func:`choose_gemm`, for ``fp4jax.quantize``, for every GEMM of
+  ``qdot`` (so for every Flax layer) and for ``fp4jax.fp4_matmul``.
 * Every implementation computes the reference's numbers: quantize kernels bit for bit,
   GEMMs up to float32 accumulation order (and, for tensor-scaled operands off the ``"xla"``
   policy, where the FP32 tensor scale is applied: one rounding per block scale).
@@ -164,7 +165,8 @@ class GemmImpl(enum.Enum):
 
   FP8_XLA = "fp8_xla"
   """:mod:`fp4jax.kernels.unpack` to E4M3 (per-row reference exponent) + XLA's FP8 GEMM:
-  MXFP4 x MXFP4 on Hopper for K >= :data:`FP8_MIN_K`."""
+  MXFP4 x MXFP4 on Hopper for K >= :data:`FP8_MIN_K` ("auto"), at any K ("pallas", also
+  in interpret mode off a GPU)."""
 
   BF16_XLA = "bf16_xla"
   """:mod:`fp4jax.kernels.unpack` to BF16 + XLA's BF16 GEMM: E2M1 with 8-bit block
@@ -256,20 +258,26 @@ def _tensor_scales_ok(q: QArray, policy: str) -> bool:
   return policy != "xla" and q.tensor_scale.size == 1
 
 
-def _kernel_gemm(a: QArray, b: QArray, policy: str, facts: DeviceFacts) -> Choice | None:
+HOPPER_GENERATION = 9       # FP8 tensor cores (sm_90): the unpack-to-E4M3 GEMM pays from here
+
+
+def _kernel_gemm(a: QArray, b: QArray, policy: str, facts: DeviceFacts) -> tuple[Choice | None, str]:
   """The kernel GEMM for a 2D pair in kernel layout (a (M, K), b (K, N), blocked along
-  K), or None where none fits."""
+  K), or None and the reason none fits."""
   if facts.on_gpu and facts.generation >= BLACKWELL_GENERATION:
     if kernel_matmul.unsupported_reason(a, b, "blackwell") is None:
-      return Choice(GemmImpl.BLACKWELL)
-  fp8 = kernel_matmul.unsupported_reason(a, b, "fp8_xla") is None
+      return Choice(GemmImpl.BLACKWELL), ""
+  fp8_why = kernel_matmul.unsupported_reason(a, b, "fp8_xla")
+  if facts.on_gpu and facts.generation < HOPPER_GENERATION:
+    fp8_why = fp8_why or f"no FP8 tensor cores on compute capability {facts.generation}.x"
   long_k = a.shape[1] >= FP8_MIN_K
-  if fp8 and (long_k or policy == "pallas"):
-    return Choice(GemmImpl.FP8_XLA, interpret=not facts.on_gpu)
-  if kernel_matmul.unsupported_reason(a, b, "bf16_xla") is None:
-    reason = f"K = {a.shape[1]} < {FP8_MIN_K}: BF16 beats FP8 there" if fp8 else None
-    return Choice(GemmImpl.BF16_XLA, interpret=not facts.on_gpu, reason=reason)
-  return None
+  if fp8_why is None and (long_k or policy == "pallas"):
+    return Choice(GemmImpl.FP8_XLA, interpret=not facts.on_gpu), ""
+  bf16_why = kernel_matmul.unsupported_reason(a, b, "bf16_xla")
+  if bf16_why is None:
+    reason = f"K = {a.shape[1]} < {FP8_MIN_K}: BF16 beats FP8 there" if fp8_why is None else None
+    return Choice(GemmImpl.BF16_XLA, interpret=not facts.on_gpu, reason=reason), ""
+  return None, bf16_why
 
 
 def choose_gemm(xq: QArray | None, yq: QArray | None, policy: str, *,
@@ -280,31 +288,46 @@ def choose_gemm(xq: QArray | None, yq: QArray | None, policy: str, *,
   Args:
     xq, yq: the operands' QArrays in the GEMM's own layout (None for an operand kept in
       high precision, or rounded toward a reference).
-    policy: a resolved policy (:func:`resolve_policy`).
+    policy: ``"xla"``, ``"auto"`` (resolved for the device: ``"xla"`` off a GPU) or
+      ``"pallas"``.
     kernel_operands: the same QArrays as the kernels take them, 2D ``(M, K)`` blocked along
       K and ``(K, N)`` blocked along K (default ``(xq, yq)``).
   """
   facts = facts or device_facts()
+  policy = resolve_policy(policy, facts)
   kxq, kyq = kernel_operands or (xq, yq)
   detail = "x".join(q.spec.name or "custom" if q is not None else "float"
                     for q in (xq, yq))
-  choice = None
-  if (policy != "xla" and isinstance(kxq, QArray) and isinstance(kyq, QArray)
-      and kxq.ndim == 2 and kyq.ndim == 2):
-    choice = _kernel_gemm(kxq, kyq, policy, facts)
-    if choice is not None:
+  choice, kernel_why = None, "the xla policy runs no kernel" if policy == "xla" else ""
+  if policy != "xla":
+    if not (isinstance(kxq, QArray) and isinstance(kyq, QArray)):
+      kernel_why = "an operand has no QArray (kept in high precision or reference-rounded)"
+    elif kxq.ndim != 2 or kyq.ndim != 2:
+      kernel_why = "the kernels take 2D operands (a batch of one)"
+    else:
+      choice, kernel_why = _kernel_gemm(kxq, kyq, policy, facts)
       detail += f" {kxq.shape[0]}x{kxq.shape[1]}x{kyq.shape[1]}"
   if choice is None:
-    exact = (xq is not None and yq is not None and spec_lib.bf16_exact(xq.spec)
-             and spec_lib.bf16_exact(yq.spec) and _tensor_scales_ok(xq, policy)
-             and _tensor_scales_ok(yq, policy))
-    choice = Choice(GemmImpl.BF16_EXACT) if exact else Choice(
-        GemmImpl.REFERENCE, reason="an operand is not exact in BF16 (or not quantized)")
+    if xq is None or yq is None:
+      why = "an operand is not quantized"
+    elif not (spec_lib.bf16_exact(xq.spec) and spec_lib.bf16_exact(yq.spec)):
+      why = "element x block scale is not exact in BF16"
+    elif not (_tensor_scales_ok(xq, policy) and _tensor_scales_ok(yq, policy)):
+      why = "the xla policy keeps FP32 tensor scales folded into the block scales"
+    else:
+      why = None
+    choice = (Choice(GemmImpl.BF16_EXACT, reason=kernel_why or None) if why is None
+              else Choice(GemmImpl.REFERENCE, reason="; ".join(r for r in (kernel_why, why) if r)))
   _log_once("GEMM", detail, choice)
   return choice
 
 
+def interpret_mode(facts: DeviceFacts | None = None) -> bool:
+  """Whether a Pallas kernel asked for by name runs in interpret mode (off a GPU)."""
+  return not (facts or device_facts()).on_gpu
+
+
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
-           "POLICIES", "QuantizeImpl", "check_policy", "choose_gemm", "choose_quantize",
-           "current_policy", "device_facts", "gemm_impl", "quantize_unsupported_reason",
-           "resolve_policy"]
+           "HOPPER_GENERATION", "POLICIES", "QuantizeImpl", "check_policy", "choose_gemm",
+           "choose_quantize", "current_policy", "device_facts", "gemm_impl",
+           "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

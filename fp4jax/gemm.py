@@ -106,7 +106,7 @@ def fp4_matmul(a: QArray, b: QArray, *, impl: str = "auto", out_dtype: Any = jnp
       return kernel_matmul.matmul_reference(a, b, out_dtype)
     impl, interpret = choice.impl.value, choice.interpret
   elif impl in kernel_matmul.IMPLS:
-    interpret = not facts.on_gpu
+    interpret = dispatch.interpret_mode(facts)
   else:
     raise ValueError(f"fp4_matmul: unknown impl {impl!r}; choose a policy "
                      f"{dispatch.POLICIES} or one of {kernel_matmul.IMPLS}")
@@ -117,7 +117,7 @@ def weight_only_matmul(x: jax.Array, w: QArray, **kwargs) -> jax.Array:
   """``x @ w`` for activations ``x`` (M, K) and packed FP4 weights ``w`` (K, N) blocked
   along K, decoded inside the kernel (:func:`fp4jax.kernels.weight_only.weight_only_matmul`,
   whose keyword arguments pass through); interpret mode off a GPU."""
-  kwargs.setdefault("interpret", not dispatch.device_facts().on_gpu)
+  kwargs.setdefault("interpret", dispatch.interpret_mode())
   return kernel_weight_only.weight_only_matmul(x, w, **kwargs)
 
 

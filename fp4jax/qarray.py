@@ -113,7 +113,7 @@ class QArray:
     spec = self.spec
     if spec.granularity == "tile":
       spec = spec.replace(tile=tuple(reversed(spec.tile)))
-    return QArray(self.codes.T, self.scales.T, ts, spec, -1 if self.axis == -2 else -2,
+    return QArray(self.codes.T, self.scales.T, ts, spec, -1 if self.axis % 2 == 0 else -2,
                   tuple(reversed(self.padding)), self.orig_dtype)
 
   @property

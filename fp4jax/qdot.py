@@ -54,8 +54,10 @@ def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
   """Float32 fake-quantized ``x`` (x itself when spec is None), for a non-STE estimator
   the surrogate-derivative multiplier at ``x`` (else None), and the QArray (None where
   there is none: no spec, asymmetric or reference rounding). A ``reference`` (Q-EMA)
-  decides the rounding direction between x's grid neighbours. ``impl`` is
-  :func:`fp4jax.quantize`'s (the Pallas kernels for 2D operands of a batch of one)."""
+  decides the rounding direction between x's grid neighbours. ``impl`` is a resolved
+  policy of :mod:`fp4jax.dispatch`: a 2D operand (a batch of one) may take the Pallas
+  kernels (:func:`fp4jax.quantization.quantize_operand`, falling back to XLA where they do
+  not fit)."""
   x = x.astype(jnp.float32)
   if spec is None:
     return x, None, None

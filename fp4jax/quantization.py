@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fp4jax import decode, dispatch, encode
+from fp4jax import blocks, decode, dispatch, encode
 from fp4jax.kernels import quantize as kernel_quantize
 from fp4jax.qarray import QArray
 from fp4jax.spec import QuantSpec
@@ -68,6 +68,7 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   req = encode.resolve_request(spec, block_size=block_size, scale_mode=scale_mode,
                                rounding=rounding, saturate=saturate, tensor_scale=tensor_scale)
   x = encode.check_input(x)
+  axis = blocks.normalize_axis(axis, x.ndim)  # before dispatch: the kernels read axis % 2
   choice = dispatch.choose_quantize(x.shape, x.dtype, req.spec, axis, impl, pad=pad,
                                     random_bits=random_bits is not None)
   return _run(choice, x, req, axis, key, pad=pad, random_bits=random_bits)
@@ -87,6 +88,7 @@ def quantize_operand(x: jax.Array, spec: QuantSpec, axis: int, key: jax.Array | 
   resolved ``policy``, but an operand the kernels do not take falls back to XLA under
   ``"pallas"`` too (it must quantize whatever its shape); one decision per operand."""
   x = encode.check_input(x)
+  axis = blocks.normalize_axis(axis, x.ndim)
   choice = dispatch.choose_quantize(x.shape, x.dtype, spec, axis, policy, strict=False)
   return _run(choice, x, encode.Request(spec, None), axis, key)
 

@@ -81,7 +81,7 @@ def main(argv=None) -> None:
   start = time.perf_counter()
   data = datasets(args.rows, args.cols, args.seed)
   cols = list(data)
-  print(f"fp4jax {fp4jax.__version__} | jax {jax.__version__} | {jax.devices()[0].platform} "
+  print(f"fp4jax {fp4jax.__version__} | jax {jax.__version__} | {fp4jax.dispatch.device_facts().platform} "
         f"| {platform.machine()} | synthetic {args.rows}x{args.cols}, seed {args.seed}\n")
   print("Every preset (blocks along the last axis):")
   print(format_table(error_table(data, dict(fp4jax.PRESETS)), cols, args.markdown))

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from experiments import scaling as bench_scaling
+from experiments import scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_scaling_writes_rows_for_every_configuration(tmp_path):
+def test_scaling_writes_rows_for_every_configuration(tmp_path):
   out = str(tmp_path / "scaling_cpu.json")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-m", "experiments.scaling", "--meshes=data:1;data:2",
@@ -41,10 +41,10 @@ def test_bench_scaling_writes_rows_for_every_configuration(tmp_path):
      [1.0, 0.9, 1.0, 1.0]),
 ])
 def test_with_efficiency(rows, expected):
-  got = [r["scaling_efficiency"] for r in bench_scaling.with_efficiency(rows)]
+  got = [r["scaling_efficiency"] for r in scaling.with_efficiency(rows)]
   assert got == pytest.approx(expected)
 
 
 def test_unknown_model_names_the_choices():
   with pytest.raises(ValueError, match="unknown model 'vit_huge'; ViT: vit_digits"):
-    bench_scaling._model("vit_huge", None)
+    scaling._model("vit_huge", None)

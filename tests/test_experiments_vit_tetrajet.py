@@ -129,3 +129,9 @@ def test_block_size_override_reaches_every_operand():
   r = common.build_recipe("nvfp4", block_size=32)
   assert r.fwd_lhs.block_size == 32 and r.fwd_rhs.tile == (32, 32)
   assert r.dgrad_grad.rounding == "stochastic", "overrides keep the rest of the spec"
+  # --block_size means what QuantSpec.with_block_size means: per-channel operands (msfp4's
+  # weights) become blocks of that size; a per-tensor recipe has no blocks to resize.
+  r = common.build_recipe("msfp4", block_size=16)
+  assert r.fwd_rhs.granularity == "block" and r.fwd_rhs.block_size == 16
+  with pytest.raises(ValueError, match="no blocks"):
+    common.build_recipe("fp8", block_size=16)

@@ -59,3 +59,10 @@ def test_bad_weights_are_rejected_with_the_fix():
     wo.weight_only_matmul(jnp.ones((4, 128)), b, tile=(16, 64, 32), splits=3)
   with pytest.raises(ValueError, match="not a multiple of the tile"):
     wo.weight_only_matmul(jnp.ones((4, 128)), b, tile=(16, 48, 128))
+
+
+def test_tile_scaled_weights_are_rejected():
+  # nvfp4_2d has 16x16 tiles: its scales are (K/16, N/16), not the kernel's (K/16, N).
+  w = fp4jax.quantize(jnp.ones((128, 64)), "nvfp4_2d", -2)
+  with pytest.raises(ValueError, match="packed E2M1 weights"):
+    wo.weight_only_matmul(jnp.ones((4, 128)), w)

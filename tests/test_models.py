@@ -1,4 +1,4 @@
-"""experiments.models: the ViT used by the experiments and kernels/bench_step.py."""
+"""fp4jax.models: the ViT, GPT and MLP used by the experiments and kernels/bench_step.py."""
 
 import jax
 import jax.numpy as jnp

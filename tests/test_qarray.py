@@ -69,3 +69,22 @@ def test_dequantize_and_element_scales_reject_non_qarray():
     fp4jax.dequantize(jnp.ones(3))
   with pytest.raises(TypeError, match="QArray"):
     fp4jax.element_scales(jnp.ones(3))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "nvfp4_2d"])
+def test_transpose_is_the_quantization_of_the_transpose(name, rng):
+  # A 2D QArray blocked along K, transposed, is the transpose blocked along K again: the
+  # same codes and scales, nothing re-encoded (qdot's dgrad / wgrad operands use it).
+  spec = fp4jax.get_spec(name)
+  if spec.granularity == "tile":
+    spec = spec.replace(tile=(16, 32))
+  x = jnp.asarray(rng.standard_normal((64, 96)).astype(np.float32))
+  q = fp4jax.quantize(x, spec, -1)
+  t = q.T
+  assert t.shape == (96, 64) and t.axis == -2
+  np.testing.assert_array_equal(np.asarray(fp4jax.dequantize(t)),
+                                np.asarray(fp4jax.dequantize(q)).T)
+  if spec.granularity == "tile":
+    assert t.spec.tile == (32, 16)
+  with pytest.raises(ValueError, match="2D arrays"):
+    fp4jax.quantize(jnp.ones((2, 4, 32)), "mxfp4").transpose()

@@ -186,3 +186,22 @@ def test_jit_compiles_in_seconds(preset):
   start = time.perf_counter()
   jax.block_until_ready(f(x, jax.random.key(0)))
   assert time.perf_counter() - start < 30.0
+
+
+@pytest.mark.parametrize("tensor_scale", ["amax", None, 0.01])
+def test_pallas_takes_tensor_scale_overrides_like_xla(tensor_scale, rng):
+  # The kernels receive the resolved spec (one or two levels) and any explicit FP32 tensor
+  # scale, so every override gives the pure-JAX path's bits.
+  x = jnp.asarray(rng.standard_normal((32, 64)).astype(np.float32))
+  got = fp4jax.quantize(x, "nvfp4", tensor_scale=tensor_scale, impl="pallas")
+  want = fp4jax.quantize(x, "nvfp4", tensor_scale=tensor_scale, impl="xla")
+  np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+  np.testing.assert_array_equal(np.asarray(got.scales.astype(jnp.float32)),
+                                np.asarray(want.scales.astype(jnp.float32)))
+  assert (got.tensor_scale is None) == (want.tensor_scale is None) == (tensor_scale is None)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto", "pallas"])
+def test_axis_out_of_range_is_an_error_whatever_the_implementation(impl):
+  with pytest.raises(ValueError, match="axis=5 is out of range"):
+    fp4jax.quantize(jnp.ones((32, 64)), "mxfp4", axis=5, impl=impl)

@@ -144,7 +144,7 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
   if x.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"weight_only_matmul: x {x.shape} and w {w.shape} do not contract")
   if not (rounding_lib.is_e2m1(w.spec.element) and w.spec.packed and not any(w.padding)
-          and w.spec.scale_format.storage_bits == 8 and w.spec.block_size in BLOCK_SIZES):
+          and w.spec.scale_format.storage_bits == 8 and w.spec.block_size in BLOCK_SIZES and w.spec.granularity == "block"):
     raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
                      f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
   m, k, n = x.shape[0], x.shape[1], w.shape[1]
