@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fp4jax
+import sweeps
 from fp4jax import dispatch
 from fp4jax.kernels import matmul as fm
 from matmul_checks import INTERPRET, MX, NV, TOL, assert_close, operands, with_nan_scales
@@ -20,8 +21,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("data", ["random", "wide_spread", "zero_blocks"])
+@pytest.mark.parametrize("case,data", sweeps.product(
+    10, case=sorted(CASES), data=["random", "wide_spread", "zero_blocks"]))
 def test_matmul_matches_dequantized_product(case, data, rng):
   spec_a, spec_b, impl = CASES[case]
   a, b = operands(rng, 64, 256, 64, spec_a, spec_b, spread=40 if data == "wide_spread" else 0,

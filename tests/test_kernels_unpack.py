@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fp4jax
+import sweeps
 
 from fp4jax.kernels import unpack as fu
 from fp4jax.quantization import dequantize
@@ -46,10 +47,11 @@ TARGETS = [(name, "bf16") for name in sorted(SPECS)] + [("mxfp4", "e4m3"),
                                                          ("mxfp4_b16", "e4m3")]
 
 
-@pytest.mark.parametrize("spec_name,to", TARGETS)
-@pytest.mark.parametrize("role", ["lhs", "rhs"])
-@pytest.mark.parametrize("rows,k", [(64, 256), (70, 96), (9, 2048)])
-def test_kernel_equals_reference_bit_for_bit(spec_name, to, role, rows, k, rng):
+@pytest.mark.parametrize("target,role,shape", sweeps.product(
+    10, target={f"{n}-{t}": (n, t) for n, t in TARGETS}, role=["lhs", "rhs"],
+    shape={f"{r}x{k}": (r, k) for r, k in [(64, 256), (70, 96), (9, 2048)]}))
+def test_kernel_equals_reference_bit_for_bit(target, role, shape, rng):
+  (spec_name, to), (rows, k) = target, shape
   spec = SPECS[spec_name]
   q = _operand(rng, role, rows, k, spec, nan_scale=True)
   ref = _ref_codes(q, role) if to == "e4m3" else None

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sweeps
 from kernels import inkernel_matmul as im
 from matmul_checks import INTERPRET, MX, NV, assert_close, operands, with_nan_scales
 
@@ -15,8 +16,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("data", ["random", "wide_spread"])
+@pytest.mark.parametrize("case,data", sweeps.product(
+    5, case=sorted(CASES), data=["random", "wide_spread"]))
 def test_inkernel_matmul_matches_dequantized_product(case, data, rng):
   spec_a, spec_b, path = CASES[case]
   a, b = operands(rng, 64, 256, 64, spec_a, spec_b, spread=40 if data == "wide_spread" else 0)
