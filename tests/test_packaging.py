@@ -4,6 +4,7 @@ top-level ``kernels``)."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+  # Built from a copy of the tree (the library, the lab, the experiments, the tools, so that
+  # their absence from the wheel is the configuration's doing): setuptools writes build/
+  # and egg-info beside the sources, which must not race between xdist workers or leave
+  # stale files in the checkout.
+  src = tmp_path_factory.mktemp("src")
+  skip = shutil.ignore_patterns("__pycache__", "results", "*.egg-info", "build")
+  for name in ("fp4jax", "kernels", "experiments", "tools"):
+    shutil.copytree(ROOT / name, src / name, ignore=skip)
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, src / name)
   out = tmp_path_factory.mktemp("wheel")
   p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                      "-q", "-w", str(out), str(ROOT)], capture_output=True, text=True,
+                      "-q", "-w", str(out), str(src)], capture_output=True, text=True,
                      timeout=300)
   assert p.returncode == 0, p.stdout + p.stderr
   [whl] = out.glob("fp4jax-*.whl")
