@@ -7,7 +7,6 @@ import pytest
 
 import fp4jax
 import sweeps
-from fp4jax import dispatch
 from fp4jax.kernels import matmul as fm
 from matmul_checks import INTERPRET, MX, NV, TOL, assert_close, operands, with_nan_scales
 
