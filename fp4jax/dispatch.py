@@ -13,8 +13,12 @@ Vocabulary
     off a GPU it is ``"xla"``.
   - ``"pallas"``: the Pallas kernels wherever they take the configuration, in interpret
     mode off a GPU (how CPU tests run them); an unsupported quantize is an error.
+  - ``"fused"``: GEMM-ready operands emitted inside XLA's fusions
+    (:mod:`fp4jax.qdot_fused`) wherever the recipe allows, on any device; the reference
+    elsewhere. ``"auto"`` picks it on Hopper.
 
-* :class:`QuantizeImpl` and :class:`GemmImpl`, what actually runs; each member's
+* :class:`OperandPath` (how a quantized layer's operands reach its GEMMs),
+  :class:`QuantizeImpl` and :class:`GemmImpl`, what actually runs; each member's
   docstring says where its code is.
 
 Invariants
@@ -42,6 +46,7 @@ from typing import Any, Iterator, NamedTuple
 
 import jax
 
+from fp4jax import qdot_fused
 from fp4jax import spec as spec_lib
 from fp4jax.kernels import matmul as kernel_matmul
 from fp4jax.kernels import quantize as kernel_quantize
@@ -50,12 +55,13 @@ from fp4jax.spec import QuantSpec
 
 log = logging.getLogger("fp4jax")
 
-POLICIES = ("xla", "auto", "pallas")
+POLICIES = ("xla", "auto", "pallas", "fused")
 # The contraction length from which "auto" takes the FP8 GEMM on Hopper: XLA's FP8 GEMM
 # beats its BF16 one at K = 8192 (1.45x for the whole path, H100) but loses at ViT-S's
 # K = 384 (0.30x against 0.79x): kernels/NOTES.md.
 FP8_MIN_K = 2048
 BLACKWELL_GENERATION = 10   # compute capability major of sm_100 (native FP4 GEMMs)
+HOPPER_GENERATION = 9       # FP8 tensor cores (sm_90): the unpack-to-E4M3 GEMM pays from here
 
 
 # ------------------------------------------------------------------------ device facts
@@ -231,7 +237,7 @@ def choose_quantize(shape, dtype, spec: QuantSpec, axis: int, impl: str, *, pad:
   check_policy(impl, "quantize")
   facts = facts or device_facts()
   detail = f"{spec.name or 'custom'} {tuple(shape)} axis {axis}"
-  if impl == "xla":
+  if impl in ("xla", "fused"):  # "fused" concerns layers' operands: a lone quantize is XLA's
     return Choice(QuantizeImpl.XLA)
   why = quantize_unsupported_reason(shape, dtype, spec, axis, pad=pad, random_bits=random_bits)
   if why is None and impl == "auto" and not facts.on_gpu:
@@ -247,6 +253,51 @@ def choose_quantize(shape, dtype, spec: QuantSpec, axis: int, impl: str, *, pad:
   return choice
 
 
+# -------------------------------------------------------------- a layer's operand path
+
+
+class OperandPath(enum.Enum):
+  """How the six operands of a quantized layer (:func:`fp4jax.qdot_general`) reach its
+  three GEMMs."""
+
+  QARRAY = "qarray"
+  """Each operand is quantized to a :class:`~fp4jax.qarray.QArray` (packed codes and
+  scales; :func:`choose_quantize`) and each GEMM multiplies two of them
+  (:func:`choose_gemm`): the reference under ``"xla"``, the Pallas kernels under
+  ``"pallas"``, and what Blackwell's native FP4 GEMMs read."""
+
+  FUSED = "fused"
+  """:mod:`fp4jax.qdot_fused`: each operand's quantized values are emitted in the GEMM's
+  input dtype (:func:`fp4jax.operand.gemm_operand`) inside the XLA fusion that reads it,
+  and BF16 tensor cores multiply them (float32 GEMMs on XLA:CPU). On the H200 this beats
+  the QArray path's quantize, unpack and GEMM kernels at every shape of the training-step
+  benchmark (``kernels/results/step_nvidia_h200.json``)."""
+
+
+def choose_operand_path(recipe, policy: str, *, has_reference: bool = False,
+                        n: int | None = None, facts: DeviceFacts | None = None) -> Choice:
+  """Which :class:`OperandPath` runs a layer of ``recipe`` under a resolved ``policy``.
+
+  ``"auto"`` takes :attr:`OperandPath.FUSED` on Hopper (FP8 but no FP4 tensor cores)
+  where the recipe allows it; Blackwell keeps the QArray path for its native FP4 GEMMs.
+  ``"fused"`` takes it on any device. ``has_reference`` and ``n`` as
+  :func:`fp4jax.qdot_fused.unsupported_reason`."""
+  facts = facts or device_facts()
+  policy = resolve_policy(policy, facts)
+  why = None
+  if policy in ("xla", "pallas"):
+    why = f"the {policy} policy quantizes to QArrays"
+  elif policy == "auto" and not HOPPER_GENERATION <= facts.generation < BLACKWELL_GENERATION:
+    why = (f"compute capability {facts.generation}.x: native FP4 GEMMs read packed operands"
+           if facts.generation >= BLACKWELL_GENERATION else
+           f"no FP8 tensor cores on compute capability {facts.generation}.x")
+  if why is None:
+    why = qdot_fused.unsupported_reason(recipe, has_reference=has_reference, n=n)
+  choice = Choice(OperandPath.QARRAY, reason=why) if why else Choice(OperandPath.FUSED)
+  _log_once("layer", f"{recipe.name} ({policy})", choice)
+  return choice
+
+
 # ------------------------------------------------------------------------------- GEMM
 
 
@@ -258,7 +309,6 @@ def _tensor_scales_ok(q: QArray, policy: str) -> bool:
   return policy != "xla" and q.tensor_scale.size == 1
 
 
-HOPPER_GENERATION = 9       # FP8 tensor cores (sm_90): the unpack-to-E4M3 GEMM pays from here
 
 
 def _kernel_gemm(a: QArray, b: QArray, policy: str, facts: DeviceFacts) -> tuple[Choice | None, str]:
@@ -295,6 +345,8 @@ def choose_gemm(xq: QArray | None, yq: QArray | None, policy: str, *,
   """
   facts = facts or device_facts()
   policy = resolve_policy(policy, facts)
+  if policy == "fused":  # a QArray GEMM under "fused" (a layer it cannot take): the reference
+    policy = "xla"
   kxq, kyq = kernel_operands or (xq, yq)
   detail = "x".join(q.spec.name or "custom" if q is not None else "float"
                     for q in (xq, yq))
@@ -328,6 +380,6 @@ def interpret_mode(facts: DeviceFacts | None = None) -> bool:
 
 
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
-           "HOPPER_GENERATION", "POLICIES", "QuantizeImpl", "check_policy", "choose_gemm",
-           "choose_quantize", "current_policy", "device_facts", "gemm_impl",
+           "HOPPER_GENERATION", "OperandPath", "POLICIES", "QuantizeImpl", "check_policy",
+           "choose_gemm", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl",
            "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

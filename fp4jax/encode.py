@@ -117,7 +117,7 @@ def _encode_pow2(b, amax, ext, spec: QuantSpec, rbits):
   return codes, scales.store_pow2_scale(code, sfmt)
 
 
-def _tensor_scale(amax, spec: QuantSpec, explicit):
+def tensor_scale(amax, spec: QuantSpec, explicit=None):
   """NVFP4's FP32 tensor scale ``amax / (max(scale) * max(element))`` from the global
   amax (or the caller's value), materialised as a scalar."""
   if explicit is not None:
@@ -137,7 +137,7 @@ def _encode_float(b, amax, ext, spec: QuantSpec, rbits, explicit_ts):
   ``t`` (None for one level)."""
   elem, sfmt = spec.element, spec.scale_format
   full = b.shape
-  ts = _tensor_scale(amax, spec, explicit_ts) if spec.tensor_scale == "amax" else None
+  ts = tensor_scale(amax, spec, explicit_ts) if spec.tensor_scale == "amax" else None
   s = scales.float_block_scale(amax, elem, sfmt, ts)
   # Per-block values are materialised before being broadcast to elements: XLA would
   # otherwise duplicate the exact-division graph into every element fusion (minutes of
@@ -185,5 +185,5 @@ def quantize_request(x: jax.Array, req: Request, axis: int, key: jax.Array | Non
   return QArray(packed, stored_scales, ts_store, spec, ax, pads, x.dtype)
 
 
-__all__ = ["FLOAT_DTYPES", "Request", "SPEC_DEFAULT", "check_input", "quantize_reference",
+__all__ = ["FLOAT_DTYPES", "Request", "SPEC_DEFAULT", "check_input", "quantize_reference", "tensor_scale",
            "quantize_request", "resolve_request"]

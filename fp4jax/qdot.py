@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fp4jax import asymmetric, blocks, dispatch, estimators, gemm, hadamard, outliers
+from fp4jax import asymmetric, blocks, dispatch, estimators, gemm, hadamard, outliers, qdot_fused
 from fp4jax import recipes as recipes_lib
 from fp4jax import reference_rounding
 from fp4jax.dispatch import gemm_impl  # the user-facing policy override, re-exported here
@@ -287,12 +287,13 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
       the rounding direction of the forward weight quantizer (TetraJet's Q-EMA,
       :mod:`fp4jax.reference_rounding`); no gradient flows into it.
     impl: a policy of :mod:`fp4jax.dispatch`: None (the :func:`gemm_impl` context's,
-      "auto" by default), "xla" (pure JAX, the reference), "auto" (on a GPU: the fused
-      quantize kernels and the FP4 GEMMs of :mod:`fp4jax.kernels` for forward, dgrad and
-      wgrad wherever the operands fit, BF16 tensor cores where products are exact in BF16,
-      XLA elsewhere; off a GPU: "xla") or "pallas" (the kernels wherever supported, in
-      interpret mode off a GPU). The kernels quantize bit for bit as the reference; the
-      GEMMs differ only in accumulation order.
+      "auto" by default), "xla" (pure JAX, the reference), "auto" (on Hopper: "fused" where
+      the recipe allows; on Blackwell: the fused quantize kernels and native FP4 GEMMs of
+      :mod:`fp4jax.kernels`; the QArray path elsewhere; off a GPU: "xla"), "pallas" (the kernels wherever supported, in
+      interpret mode off a GPU) or "fused" (every operand's quantized values emitted in
+      BF16 inside XLA's fusions, :mod:`fp4jax.qdot_fused`, where the recipe allows; what
+      "auto" runs on Hopper). Every path quantizes bit for bit as the reference; the GEMMs
+      differ only in accumulation order (and where FP32 tensor scales are applied).
 
   Returns:
     ``lax.dot_general``'s output layout: batch dims, lhs free dims, rhs free dims.
@@ -311,11 +312,19 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
   w_ref = _canonical_reference(rhs_reference, rhs, canon)
   _check_block_multiple(canon.k, "contraction length K", (recipe.fwd_lhs, recipe.fwd_rhs),
                         recipe)
-  policy = dispatch.resolve_policy(impl)
+  facts = dispatch.device_facts()
+  policy = dispatch.resolve_policy(impl, facts)
+  path = dispatch.choose_operand_path(recipe, policy, has_reference=w_ref is not None,
+                                      n=canon.w.shape[-1], facts=facts)
   a = canon.a
   if recipe.occ_quantile is not None:
     a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
-  y = _qmatmul_for(recipe, out_dtype, policy)(a, canon.w, key_data, w_ref)
+  if path.impl is dispatch.OperandPath.FUSED:
+    gemm_dtype = jnp.bfloat16 if facts.bf16_dot else jnp.float32
+    y = qdot_fused.qmatmul_for(recipe, out_dtype, gemm_dtype)(a, canon.w, key_data)
+  else:
+    policy = "xla" if policy == "fused" else policy  # a layer "fused" cannot take: reference
+    y = _qmatmul_for(recipe, out_dtype, policy)(a, canon.w, key_data, w_ref)
   if recipe.occ_quantile is not None:  # Microsoft's outlier compensation: + residual @ W
     y = (y.astype(jnp.float32) + _mm(residual.astype(jnp.float32),
                                      canon.w.astype(jnp.float32), "bmk,bkn->bmn")

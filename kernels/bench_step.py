@@ -1,19 +1,36 @@
-r"""One training step of ViT-S/16 (batch 256, 224x224, bf16 compute): BF16 against FP4 recipes.
+r"""Whole training steps: BF16, a hand-written naive MXFP4 fake quantization, and fp4jax's
+FP4 recipes, in the same run.
 
-    python -m kernels.bench_step [--batch 256] [--recipes mxfp4,tetrajet,nvfp4] [--model vit_s16]
+    python -m kernels.bench_step                              # ViT-S/16, B=256, 224^2
+    python -m kernels.bench_step --model=gpt_small            # GPT-small, 8 x 1024 tokens
+    python -m kernels.bench_step --model=vit_tiny --batch=8 --image=32 --reps=1   # smoke test
 
-For each recipe the step (forward, backward with all six GEMM operands of every linear
-layer quantized, AdamW update) runs twice: through fp4jax's pure-JAX path
-(``gemm_impl("xla")``) and through the kernels (``gemm_impl("auto")``: fused quantize
-kernels + FP4 GEMM kernels). Reports the median step time and its ratio to the BF16 step;
-first checks that the kernel step's loss equals the XLA step's within float32
-accumulation differences. Writes ``kernels/results/step_<gpu>.json``.
+Every step is forward, backward with all six GEMM operands of every linear layer
+quantized (the classifier / LM head stays high precision), and an AdamW update. Rows:
+
+* ``bf16``: the same model with plain ``flax.linen.Dense`` layers;
+* ``naive_mxfp4``: what a user writes in twenty lines of plain JAX (:mod:`kernels.naive`):
+  for each GEMM operand, blocks of 32 along its contraction axis, amax per block, E8M0
+  floor scale ``2^(floor(log2 amax) - 2)``, ``x / s`` cast to ``float4_e2m1fn`` and back,
+  times ``s``, a straight-through gradient and a BF16 ``dot``;
+* ``<recipe>/<impl>`` for each recipe and ``fp4jax.gemm_impl`` policy (``auto``: what a
+  user gets; on Hopper the fused GEMM-ready-operand path of :mod:`fp4jax.qdot_fused`).
+
+For each: the median step time (3 runs of ``--reps`` steps), its ratio to the BF16 step
+of the same run and scan setting, the first call's seconds (tracing + compilation + one
+step), and, with ``--profile``, the GPU time per kernel category from a ``jax.profiler``
+trace. ``--scan`` runs the blocks unrolled, scanned (``nn.scan``: one compiled block),
+or both. ``--check`` first compares each recipe's ``auto`` step with the pure-JAX
+reference (``gemm_impl("xla")``) on a tiny model of the same family. Results merge into
+``kernels/results/step_<gpu>.json`` under ``runs["<model>/<scan>"]``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import subprocess
 import tempfile
 import time
 
@@ -25,113 +42,207 @@ from absl import app, flags
 
 import fp4jax
 from fp4jax import dispatch
-from fp4jax.models import ViT
+from fp4jax.models import GPT, GPT_CONFIGS, VIT_CONFIGS, ViT
+from kernels.naive import naive_dot_general
 from kernels.timing import median_time
 from kernels.trace_summary import summarize_trace
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch", 256, "images per step")
-flags.DEFINE_integer("image", 224, "image side")
-flags.DEFINE_string("model", "vit_s16", "ViT configuration (fp4jax.models.VIT_CONFIGS)")
-flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"], "FP4 recipes to time")
-flags.DEFINE_list("impls", ["xla", "auto"], "GEMM implementations (fp4jax.gemm_impl)")
-flags.DEFINE_bool("scan_layers", True, "scan the encoder blocks (compiles one block, not 12)")
+flags.DEFINE_string("model", "vit_s16", f"one of {sorted(VIT_CONFIGS) + sorted(GPT_CONFIGS)}")
+flags.DEFINE_integer("batch", None, "images (ViT, default 256) or sequences (GPT, default 8)")
+flags.DEFINE_integer("image", 224, "ViT image side")
+flags.DEFINE_integer("seq", None, "GPT tokens per sequence (default: the model's context)")
+flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"], "fp4jax recipes to time")
+flags.DEFINE_list("impls", ["auto"], "fp4jax.gemm_impl policies per recipe")
+flags.DEFINE_list("scan", ["unscanned", "scanned"], "block layouts: unscanned, scanned")
+flags.DEFINE_bool("naive", True, "time the hand-written naive MXFP4 row")
+flags.DEFINE_bool("check", True, "check each recipe's auto step against the xla reference "
+                  "on a tiny model first")
 flags.DEFINE_integer("reps", 5, "timed steps per run (median of 3 runs)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/step_<gpu>.json)")
-flags.DEFINE_bool("profile", True, "trace 2 steps per run with jax.profiler and record where the "
-                  "GPU time goes (kernels.trace_summary: GEMMs, quantize kernels, fusions)")
+flags.DEFINE_bool("profile", True, "trace 2 steps per row with jax.profiler and record the GPU "
+                  "time per kernel category (kernels.trace_summary)")
 flags.DEFINE_string("trace_dir", None, "keep the raw traces here (default: a temporary directory)")
 
 
+# ------------------------------------------------------------------------------ steps
+
+
+def _is_gpt(name: str) -> bool:
+  return name in GPT_CONFIGS
+
+
+def build(name: str, recipe, scan: bool):
+  """The model of ``name`` with ``recipe`` (a name, None, or a dot_general callable)."""
+  if _is_gpt(name):
+    return GPT.from_name(name, recipe=recipe, dtype=jnp.bfloat16, scan_layers=scan)
+  return ViT.from_name(name, 1000, recipe=recipe, dtype=jnp.bfloat16, scan_layers=scan)
+
+
+def batch_for(name: str, batch: int | None, image: int, seq: int | None, seed: int = 0):
+  """(inputs, labels) of one step: bf16 images and class labels, or byte tokens and
+  next-token targets."""
+  rng = np.random.default_rng(seed)
+  if _is_gpt(name):
+    b, t = batch or 8, seq or GPT_CONFIGS[name][4]
+    tokens = rng.integers(0, 256, (b, t + 1))
+    return jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
+  b = batch or 256
+  images = jnp.asarray(rng.standard_normal((b, image, image, 3)).astype(np.float32))
+  return images.astype(jnp.bfloat16), jnp.asarray(rng.integers(0, 1000, b))
+
+
 def make_step(model, tx):
-  def loss_fn(params, images, labels, key):
-    logits = model.apply(params, images, rngs={"quant": key})
+  def loss_fn(params, inputs, labels, key):
+    logits = model.apply(params, inputs, rngs={"quant": key})
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   @jax.jit
-  def step(params, opt_state, images, labels, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
+  def step(params, opt_state, inputs, labels, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, labels, key)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
 
 
-def time_step(step, params, opt_state, images, labels, key, reps):
-  """(median step time in seconds, the step's loss, first call's seconds: compilation)."""
+def init_state(model, tx, inputs, key):
+  params = jax.jit(model.init)({"params": jax.random.key(0), "quant": key}, inputs[:2])
+  return params, tx.init(params)
+
+
+def time_step(step, state, inputs, labels, key, reps):
+  """(median step time in seconds, the step's loss, first call's seconds)."""
   t0 = time.perf_counter()
-  loss = float(step(params, opt_state, images, labels, key)[2])
+  loss = float(step(*state, inputs, labels, key)[2])
   first = time.perf_counter() - t0
-  t = median_time(step, params, opt_state, images, labels, key, reps=reps, runs=3)
+  t = median_time(step, *state, inputs, labels, key, reps=reps, runs=3)
   return t, loss, first
 
 
-def profile_step(step, params, opt_state, images, labels, key, trace_dir, steps=2):
-  """GPU time per step by kernel category (kernels.trace_summary) over ``steps`` traced steps."""
-  jax.block_until_ready(step(params, opt_state, images, labels, key))
+def profile_step(step, state, inputs, labels, key, trace_dir, steps=2):
+  """GPU time per step by kernel category over ``steps`` traced steps."""
+  jax.block_until_ready(step(*state, inputs, labels, key))
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
-      jax.block_until_ready(step(params, opt_state, images, labels, key))
+      jax.block_until_ready(step(*state, inputs, labels, key))
   return summarize_trace(trace_dir, steps, top=12)
+
+
+def check_against_reference(family_tiny: str, recipes, key) -> dict:
+  """|loss(auto) - loss(xla)| and the largest relative gradient difference for each recipe
+  on a tiny model: the auto path must be the reference up to float32 accumulation."""
+  out = {}
+  inputs, labels = batch_for(family_tiny, 4, 32, 64)
+  for recipe in recipes:
+    model = build(family_tiny, recipe, scan=True)
+    params = jax.jit(model.init)({"params": jax.random.key(0), "quant": key}, inputs[:2])
+
+    def loss_fn(p):
+      logits = model.apply(p, inputs, rngs={"quant": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    got = {}
+    for impl in ("auto", "xla"):
+      with fp4jax.gemm_impl(impl):
+        got[impl] = jax.jit(jax.value_and_grad(loss_fn))(params)
+    (la, ga), (lx, gx) = got["auto"], got["xla"]
+    rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                    / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) or 1.0))
+              for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gx)))
+    out[recipe] = {"loss_auto": float(la), "loss_xla": float(lx),
+                   "abs_loss_diff": abs(float(la) - float(lx)), "max_rel_grad_diff": rel}
+    print(f"check {family_tiny} {recipe:10}: |loss(auto) - loss(xla)| = "
+          f"{abs(float(la) - float(lx)):.2e}, max rel. gradient difference {rel:.2e}", flush=True)
+  return out
+
+
+def subnormal_arithmetic_is_ieee() -> bool:
+  """Whether the default device's float32 multiply keeps subnormals (no flush)."""
+  x = jnp.asarray(np.float32(2.0 ** -130))
+  return float(jax.jit(lambda v: v * np.float32(2.0 ** 10))(x)) == 2.0 ** -120
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=os.path.dirname(__file__), check=False).stdout.strip()
+  except OSError:
+    return ""
+
+
+def _rows(recipes, impls, naive):
+  rows = [("bf16", None)]
+  if naive:
+    rows.append(("naive_mxfp4", naive_dot_general))
+  for recipe in recipes:
+    for impl in impls:
+      rows.append((f"{recipe}/{impl}", recipe))
+  return rows
 
 
 def main(argv):
   del argv
   facts = dispatch.device_facts()
-  gpu = facts.slug
-  out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results", f"step_{gpu}.json")
-  rng = np.random.default_rng(0)
-  b, s = FLAGS.batch, FLAGS.image
-  images = jnp.asarray(rng.standard_normal((b, s, s, 3)).astype(np.float32)).astype(jnp.bfloat16)
-  labels = jnp.asarray(rng.integers(0, 1000, b))
-  key = jax.random.key(1)
-  tx = optax.adamw(1e-3)
-  res = {"device": facts.kind, "jax": jax.__version__, "model": FLAGS.model, "batch": b,
-         "steps": {}}
+  out_path = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
+                                       f"step_{facts.slug}.json")
+  res = {}
+  if os.path.exists(out_path):
+    with open(out_path) as f:
+      res = json.load(f)
+  if res.get("device") != facts.kind or "runs" not in res:
+    res = {"device": facts.kind, "runs": {}}
 
   def save():
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
       json.dump(res, f, indent=1)
 
-  base = None
-  for recipe in ["bf16"] + FLAGS.recipes:
-    model = ViT.from_name(FLAGS.model, 1000, recipe=recipe, dtype=jnp.bfloat16,
-                          scan_layers=FLAGS.scan_layers)
-    params = jax.jit(model.init)({"params": jax.random.key(0), "quant": key}, images[:2])
-    opt_state = tx.init(params)
-    losses = {}
-    for impl in (["xla"] if recipe == "bf16" else FLAGS.impls):
-      label = recipe if recipe == "bf16" else f"{recipe}/{impl}"
+  key = jax.random.key(1)
+  meta = {"jax": jax.__version__, "commit": _git_commit(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "subnormal_arithmetic_ieee": subnormal_arithmetic_is_ieee()}
+  print(f"{facts.kind or facts.platform}, jax {jax.__version__}; float32 subnormals kept: "
+        f"{meta['subnormal_arithmetic_ieee']}", flush=True)
+  if FLAGS.check:
+    meta["check"] = check_against_reference("gpt_tiny" if _is_gpt(FLAGS.model) else "vit_tiny",
+                                            FLAGS.recipes, key)
+  inputs, labels = batch_for(FLAGS.model, FLAGS.batch, FLAGS.image, FLAGS.seq)
+  tx = optax.adamw(1e-3)
+  for scan_name in FLAGS.scan:
+    if scan_name not in ("unscanned", "scanned"):
+      raise app.UsageError(f"--scan takes unscanned and/or scanned, got {scan_name!r}")
+    run = {**meta, "model": FLAGS.model, "inputs": list(inputs.shape), "steps": {}}
+    res["runs"][f"{FLAGS.model}/{scan_name}"] = run
+    base = None
+    for label, recipe in _rows(FLAGS.recipes, FLAGS.impls, FLAGS.naive):
+      impl = label.split("/")[1] if "/" in label else "auto"
       try:
         with fp4jax.gemm_impl(impl):
+          model = build(FLAGS.model, recipe, scan_name == "scanned")
+          state = init_state(model, tx, inputs, key)
           step = make_step(model, tx)
-          t, loss, first = time_step(step, params, opt_state, images, labels, key,
-                                     FLAGS.reps)
-        losses[impl] = loss
-        base = t if recipe == "bf16" else base
-        res["steps"][label] = {"ms": t * 1e3, "loss": loss,
-                               "x_bf16": t / base if base else None, "first_call_s": first}
-        print(f"{label:20} {t * 1e3:9.2f} ms  loss {loss:.5f}  "
-              f"{t / base if base else float('nan'):5.2f} x bf16  (first call {first:.0f} s)",
-              flush=True)
-        if FLAGS.profile:
-          tdir = os.path.join(FLAGS.trace_dir or tempfile.mkdtemp(), label.replace("/", "_"))
-          prof = profile_step(step, params, opt_state, images, labels, key, tdir)
-          res["steps"][label]["profile"] = prof
+          t, loss, first = time_step(step, state, inputs, labels, key, FLAGS.reps)
+        base = t if label == "bf16" else base
+        row = {"ms": t * 1e3, "loss": loss, "x_bf16": t / base if base else None,
+               "first_call_s": first}
+        run["steps"][label] = row
+        print(f"{FLAGS.model}/{scan_name:9} {label:18} {t * 1e3:9.2f} ms  "
+              f"{row['x_bf16'] or float('nan'):5.2f} x bf16  loss {loss:.4f}  "
+              f"(first call {first:.1f} s)", flush=True)
+        if FLAGS.profile and facts.on_gpu:
+          tdir = os.path.join(FLAGS.trace_dir or tempfile.mkdtemp(),
+                              f"{FLAGS.model}_{scan_name}_{label.replace('/', '_')}")
+          prof = profile_step(step, state, inputs, labels, key, tdir)
+          row["profile"] = prof
           print("    GPU ms/step " + f"{prof['device_ms_per_step']:.2f}: " + ", ".join(
               f"{k} {v:.2f}" for k, v in prof["by_category_ms"].items()), flush=True)
-          for name, ms, n in prof["top_kernels"][:6]:
+          for name, ms, n in prof["top_kernels"][:5]:
             print(f"      {ms:7.3f} ms  x{n:g}  {name[:90]}", flush=True)
-      except Exception as e:
-        res["steps"][label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        print(f"{label:20} {res['steps'][label]}", flush=True)
+      except Exception as e:  # a row that fails is recorded, the others still run
+        run["steps"][label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"{label:18} {run['steps'][label]}", flush=True)
       save()
-    if "xla" in losses and len(losses) > 1:  # the kernels' loss against the XLA path's
-      for impl, loss in losses.items():
-        if impl != "xla":
-          res["steps"][f"{recipe}/loss_diff_{impl}_vs_xla"] = abs(loss - losses["xla"])
-          print(f"{recipe}: |loss({impl}) - loss(xla)| = {abs(loss - losses['xla']):.2e}")
   save()
   print(f"wrote {out_path}")
 

@@ -25,7 +25,7 @@ GPU_FILES=(
   tests/test_kernels_quantize.py tests/test_kernels_unpack.py tests/test_kernels_matmul.py
   tests/test_kernels_weight_only.py tests/test_lab_inkernel_matmul.py tests/test_dispatch.py
   tests/test_quantization.py tests/test_qdot.py tests/test_qconv.py tests/test_linen.py
-  tests/test_nnx.py
+  tests/test_nnx.py tests/test_operand.py tests/test_qdot_fused.py
 )
 if [ -n "${GPU_TESTS:-}" ]; then read -r -a GPU_FILES <<< "$GPU_TESTS"; fi
 # SIGINT at the time limit still prints the failures so far and the durations.

@@ -1,0 +1,209 @@
+"""GEMM-ready operands: a tensor's fake-quantized values in the GEMM's input dtype, in one
+pass that XLA fuses with the tensor's producer.
+
+On Hopper nothing needs the packed bytes of a training activation or gradient that a GEMM
+consumes at once: the GEMM reads BF16 values. For E2M1 elements (MXFP4 with any E8M0
+scale mode, NVFP4 with UE4M3 block scales and an optional FP32 tensor scale) every value
+``q * s`` (element times block scale, *without* the tensor scale) is exact in BF16
+(:func:`fp4jax.spec.bf16_exact`), so a BF16 GEMM with float32 accumulation multiplies
+exactly the quantized numbers; the tensor scales multiply its float32 result.
+
+:func:`gemm_operand` returns those values and the tensor scale, bit for bit equal to
+:func:`gemm_operand_reference` (``dequantize`` of :func:`fp4jax.encode.quantize_reference`
+with the tensor scale left out), with no packing, no optimization barrier between the
+element math and its consumer, and a few integer operations per element:
+
+* block maxima on ``|x|`` bit patterns and the scales from :mod:`fp4jax.scales` (the
+  reference's own functions, per block);
+* ``y = |x| * m`` with ``m = 2^-s`` (power-of-two scales) or ``m = (1/t)/s`` (float
+  scales) as one float32 multiply. That is the IEEE product of the reference
+  (:func:`fp4jax.bits.mul_f32`) whenever it is normal, and a product below ``2^-126``
+  has code 0 in the reference under either rounding (nearest: it is far below 0.25;
+  stochastic: the reference's 32 random bits cannot reach below ``2^-33``), so it does
+  not matter whether the backend flushes it. A subnormal ``x`` (which XLA:CPU's
+  denormals-are-zero would read as 0) is multiplied from its integer significand
+  instead, ``((F * 2^-23) * m) * 2^-126``;
+* the E2M1 code of ``y`` from its bits (:func:`fp4jax.rounding.e2m1_magnitude_of_bits`,
+  nearest-even or stochastic with :mod:`fp4jax.prng`'s bits, the reference's);
+* the value ``v * 2^s`` from bits (subnormal results included) or ``v * s`` (a float32
+  product of two normals, exact), with the sign and the NaN of a NaN block.
+
+Which operands it takes: :func:`unsupported_reason`. Everything else takes the QArray path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp4jax import bits, blocks, decode, encode, prng, scales
+from fp4jax import rounding as rounding_lib
+from fp4jax.spec import QuantSpec
+
+U32 = jnp.uint32
+I32 = jnp.int32
+GEMM_DTYPES = (jnp.bfloat16, jnp.float32)   # what the values can be emitted as
+_F32_TWO_POW_M23 = np.float32(2.0 ** -23)
+_F32_TWO_POW_M126 = np.float32(2.0 ** -126)
+
+
+def unsupported_reason(spec: QuantSpec | None, shape: tuple[int, ...] | None = None,
+                       axis: int = -1) -> str | None:
+  """Why :func:`gemm_operand` cannot emit this operand (None: it can).
+
+  It takes E2M1 elements with E8M0-like power-of-two scales (any mode) or UE4M3 block
+  scales (``scale_mode="amax"``, with or without NVFP4's FP32 tensor scale), in blocks
+  along ``axis`` or tiles of the last two axes, rounded to nearest-even or
+  stochastically; ``shape``, when given, must divide into whole blocks."""
+  if spec is None:
+    return "the operand is not quantized"
+  if not rounding_lib.is_e2m1(spec.element):
+    return f"element format {spec.element.name} is not E2M1"
+  sfmt = spec.scale_format
+  if not (sfmt.is_pow2 or scales.is_e4m3fn(sfmt)):
+    return f"scale format {sfmt.name} is neither power-of-two nor UE4M3"
+  if spec.granularity not in ("block", "tile"):
+    return f"granularity {spec.granularity!r} (blocks or tiles only)"
+  if spec.rounding not in ("nearest", "stochastic"):
+    return f"rounding {spec.rounding!r}"
+  if not spec.saturate:
+    return "saturate=False"
+  if shape is not None:
+    axis = blocks.normalize_axis(axis, len(shape))
+    if spec.granularity == "tile" and (len(shape) < 2 or axis not in (-1, -2)):
+      return "tiles need the quantization axis among the last two"
+    ext = blocks.block_extents(tuple(shape), spec, axis)
+    for d, (n, e) in enumerate(zip(shape, ext)):
+      if n % e:
+        return f"axis {d - len(shape)} has length {n}, not a multiple of its block {e}"
+  return None
+
+
+def _input_bits(x: jax.Array) -> jax.Array:
+  """float32 bit patterns (uint32) of a bf16 / f16 / f32 array, exact."""
+  if x.dtype == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(U32) << 16
+  return bits.f32_bits(bits.to_f32_exact(x))
+
+
+def _scaled_magnitude_bits(b: jax.Array, mult: jax.Array) -> jax.Array:
+  """Bits of ``|x| * mult`` (``mult`` a positive normal float32, broadcast), exact
+  wherever the product is at least ``2^-126``, for normal and subnormal ``x`` alike, on
+  backends that flush subnormals or not (see the module doc)."""
+  a = b & U32(bits.ABS_MASK)
+  normal = bits.bits_f32(a) * mult
+  # A subnormal x = F 2^-149 from its integer significand: F 2^-23 is a normal float.
+  frac = (a & U32(bits.MANT_MASK)).astype(jnp.float32) * _F32_TWO_POW_M23
+  tiny = (frac * mult) * _F32_TWO_POW_M126
+  return bits.f32_bits(jnp.where((a >> 23) == 0, tiny, normal))
+
+
+def _pow2_value_bits(mag: jax.Array, shift: jax.Array) -> jax.Array:
+  """float32 bits of ``v * 2^shift`` for E2M1 magnitude codes ``mag`` (value v) and
+  int32 exponents ``shift`` in [-127, 127], from bits (subnormal results included)."""
+  vb = rounding_lib.e2m1_f32_bits(mag)              # 0 or a normal: exponent 126..129
+  e = (vb >> 23).astype(I32) + shift                # the result's biased exponent
+  normal = vb + (shift << 23).astype(U32)
+  # e <= 0: a subnormal result; v has one mantissa bit, so the shift (<= 2) drops nothing.
+  sub = ((vb & U32(bits.MANT_MASK)) | U32(0x800000)) >> jnp.clip(1 - e, 0, 31).astype(U32)
+  return jnp.where(mag == 0, U32(0), jnp.where(e >= 1, normal, sub))
+
+
+def _emit(value_bits: jax.Array, dtype) -> jax.Array:
+  """float32 bit patterns to ``dtype`` (bfloat16: the top half; every value here has
+  at most 6 significant bits and is at least 2^-128, so that is exact)."""
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type((value_bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+  return bits.bits_f32(value_bits)
+
+
+def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | None = None,
+                 *, dtype: Any = jnp.bfloat16, random_bits: jax.Array | None = None,
+                 tensor_scale: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+  """The GEMM-ready values of ``x`` quantized by ``spec`` along ``axis``, and its tensor
+  scale.
+
+  Args:
+    x: float32 / bfloat16 / float16 array whose blocked dimensions divide into blocks.
+    spec: a spec that :func:`unsupported_reason` accepts.
+    axis: the contraction axis (blocks run along it).
+    key: ``jax.random`` key for stochastic rounding (bits from :mod:`fp4jax.prng`, as
+      ``quantize``); or ``random_bits``, uint32 of ``x.shape``.
+    dtype: ``bfloat16`` (the GEMM's input) or ``float32``.
+    tensor_scale: an explicit FP32 tensor scale (two-level specs); default: from the
+      tensor's amax, as ``quantize``.
+
+  Returns:
+    ``(values, t)``: ``values`` of ``x.shape`` and ``dtype``, equal bit for bit to
+    :func:`gemm_operand_reference`; ``t`` the float32 tensor scale (shape ``()``) for
+    two-level specs, else None. ``values * t`` are the quantized numbers.
+  """
+  why = unsupported_reason(spec, x.shape, axis)
+  if why is not None:
+    raise ValueError(f"gemm_operand: unsupported operand ({why}); use "
+                     "fp4jax.quantize + dequantize for it")
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in GEMM_DTYPES]:
+    raise ValueError(f"gemm_operand: dtype must be bfloat16 or float32, got {dtype}")
+  x = encode.check_input(x)
+  axis = blocks.normalize_axis(axis, x.ndim)
+  rbits = None
+  if spec.rounding == "stochastic":
+    if random_bits is None:
+      if key is None:
+        raise ValueError("gemm_operand: stochastic rounding needs key=jax.random.key(...) "
+                         "(or random_bits=)")
+      random_bits = prng.random_bits_for(key, x.shape)
+    rbits = jnp.asarray(random_bits, U32)
+  b = _input_bits(x)
+  ext = blocks.block_extents(x.shape, spec, axis)
+  amax = blocks.block_max(bits.abs_bits(b), ext)
+  expand = lambda v: blocks.expand(v, ext, x.shape)
+  elem, sfmt = spec.element, spec.scale_format
+  sign = b & U32(bits.SIGN_MASK)
+  ts = None
+  if sfmt.is_pow2:
+    code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
+    shift = jnp.clip(scales.pow2_scale_exponent(code, sfmt), -127, 127)  # 128: NaN block
+    shift_e = expand(shift)
+    y = _scaled_magnitude_bits(b, expand(bits.pow2_f32(-shift)))
+    mag = rounding_lib.e2m1_magnitude_of_bits(y, spec.rounding, rbits)
+    out = _pow2_value_bits(mag, shift_e) | sign
+    out = jnp.where(expand(scales.pow2_scale_is_nan(code, sfmt)), U32(bits.F32_NAN_BITS), out)
+  else:
+    if spec.tensor_scale == "amax":
+      ts = encode.tensor_scale(amax, spec, tensor_scale)
+    s = scales.float_block_scale(amax, elem, sfmt, ts)
+    # Per block, materialised (as the reference does): keeps the exact divisions out of
+    # the element fusion, where XLA would repeat them for every element.
+    s, recip = jax.lax.optimization_barrier((s, scales.float_scale_reciprocal(s, ts)))
+    s_e = expand(s)
+    y = _scaled_magnitude_bits(b, expand(recip))
+    mag = rounding_lib.e2m1_magnitude_of_bits(y, spec.rounding, rbits)
+    v = bits.bits_f32(rounding_lib.e2m1_f32_bits(mag) | sign) * s_e  # exact: normals
+    out = jnp.where(jnp.isnan(s_e), U32(bits.F32_NAN_BITS), bits.f32_bits(v))
+  return _emit(out, dtype), ts
+
+
+def gemm_operand_reference(x: jax.Array, spec: QuantSpec, axis: int = -1,
+                           key: jax.Array | None = None, *, dtype: Any = jnp.bfloat16,
+                           random_bits: jax.Array | None = None,
+                           tensor_scale: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array | None]:
+  """What :func:`gemm_operand` must equal: ``quantize_reference`` then exact decoding
+  without the tensor scale (``q * s``), and the tensor scale (shape ``()``) or None."""
+  q = encode.quantize_reference(x, spec, axis, key, random_bits=random_bits,
+                                tensor_scale=encode.SPEC_DEFAULT if tensor_scale is None
+                                else tensor_scale)
+  t = q.tensor_scale
+  if t is not None:
+    q = dataclasses.replace(q, tensor_scale=None)
+    t = t.reshape(())
+  return decode.dequantize(q, dtype), t
+
+
+__all__ = ["GEMM_DTYPES", "gemm_operand", "gemm_operand_reference", "unsupported_reason"]

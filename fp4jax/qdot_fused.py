@@ -1,0 +1,177 @@
+"""The three GEMMs of a quantized linear layer from GEMM-ready operands.
+
+The canonical ``(B, M, K) x (B, K, N)`` product of :mod:`fp4jax.qdot`, with the same
+recipe semantics (six operand specs, double quantization, random Hadamard transforms,
+``fold_in`` keys), but every operand is emitted by :func:`fp4jax.operand.gemm_operand`:
+its quantized values in the GEMM's input dtype, computed inside the XLA fusion that reads
+the operand, with no packed codes written and read back. The GEMMs multiply those values
+on BF16 tensor cores with float32 accumulation (float32 GEMMs where the backend has no
+BF16 dot, XLA:CPU), and NVFP4's FP32 tensor scales multiply the float32 results.
+
+Against the reference (:func:`fp4jax.qdot.qdot_general` with ``impl="xla"``) every operand
+holds the same quantized numbers bit for bit; the products differ only in float32
+accumulation order and, for two-level scales, in applying ``t`` to the result instead of
+folding it into each block scale (one float32 rounding per block scale). Tests bound both.
+
+What it saves, besides the packing round trip:
+
+* residuals stay in the operands' own dtype (BF16 activations are not widened to float32);
+* a weight quantized in 2D tiles with nearest rounding (NVFP4's 16x16) is quantized once:
+  the forward's values serve dgrad (the tiles are the same whichever axis the GEMM
+  contracts), as NVIDIA's recipe intends;
+* the gradient ``dY`` is read by XLA for both of its quantizations (along N for dgrad,
+  along the tokens for wgrad), which it may fuse into one pass.
+
+The recipes it takes: :func:`unsupported_reason`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fp4jax import blocks, hadamard, operand
+from fp4jax import recipes as recipes_lib
+from fp4jax.spec import QuantSpec
+
+_OP_INDEX = {op: i for i, op in enumerate(recipes_lib.OPERANDS)}  # fold_in of each operand
+_H_FWD, _H_DGRAD, _H_WGRAD = 6, 7, 8                                 # ... and each transform
+
+
+def unsupported_reason(recipe: recipes_lib.Recipe, *, has_reference: bool = False,
+                       n: int | None = None) -> str | None:
+  """Why this path cannot run ``recipe`` (None: it can). ``has_reference``: a Q-EMA
+  reference is given; ``n``: the output width (dgrad contracts it)."""
+  r = recipe
+  if has_reference:
+    return "a Q-EMA reference decides the weight rounding"
+  if r.lhs_estimator != "ste" or r.rhs_estimator != "ste":
+    return f"estimators {r.lhs_estimator}/{r.rhs_estimator} (STE only)"
+  if r.lhs_asymmetric:
+    return "asymmetric activations"
+  for op in recipes_lib.OPERANDS:
+    why = operand.unsupported_reason(getattr(r, op))
+    if why is not None:
+      return f"{op}: {why}"
+  if r.double_quant and any(getattr(r, op).tensor_scale is not None
+                            for op in ("fwd_lhs", "fwd_rhs")):
+    return "double quantization of two-level (tensor-scaled) operands"
+  if n is not None:
+    mult = math.lcm(*(blocks.required_multiple(getattr(r, op), -1)
+                      for op in ("dgrad_grad", "dgrad_rhs")), r.hadamard_dgrad or 1)
+    if n % mult:
+      return f"the output width {n} is not a multiple of {mult} (dgrad's blocks)"
+  return None
+
+
+def reuses_forward_weight(recipe: recipes_lib.Recipe) -> bool:
+  """Whether dgrad multiplies the forward's quantized weight: the same 2D-tiled spec with
+  nearest rounding, no transform in between, no double quantization."""
+  r = recipe
+  return (r.fwd_rhs == r.dgrad_rhs and r.fwd_rhs.granularity == "tile"
+          and r.fwd_rhs.rounding == "nearest" and not r.double_quant
+          and r.hadamard_fwd is None and r.hadamard_dgrad is None)
+
+
+def _key(key_data, i):
+  return jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
+
+
+def _transform(x, axis, key_data, block, which, transpose=False):
+  """The recipe's random Hadamard transform along ``axis`` (float32, exactly the
+  reference's), or ``x`` untouched when the recipe has none."""
+  if block is None:
+    return x
+  return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
+
+
+def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype):
+  key = _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
+  return operand.gemm_operand(x, spec, axis, key, dtype=dtype)
+
+
+def _gemm(x, y, eq: str, tx, ty):
+  """float32 ``einsum`` of two GEMM-ready operands, times their tensor scales."""
+  precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  out = jnp.einsum(eq, x, y, precision=precision, preferred_element_type=jnp.float32)
+  for t in (tx, ty):
+    if t is not None:
+      out = out * t
+  return out
+
+
+class _Residual(NamedTuple):
+  """What the forward saves for the backward GEMMs."""
+
+  a_src: jax.Array          # wgrad's A: A' (double quantization: its quantized values)
+  w_src: jax.Array          # dgrad's W: W', its quantized values, or (reused) the forward's
+  w_scale: jax.Array | None  # the tensor scale of a reused forward weight
+  key_data: jax.Array       # the step key's raw data (fold_in per operand)
+  a_like: jax.Array         # empty array of A's dtype: the dtype of dA
+  w_like: jax.Array         # empty array of W's dtype: the dtype of dW
+
+
+@functools.lru_cache(maxsize=None)
+def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16):
+  """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N) -> (B,M,N)`` of one recipe, with
+  operands emitted as ``gemm_dtype`` (bfloat16, or float32 where BF16 dots are not
+  native)."""
+  r = recipe
+  reuse = reuses_forward_weight(r)
+
+  def fwd(a, w, key_data):
+    a1 = _transform(a, -1, key_data, r.hadamard_fwd, _H_FWD)
+    w1 = _transform(w, -2, key_data, r.hadamard_fwd, _H_FWD)
+    av, ta = _emit(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", gemm_dtype)
+    wv, tw = _emit(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype)
+    y = _gemm(av, wv, "bmk,bkn->bmn", ta, tw).astype(out_dtype)
+    a_src = av if r.double_quant else a1
+    w_src = wv if (reuse or r.double_quant) else w1
+    return y, _Residual(a_src, w_src, tw if reuse else None, key_data,
+                        jnp.zeros((0,), a.dtype), jnp.zeros((0,), w.dtype))
+
+  def bwd(res: _Residual, g):
+    kd = res.key_data
+    # dgrad: dA' = dY W'^T, contracting N.
+    gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,
+                   "dgrad_grad", gemm_dtype)
+    if reuse:
+      wv, tw = res.w_src, res.w_scale
+    else:
+      wv, tw = _emit(_transform(res.w_src, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_rhs,
+                     -1, kd, "dgrad_rhs", gemm_dtype)
+    da = _gemm(gv, wv, "bmn,bkn->bmk", tg, tw)
+    # wgrad: dW' = A'^T dY, contracting the tokens M, zero-padded to whole blocks (exact,
+    # as in the reference: zero rows add nothing, and a Hadamard transform is orthogonal).
+    a_src, g2 = res.a_src, g
+    m = a_src.shape[1]
+    mult = math.lcm(*(blocks.required_multiple(getattr(r, op), -2)
+                      for op in ("wgrad_lhs", "wgrad_grad")), r.hadamard_wgrad or 1)
+    if m % mult:
+      pad = [(0, 0), (0, -m % mult), (0, 0)]
+      a_src, g2 = jnp.pad(a_src, pad), jnp.pad(g2, pad)
+    av, ta = _emit(_transform(a_src, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_lhs, -2, kd,
+                   "wgrad_lhs", gemm_dtype)
+    gv2, tg2 = _emit(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad, -2, kd,
+                     "wgrad_grad", gemm_dtype)
+    dw = _gemm(av, gv2, "bmk,bmn->bkn", ta, tg2)
+    da = _transform(da, -1, kd, r.hadamard_fwd, _H_FWD, transpose=True)
+    dw = _transform(dw, -2, kd, r.hadamard_fwd, _H_FWD, transpose=True)
+    zero_key = np.zeros(kd.shape, dtype=jax.dtypes.float0)
+    return da.astype(res.a_like.dtype), dw.astype(res.w_like.dtype), zero_key
+
+  @jax.custom_vjp
+  def qmatmul(a, w, key_data):
+    return fwd(a, w, key_data)[0]
+
+  qmatmul.defvjp(fwd, bwd)
+  return qmatmul
+
+
+__all__ = ["qmatmul_for", "reuses_forward_weight", "unsupported_reason"]
