@@ -80,6 +80,15 @@ class DeviceFacts:
     return self.platform == "gpu"
 
   @property
+  def keeps_subnormals(self) -> bool:
+    """Whether XLA's float32 multiply keeps subnormal operands and results here: XLA:GPU
+    does by default (``xla_gpu_ftz=false``; ``kernels.bench_step`` measures it, True on the
+    H200), XLA:CPU flushes them (seen with jax 0.12 on x86). Exact code may then use one
+    hardware multiply where it would otherwise go through integers
+    (:func:`fp4jax.operand.gemm_operand`)."""
+    return self.platform == "gpu"
+
+  @property
   def bf16_dot(self) -> bool:
     """Whether XLA runs a BF16 x BF16 -> F32 dot natively (XLA:CPU has no such thunk)."""
     return self.platform != "cpu"

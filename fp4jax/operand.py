@@ -23,10 +23,14 @@ element math and its consumer, and a few integer operations per element:
   not matter whether the backend flushes it. A subnormal ``x`` (which XLA:CPU's
   denormals-are-zero would read as 0) is multiplied from its integer significand
   instead, ``((F * 2^-23) * m) * 2^-126``;
-* the E2M1 code of ``y`` from its bits (:func:`fp4jax.rounding.e2m1_magnitude_of_bits`,
-  nearest-even or stochastic with :mod:`fp4jax.prng`'s bits, the reference's);
-* the value ``v * 2^s`` from bits (subnormal results included) or ``v * s`` (a float32
-  product of two normals, exact), with the sign and the NaN of a NaN block.
+* ``y`` rounded onto the E2M1 grid in place (:func:`fp4jax.rounding.e2m1_grid_bits`),
+  then the value ``v * 2^s`` or ``v * s``: a float32 product that is exact, or, for
+  ``2^s`` with subnormal results on a flushing backend, from bits; with the sign and the
+  NaN of a NaN block.
+
+Per-block multipliers and scales are materialised once (an ``optimization_barrier``), so
+the element fusion reads two floats per block and spends a dozen integer operations per
+element; ``ieee_subnormals=True`` (XLA:GPU) drops the subnormal-input detour.
 
 Which operands it takes: :func:`unsupported_reason`. Everything else takes the QArray path.
 """
@@ -102,15 +106,20 @@ def _scaled_magnitude_bits(b: jax.Array, mult: jax.Array) -> jax.Array:
   return bits.f32_bits(jnp.where((a >> 23) == 0, tiny, normal))
 
 
-def _pow2_value_bits(mag: jax.Array, shift: jax.Array) -> jax.Array:
-  """float32 bits of ``v * 2^shift`` for E2M1 magnitude codes ``mag`` (value v) and
+def _pow2_value_bits(vb: jax.Array, shift: jax.Array) -> jax.Array:
+  """float32 bits of ``v * 2^shift`` for E2M1 grid values ``v`` (float32 bits ``vb``) and
   int32 exponents ``shift`` in [-127, 127], from bits (subnormal results included)."""
-  vb = rounding_lib.e2m1_f32_bits(mag)              # 0 or a normal: exponent 126..129
   e = (vb >> 23).astype(I32) + shift                # the result's biased exponent
   normal = vb + (shift << 23).astype(U32)
   # e <= 0: a subnormal result; v has one mantissa bit, so the shift (<= 2) drops nothing.
   sub = ((vb & U32(bits.MANT_MASK)) | U32(0x800000)) >> jnp.clip(1 - e, 0, 31).astype(U32)
-  return jnp.where(mag == 0, U32(0), jnp.where(e >= 1, normal, sub))
+  return jnp.where(vb == 0, U32(0), jnp.where(e >= 1, normal, sub))
+
+
+def _pow2_bits(shift: jax.Array) -> jax.Array:
+  """float32 bits of ``2^shift`` for int32 ``shift`` in [-149, 127] (subnormals too)."""
+  return jnp.where(shift >= -126, ((shift + 127) << 23).astype(U32),
+                   U32(1) << jnp.clip(shift + 149, 0, 22).astype(U32))
 
 
 def _emit(value_bits: jax.Array, dtype) -> jax.Array:
@@ -123,7 +132,7 @@ def _emit(value_bits: jax.Array, dtype) -> jax.Array:
 
 def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | None = None,
                  *, dtype: Any = jnp.bfloat16, random_bits: jax.Array | None = None,
-                 tensor_scale: jax.Array | None = None
+                 tensor_scale: jax.Array | None = None, ieee_subnormals: bool = False
                  ) -> tuple[jax.Array, jax.Array | None]:
   """The GEMM-ready values of ``x`` quantized by ``spec`` along ``axis``, and its tensor
   scale.
@@ -137,6 +146,10 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
     dtype: ``bfloat16`` (the GEMM's input) or ``float32``.
     tensor_scale: an explicit FP32 tensor scale (two-level specs); default: from the
       tensor's amax, as ``quantize``.
+    ieee_subnormals: the backend's float32 multiply keeps subnormal operands and results
+      (XLA:GPU's default; :attr:`fp4jax.dispatch.DeviceFacts.keeps_subnormals`): then the
+      scaling is one multiply per element, with no integer detour for subnormal ``x`` and
+      results. False (XLA:CPU flushes them) is exact on every backend.
 
   Returns:
     ``(values, t)``: ``values`` of ``x.shape`` and ``dtype``, equal bit for bit to
@@ -168,24 +181,37 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
   ts = None
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
-    shift = jnp.clip(scales.pow2_scale_exponent(code, sfmt), -127, 127)  # 128: NaN block
-    shift_e = expand(shift)
-    y = _scaled_magnitude_bits(b, expand(bits.pow2_f32(-shift)))
-    mag = rounding_lib.e2m1_magnitude_of_bits(y, spec.rounding, rbits)
-    out = _pow2_value_bits(mag, shift_e) | sign
-    out = jnp.where(expand(scales.pow2_scale_is_nan(code, sfmt)), U32(bits.F32_NAN_BITS), out)
+    # E2M1 scales stay within [-127, 126] (emax = 2); 128 is the NaN code.
+    shift = jnp.clip(scales.pow2_scale_exponent(code, sfmt), -127, 127)
+    nan_block = scales.pow2_scale_is_nan(code, sfmt)
+    mult = bits.pow2_f32(-shift)                                   # 2^-s, a normal
+    # The scale 2^s as a float (subnormal for s = -127), NaN for a NaN block.
+    scale = bits.bits_f32(jnp.where(nan_block, U32(bits.F32_NAN_BITS), _pow2_bits(shift)))
   else:
     if spec.tensor_scale == "amax":
       ts = encode.tensor_scale(amax, spec, tensor_scale)
-    s = scales.float_block_scale(amax, elem, sfmt, ts)
-    # Per block, materialised (as the reference does): keeps the exact divisions out of
-    # the element fusion, where XLA would repeat them for every element.
-    s, recip = jax.lax.optimization_barrier((s, scales.float_scale_reciprocal(s, ts)))
-    s_e = expand(s)
-    y = _scaled_magnitude_bits(b, expand(recip))
-    mag = rounding_lib.e2m1_magnitude_of_bits(y, spec.rounding, rbits)
-    v = bits.bits_f32(rounding_lib.e2m1_f32_bits(mag) | sign) * s_e  # exact: normals
-    out = jnp.where(jnp.isnan(s_e), U32(bits.F32_NAN_BITS), bits.f32_bits(v))
+    scale = scales.float_block_scale(amax, elem, sfmt, ts)
+    mult = scales.float_scale_reciprocal(scale, ts)
+  # Per block, materialised (as the reference does): the element fusion reads one
+  # multiplier and one scale per block instead of repeating the block math per element.
+  if sfmt.is_pow2:
+    mult, scale, shift, nan_block = jax.lax.optimization_barrier((mult, scale, shift,
+                                                                  nan_block))
+  else:
+    mult, scale = jax.lax.optimization_barrier((mult, scale))
+  if ieee_subnormals:
+    y = bits.f32_bits(bits.bits_f32(b & U32(bits.ABS_MASK)) * expand(mult))
+  else:
+    y = _scaled_magnitude_bits(b, expand(mult))
+  grid = rounding_lib.e2m1_grid_bits(y, spec.rounding, rbits)
+  if ieee_subnormals or not sfmt.is_pow2:
+    # v * s: exact (v has two significant bits; 2^s or a UE4M3 value), and a subnormal
+    # 2^-127 scale is only multiplied where subnormals are IEEE.
+    v = bits.bits_f32(grid | sign) * expand(scale)
+    out = jnp.where(jnp.isnan(v), U32(bits.F32_NAN_BITS), bits.f32_bits(v))
+  else:
+    out = _pow2_value_bits(grid, expand(shift)) | sign
+    out = jnp.where(expand(nan_block), U32(bits.F32_NAN_BITS), out)
   return _emit(out, dtype), ts
 
 

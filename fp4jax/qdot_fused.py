@@ -91,9 +91,9 @@ def _transform(x, axis, key_data, block, which, transpose=False):
   return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
 
 
-def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype):
+def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool):
   key = _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
-  return operand.gemm_operand(x, spec, axis, key, dtype=dtype)
+  return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee)
 
 
 def _gemm(x, y, eq: str, tx, ty):
@@ -118,18 +118,19 @@ class _Residual(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16):
+def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
+                ieee_subnormals: bool = False):
   """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N) -> (B,M,N)`` of one recipe, with
   operands emitted as ``gemm_dtype`` (bfloat16, or float32 where BF16 dots are not
-  native)."""
+  native); ``ieee_subnormals`` as :func:`fp4jax.operand.gemm_operand`."""
   r = recipe
   reuse = reuses_forward_weight(r)
 
   def fwd(a, w, key_data):
     a1 = _transform(a, -1, key_data, r.hadamard_fwd, _H_FWD)
     w1 = _transform(w, -2, key_data, r.hadamard_fwd, _H_FWD)
-    av, ta = _emit(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", gemm_dtype)
-    wv, tw = _emit(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype)
+    av, ta = _emit(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", gemm_dtype, ieee_subnormals)
+    wv, tw = _emit(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype, ieee_subnormals)
     y = _gemm(av, wv, "bmk,bkn->bmn", ta, tw).astype(out_dtype)
     a_src = av if r.double_quant else a1
     w_src = wv if (reuse or r.double_quant) else w1
@@ -140,12 +141,12 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16):
     kd = res.key_data
     # dgrad: dA' = dY W'^T, contracting N.
     gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,
-                   "dgrad_grad", gemm_dtype)
+                   "dgrad_grad", gemm_dtype, ieee_subnormals)
     if reuse:
       wv, tw = res.w_src, res.w_scale
     else:
       wv, tw = _emit(_transform(res.w_src, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_rhs,
-                     -1, kd, "dgrad_rhs", gemm_dtype)
+                     -1, kd, "dgrad_rhs", gemm_dtype, ieee_subnormals)
     da = _gemm(gv, wv, "bmn,bkn->bmk", tg, tw)
     # wgrad: dW' = A'^T dY, contracting the tokens M, zero-padded to whole blocks (exact,
     # as in the reference: zero rows add nothing, and a Hadamard transform is orthogonal).
@@ -157,9 +158,9 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16):
       pad = [(0, 0), (0, -m % mult), (0, 0)]
       a_src, g2 = jnp.pad(a_src, pad), jnp.pad(g2, pad)
     av, ta = _emit(_transform(a_src, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_lhs, -2, kd,
-                   "wgrad_lhs", gemm_dtype)
+                   "wgrad_lhs", gemm_dtype, ieee_subnormals)
     gv2, tg2 = _emit(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad, -2, kd,
-                     "wgrad_grad", gemm_dtype)
+                     "wgrad_grad", gemm_dtype, ieee_subnormals)
     dw = _gemm(av, gv2, "bmk,bmn->bkn", ta, tg2)
     da = _transform(da, -1, kd, r.hadamard_fwd, _H_FWD, transpose=True)
     dw = _transform(dw, -2, kd, r.hadamard_fwd, _H_FWD, transpose=True)

@@ -6,11 +6,13 @@ a copy and the naive fake quantization, in one run.
 1. Correctness, compiled for this device: :func:`fp4jax.operand.gemm_operand` against
    :func:`fp4jax.operand.gemm_operand_reference` bit for bit, for MXFP4 (every scale mode)
    and NVFP4 (1x16, 16x16), nearest and stochastic rounding, blocks along rows and
-   columns, on every bf16 bit pattern and on wide-range float32 data with zero,
+   columns, both variants (``ieee_subnormals`` False, and True where the device keeps
+   subnormals), on every bf16 bit pattern and on wide-range float32 data with zero,
    subnormal, tiny and near-max blocks.
 2. Speed on a ``size x size`` bf16 matrix, median of 5 runs of ``--reps`` calls: a copy
    (``-x``: one read, one write, the floor of any bf16 -> bf16 pass), the naive MXFP4 fake
-   quantization of :mod:`kernels.naive`, and ``gemm_operand`` per configuration.
+   quantization of :mod:`kernels.naive`, ``gemm_operand`` per configuration (the variant
+   the fused layers run on this device), and the Pallas quantize kernel (packed codes).
    "of copy" = copy time / time: the fraction of copy bandwidth reached for the same bytes.
 """
 
@@ -68,7 +70,7 @@ def check_inputs(seed=0):
   return {"every_bf16": every, "finite_bf16": finite, "wide_f32": jnp.asarray(wide)}
 
 
-def check(key) -> dict:
+def check(key, ieee: bool) -> dict:
   out = {}
   inputs = check_inputs()
   specs = dict(CONFIGS)
@@ -78,13 +80,15 @@ def check(key) -> dict:
     for data_name, x in inputs.items():
       if data_name == "every_bf16" and not spec.scale_format.is_pow2:
         continue  # NaN/Inf make NVFP4's tensor scale NaN: every value is NaN (checked on CPU)
-      got, t = jax.jit(lambda v: operand.gemm_operand(v, spec, axis, key))(x)
+      got, t = jax.jit(lambda v: operand.gemm_operand(v, spec, axis, key,
+                                                      ieee_subnormals=ieee))(x)
       ref, tr = jax.jit(lambda v: operand.gemm_operand_reference(v, spec, axis, key))(x)
       bad += int((_bits(got) != _bits(ref)).sum())
       if t is not None:
         bad += int(_bits(t) != _bits(tr))
     out[name] = bad
-    print(f"check {name:18}: {'bit-exact' if bad == 0 else f'{bad} MISMATCHES'}", flush=True)
+    print(f"check {name:18} ieee_subnormals={ieee!s:5}: "
+          f"{'bit-exact' if bad == 0 else f'{bad} MISMATCHES'}", flush=True)
   return out
 
 
@@ -95,16 +99,18 @@ def main(argv):
                                        f"operand_{facts.slug}.json")
   key = jax.random.key(0)
   res = {"device": facts.kind, "jax": jax.__version__, "size": FLAGS.size, "timings_ms": {}}
+  ieee = facts.keeps_subnormals  # the variant fp4jax.qdot's fused path runs here
+  res["ieee_subnormals"] = ieee
   if FLAGS.check:
-    res["mismatches"] = check(key)
+    res["mismatches"] = {str(v): check(key, v) for v in sorted({False, ieee})}
   n = FLAGS.size
   x = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
   fns = {"copy": jax.jit(lambda v: -v),
          "naive_mxfp4_rows": jax.jit(lambda v: naive_fake_quant(v, -1)),
          "naive_mxfp4_cols": jax.jit(lambda v: naive_fake_quant(v, -2))}
   for name, (spec, axis) in CONFIGS.items():
-    fns[name] = jax.jit(lambda v, spec=spec, axis=axis: operand.gemm_operand(v, spec, axis,
-                                                                             key)[0])
+    fns[name] = jax.jit(lambda v, spec=spec, axis=axis: operand.gemm_operand(
+        v, spec, axis, key, ieee_subnormals=ieee)[0])
   fns["quantize_kernel_mxfp4_rows"] = jax.jit(lambda v: fp4jax.quantize(v, MX, -1, impl="auto"))
   t_copy = None
   for name, fn in fns.items():

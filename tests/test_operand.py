@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sweeps
-from fp4jax import operand
+from fp4jax import dispatch, operand
 from fp4jax.spec import get_spec
 
 
@@ -45,6 +45,7 @@ def _wide(shape, seed, dtype, tiny=False):
   return jnp.asarray(x).astype(dtype)
 
 
+KEEPS_SUBNORMALS = dispatch.device_facts().keeps_subnormals
 SPECS = [("mxfp4", m) for m in ("floor", "ceil", "even", "rceil")] + [
     ("nvfp4", "amax"), ("nvfp4_2d", "amax")]
 
@@ -66,8 +67,12 @@ def test_gemm_operand_equals_reference(spec_mode, rounding, axis, data):
     x = _wide(shape, 3, jnp.bfloat16 if data == "wide_bf16" else jnp.float32,
               tiny=data == "tiny_f32")
   key = jax.random.key(7)
-  for dtype in (jnp.bfloat16, jnp.float32):
-    got, t = jax.jit(lambda x: operand.gemm_operand(x, sp, axis, key, dtype=dtype))(x)
+  # The IEEE variant (one multiply) is exact only where the backend keeps subnormals
+  # (XLA:GPU); on XLA:CPU it is checked on normal data below.
+  for dtype, ieee in [(jnp.bfloat16, False), (jnp.float32, False)] + (
+      [(jnp.bfloat16, True), (jnp.float32, True)] if KEEPS_SUBNORMALS else []):
+    got, t = jax.jit(lambda x: operand.gemm_operand(x, sp, axis, key, dtype=dtype,
+                                                    ieee_subnormals=ieee))(x)
     ref, tr = jax.jit(lambda x: operand.gemm_operand_reference(x, sp, axis, key,
                                                                dtype=dtype))(x)
     assert got.dtype == ref.dtype == dtype and got.shape == x.shape
@@ -129,3 +134,20 @@ def test_bad_arguments_are_named():
     operand.gemm_operand(jnp.ones((4, 32)), sp.replace(rounding="stochastic"), -1)
   with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
     operand.gemm_operand(jnp.ones((4, 32), jnp.int32), sp, -1)
+
+
+@pytest.mark.parametrize("name,mode", SPECS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_ieee_variant_equals_reference_on_normal_data(name, mode, rounding):
+  # Normal inputs whose blocks have scales >= 2^-126: no subnormal operand or result for
+  # a flushing backend to touch, so the one-multiply variant is exact on CPU too.
+  sp = get_spec(name).replace(scale_mode=mode, rounding=rounding)
+  rng = np.random.default_rng(9)
+  x = (rng.standard_normal((64, 128)) * np.exp2(rng.integers(-20, 20, (64, 128))))
+  x[0, :4] = [6.0, -7.0, 0.0, -0.0]
+  x = jnp.asarray(x.astype(np.float32))
+  key = jax.random.key(2)
+  for axis in (-1, -2):
+    got, _ = operand.gemm_operand(x, sp, axis, key, ieee_subnormals=True)
+    ref, _ = operand.gemm_operand_reference(x, sp, axis, key)
+    np.testing.assert_array_equal(_u(got), _u(ref))

@@ -174,3 +174,20 @@ def test_e2m1_f32_bits_equals_decode():
   got = np.asarray(rounding.e2m1_f32_bits(codes)).view(np.float32)
   want = np.asarray(rounding.decode_to_f32(codes, F.E2M1))
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_e2m1_grid_bits_equals_code_then_decode(rounding):
+  from fp4jax import rounding as R
+  rng = np.random.default_rng(5)
+  a = np.concatenate([rng.integers(0, 0x41800000, 200_000, dtype=np.uint32),
+                      np.arange(0x3E000000, 0x3E000000 + 2 ** 22, 61, dtype=np.uint32),
+                      np.array([0, 1, 0x3E800000, 0x3F400000, 0x3F800000, 0x40C00000,
+                                0x40E00000, 0x7F800000, 0x7F7FFFFF], np.uint32)])
+  rb = jnp.asarray(rng.integers(0, 2 ** 32, a.size, dtype=np.uint64).astype(np.uint32))
+  a = jnp.asarray(a)
+  got = R.e2m1_grid_bits(a, rounding, rb)
+  want = R.e2m1_f32_bits(R.e2m1_magnitude_of_bits(a, rounding, rb))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="nearest or stochastic"):
+    R.e2m1_grid_bits(a, "toward_zero")
