@@ -307,6 +307,39 @@ def choose_operand_path(recipe, policy: str, *, has_reference: bool = False,
   return choice
 
 
+class OperandEmitter(enum.Enum):
+  """Which code emits a :attr:`OperandPath.FUSED` layer's GEMM-ready operands."""
+
+  XLA = "xla"
+  """:func:`fp4jax.operand.gemm_operand`, inside the XLA fusion that reads the operand
+  (any device; every spec the fused path takes)."""
+
+  PALLAS = "pallas"
+  """:mod:`fp4jax.kernels.operand` for the large operands with power-of-two scales (one
+  read and one write each; ``dY``'s two quantizations from one read), XLA for the rest
+  (float scales, transforms, weights below :attr:`fp4jax.qdot_fused.KernelEmit.min_elements`)."""
+
+
+def choose_operand_emitter(policy: str, facts: DeviceFacts | None = None) -> Choice:
+  """The :class:`OperandEmitter` of a fused layer under a resolved ``policy``: the Pallas
+  kernel under ``"auto"`` on a GPU (measured: ``kernels/results/step_<gpu>.json``), XLA
+  under ``"fused"`` (which names XLA's fusions) and off GPUs."""
+  facts = facts or device_facts()
+  if policy == "auto" and facts.on_gpu:
+    choice = Choice(OperandEmitter.PALLAS)
+  else:
+    choice = Choice(OperandEmitter.XLA, reason=f"policy {policy!r} on {facts.platform}")
+  _log_once("operands", policy, choice)
+  return choice
+
+
+def kernel_emit(choice: Choice, facts: DeviceFacts | None = None) -> qdot_fused.KernelEmit | None:
+  """What :func:`fp4jax.qdot_fused.qmatmul_for` takes for an emitter choice."""
+  if choice.impl is not OperandEmitter.PALLAS:
+    return None
+  return qdot_fused.KernelEmit(interpret=interpret_mode(facts))
+
+
 # ------------------------------------------------------------------------------- GEMM
 
 
@@ -389,6 +422,6 @@ def interpret_mode(facts: DeviceFacts | None = None) -> bool:
 
 
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
-           "HOPPER_GENERATION", "OperandPath", "POLICIES", "QuantizeImpl", "check_policy",
-           "choose_gemm", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl",
+           "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl", "check_policy",
+           "choose_gemm", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
            "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

@@ -38,7 +38,7 @@ Which operands it takes: :func:`unsupported_reason`. Everything else takes the Q
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ def unsupported_reason(spec: QuantSpec | None, shape: tuple[int, ...] | None = N
   return None
 
 
-def _input_bits(x: jax.Array) -> jax.Array:
+def input_bits(x: jax.Array) -> jax.Array:
   """float32 bit patterns (uint32) of a bf16 / f16 / f32 array, exact."""
   if x.dtype == jnp.bfloat16:
     return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(U32) << 16
@@ -122,7 +122,7 @@ def _pow2_bits(shift: jax.Array) -> jax.Array:
                    U32(1) << jnp.clip(shift + 149, 0, 22).astype(U32))
 
 
-def _emit(value_bits: jax.Array, dtype) -> jax.Array:
+def emit(value_bits: jax.Array, dtype) -> jax.Array:
   """float32 bit patterns to ``dtype`` (bfloat16: the top half; every value here has
   at most 6 significant bits and is at least 2^-128, so that is exact)."""
   if jnp.dtype(dtype) == jnp.bfloat16:
@@ -172,13 +172,36 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
                          "(or random_bits=)")
       random_bits = prng.random_bits_for(key, x.shape)
     rbits = jnp.asarray(random_bits, U32)
-  b = _input_bits(x)
+  b = input_bits(x)
   ext = blocks.block_extents(x.shape, spec, axis)
   amax = blocks.block_max(bits.abs_bits(b), ext)
-  expand = lambda v: blocks.expand(v, ext, x.shape)
-  elem, sfmt = spec.element, spec.scale_format
-  sign = b & U32(bits.SIGN_MASK)
   ts = None
+  if spec.tensor_scale == "amax":
+    ts = encode.tensor_scale(amax, spec, tensor_scale)
+  # Per block, materialised (as the reference does): the element fusion reads one
+  # multiplier and one scale per block instead of repeating the block math per element.
+  factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts))
+  expand = lambda v: None if v is None else blocks.expand(v, ext, x.shape)
+  out = element_value_bits(b, BlockFactors(*(expand(f) for f in factors)), spec, rbits,
+                           ieee_subnormals)
+  return emit(out, dtype), ts
+
+
+class BlockFactors(NamedTuple):
+  """What every element of a block needs (each field: per block, or broadcast to the
+  elements). Power-of-two scales fill all four; float scales ``mult`` and ``scale``."""
+
+  mult: jax.Array                  # float32 multiplier of |x|: 2^-s, or (1/t)/s
+  scale: jax.Array                 # float32 block scale 2^s or s (NaN for a NaN block)
+  shift: jax.Array | None = None   # power-of-two scales: int32 exponent s
+  nan_block: jax.Array | None = None  # power-of-two scales: the NaN scale code
+
+
+def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None) -> BlockFactors:
+  """:class:`BlockFactors` from block maxima (uint32 bits of ``max |x|`` per block) and
+  the tensor scale ``ts`` (two-level specs; else None), with the scale functions of
+  :mod:`fp4jax.scales` (the reference's)."""
+  elem, sfmt = spec.element, spec.scale_format
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
     # E2M1 scales stay within [-127, 126] (emax = 2); 128 is the NaN code.
@@ -187,32 +210,29 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
     mult = bits.pow2_f32(-shift)                                   # 2^-s, a normal
     # The scale 2^s as a float (subnormal for s = -127), NaN for a NaN block.
     scale = bits.bits_f32(jnp.where(nan_block, U32(bits.F32_NAN_BITS), _pow2_bits(shift)))
-  else:
-    if spec.tensor_scale == "amax":
-      ts = encode.tensor_scale(amax, spec, tensor_scale)
-    scale = scales.float_block_scale(amax, elem, sfmt, ts)
-    mult = scales.float_scale_reciprocal(scale, ts)
-  # Per block, materialised (as the reference does): the element fusion reads one
-  # multiplier and one scale per block instead of repeating the block math per element.
-  if sfmt.is_pow2:
-    mult, scale, shift, nan_block = jax.lax.optimization_barrier((mult, scale, shift,
-                                                                  nan_block))
-  else:
-    mult, scale = jax.lax.optimization_barrier((mult, scale))
+    return BlockFactors(mult, scale, shift, nan_block)
+  scale = scales.float_block_scale(amax, elem, sfmt, ts)
+  return BlockFactors(scales.float_scale_reciprocal(scale, ts), scale)
+
+
+def element_value_bits(b: jax.Array, f: BlockFactors, spec: QuantSpec,
+                       rbits: jax.Array | None, ieee_subnormals: bool) -> jax.Array:
+  """float32 bits of the quantized values ``q * s`` of elements with float32 bits ``b``
+  (uint32), given their block's factors ``f`` broadcast to ``b``'s shape and, for
+  stochastic rounding, their random bits; ``ieee_subnormals`` as :func:`gemm_operand`."""
+  sign = b & U32(bits.SIGN_MASK)
   if ieee_subnormals:
-    y = bits.f32_bits(bits.bits_f32(b & U32(bits.ABS_MASK)) * expand(mult))
+    y = bits.f32_bits(bits.bits_f32(b & U32(bits.ABS_MASK)) * f.mult)
   else:
-    y = _scaled_magnitude_bits(b, expand(mult))
+    y = _scaled_magnitude_bits(b, f.mult)
   grid = rounding_lib.e2m1_grid_bits(y, spec.rounding, rbits)
-  if ieee_subnormals or not sfmt.is_pow2:
+  if ieee_subnormals or f.shift is None:
     # v * s: exact (v has two significant bits; 2^s or a UE4M3 value), and a subnormal
     # 2^-127 scale is only multiplied where subnormals are IEEE.
-    v = bits.bits_f32(grid | sign) * expand(scale)
-    out = jnp.where(jnp.isnan(v), U32(bits.F32_NAN_BITS), bits.f32_bits(v))
-  else:
-    out = _pow2_value_bits(grid, expand(shift)) | sign
-    out = jnp.where(expand(nan_block), U32(bits.F32_NAN_BITS), out)
-  return _emit(out, dtype), ts
+    v = bits.bits_f32(grid | sign) * f.scale
+    return jnp.where(jnp.isnan(v), U32(bits.F32_NAN_BITS), bits.f32_bits(v))
+  out = _pow2_value_bits(grid, f.shift) | sign
+  return jnp.where(f.nan_block, U32(bits.F32_NAN_BITS), out)
 
 
 def gemm_operand_reference(x: jax.Array, spec: QuantSpec, axis: int = -1,
@@ -232,4 +252,6 @@ def gemm_operand_reference(x: jax.Array, spec: QuantSpec, axis: int = -1,
   return decode.dequantize(q, dtype), t
 
 
-__all__ = ["GEMM_DTYPES", "gemm_operand", "gemm_operand_reference", "unsupported_reason"]
+__all__ = ["GEMM_DTYPES", "BlockFactors", "block_factors", "element_value_bits", "emit",
+           "input_bits",
+           "gemm_operand", "gemm_operand_reference", "unsupported_reason"]

@@ -321,8 +321,9 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     a, residual = outliers.clamp_and_residual(a, recipe.occ_quantile)
   if path.impl is dispatch.OperandPath.FUSED:
     gemm_dtype = jnp.bfloat16 if facts.bf16_dot else jnp.float32
-    y = qdot_fused.qmatmul_for(recipe, out_dtype, gemm_dtype,
-                               facts.keeps_subnormals)(a, canon.w, key_data)
+    kernel = dispatch.kernel_emit(dispatch.choose_operand_emitter(policy, facts), facts)
+    y = qdot_fused.qmatmul_for(recipe, out_dtype, gemm_dtype, facts.keeps_subnormals,
+                               kernel)(a, canon.w, key_data)
   else:
     policy = "xla" if policy == "fused" else policy  # a layer "fused" cannot take: reference
     y = _qmatmul_for(recipe, out_dtype, policy)(a, canon.w, key_data, w_ref)

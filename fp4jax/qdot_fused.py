@@ -27,6 +27,7 @@ The recipes it takes: :func:`unsupported_reason`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ from jax import lax
 
 from fp4jax import blocks, hadamard, operand
 from fp4jax import recipes as recipes_lib
+from fp4jax.kernels import operand as kernel_operand
 from fp4jax.spec import QuantSpec
 
 _OP_INDEX = {op: i for i, op in enumerate(recipes_lib.OPERANDS)}  # fold_in of each operand
@@ -91,8 +93,33 @@ def _transform(x, axis, key_data, block, which, transpose=False):
   return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
 
 
-def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool):
-  key = _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
+@dataclasses.dataclass(frozen=True)
+class KernelEmit:
+  """Operands go through the Pallas operand kernel (:mod:`fp4jax.kernels.operand`: one
+  read, one write) wherever it takes them and they hold at least ``min_elements``
+  elements (below that, a launch costs more than XLA's fusion); the rest through
+  :func:`fp4jax.operand.gemm_operand`. :mod:`fp4jax.dispatch` decides whether to."""
+
+  interpret: bool = False      # Pallas interpret mode (CPU tests)
+  min_elements: int = 1 << 20
+
+
+def _op_key(key_data, spec: QuantSpec, op: str):
+  return _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
+
+
+def _kernel_takes(x, spec: QuantSpec, axis: int, kernel: KernelEmit | None) -> bool:
+  return (kernel is not None and x.size >= kernel.min_elements
+          and kernel_operand.unsupported_reason(x.shape, x.dtype, spec, axis) is None)
+
+
+def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool,
+          kernel: KernelEmit | None = None):
+  key = _op_key(key_data, spec, op)
+  if _kernel_takes(x, spec, axis, kernel):
+    # The kernel takes ieee_subnormals=False: exact whatever Triton does with subnormals.
+    return kernel_operand.gemm_operand(x, spec, axis, key, dtype=dtype,
+                                       interpret=kernel.interpret), None
   return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee)
 
 
@@ -119,18 +146,21 @@ class _Residual(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
-                ieee_subnormals: bool = False):
+                ieee_subnormals: bool = False, kernel: KernelEmit | None = None):
   """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N) -> (B,M,N)`` of one recipe, with
   operands emitted as ``gemm_dtype`` (bfloat16, or float32 where BF16 dots are not
-  native); ``ieee_subnormals`` as :func:`fp4jax.operand.gemm_operand`."""
+  native); ``ieee_subnormals`` as :func:`fp4jax.operand.gemm_operand`; ``kernel``: where
+  the Pallas operand kernel emits (None: XLA everywhere)."""
   r = recipe
   reuse = reuses_forward_weight(r)
 
   def fwd(a, w, key_data):
     a1 = _transform(a, -1, key_data, r.hadamard_fwd, _H_FWD)
     w1 = _transform(w, -2, key_data, r.hadamard_fwd, _H_FWD)
-    av, ta = _emit(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", gemm_dtype, ieee_subnormals)
-    wv, tw = _emit(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype, ieee_subnormals)
+    av, ta = _emit(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", gemm_dtype, ieee_subnormals,
+                   kernel)
+    wv, tw = _emit(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype, ieee_subnormals,
+                   kernel)
     y = _gemm(av, wv, "bmk,bkn->bmn", ta, tw).astype(out_dtype)
     a_src = av if r.double_quant else a1
     w_src = wv if (reuse or r.double_quant) else w1
@@ -139,28 +169,41 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
 
   def bwd(res: _Residual, g):
     kd = res.key_data
+    m = res.a_src.shape[1]
+    mult = math.lcm(*(blocks.required_multiple(getattr(r, op), -2)
+                      for op in ("wgrad_lhs", "wgrad_grad")), r.hadamard_wgrad or 1)
+    # dY's two quantizations (along N for dgrad, along the tokens for wgrad) from one
+    # kernel read when neither has a transform and the tokens need no padding.
+    g_both = (r.hadamard_dgrad is None and r.hadamard_wgrad is None and m % mult == 0
+              and _kernel_takes(g, r.dgrad_grad, -1, kernel)
+              and _kernel_takes(g, r.wgrad_grad, -2, kernel))
+    if g_both:
+      gv, gv2 = kernel_operand.gemm_operand_both(
+          g, r.dgrad_grad, r.wgrad_grad, _op_key(kd, r.dgrad_grad, "dgrad_grad"),
+          _op_key(kd, r.wgrad_grad, "wgrad_grad"), dtype=gemm_dtype,
+          interpret=kernel.interpret)
+      tg = tg2 = None
+    else:
+      gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,
+                     "dgrad_grad", gemm_dtype, ieee_subnormals, kernel)
     # dgrad: dA' = dY W'^T, contracting N.
-    gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,
-                   "dgrad_grad", gemm_dtype, ieee_subnormals)
     if reuse:
       wv, tw = res.w_src, res.w_scale
     else:
       wv, tw = _emit(_transform(res.w_src, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_rhs,
-                     -1, kd, "dgrad_rhs", gemm_dtype, ieee_subnormals)
+                     -1, kd, "dgrad_rhs", gemm_dtype, ieee_subnormals, kernel)
     da = _gemm(gv, wv, "bmn,bkn->bmk", tg, tw)
     # wgrad: dW' = A'^T dY, contracting the tokens M, zero-padded to whole blocks (exact,
     # as in the reference: zero rows add nothing, and a Hadamard transform is orthogonal).
     a_src, g2 = res.a_src, g
-    m = a_src.shape[1]
-    mult = math.lcm(*(blocks.required_multiple(getattr(r, op), -2)
-                      for op in ("wgrad_lhs", "wgrad_grad")), r.hadamard_wgrad or 1)
     if m % mult:
       pad = [(0, 0), (0, -m % mult), (0, 0)]
       a_src, g2 = jnp.pad(a_src, pad), jnp.pad(g2, pad)
     av, ta = _emit(_transform(a_src, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_lhs, -2, kd,
-                   "wgrad_lhs", gemm_dtype, ieee_subnormals)
-    gv2, tg2 = _emit(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad, -2, kd,
-                     "wgrad_grad", gemm_dtype, ieee_subnormals)
+                   "wgrad_lhs", gemm_dtype, ieee_subnormals, kernel)
+    if not g_both:
+      gv2, tg2 = _emit(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad, -2,
+                       kd, "wgrad_grad", gemm_dtype, ieee_subnormals, kernel)
     dw = _gemm(av, gv2, "bmk,bmn->bkn", ta, tg2)
     da = _transform(da, -1, kd, r.hadamard_fwd, _H_FWD, transpose=True)
     dw = _transform(dw, -2, kd, r.hadamard_fwd, _H_FWD, transpose=True)
@@ -175,4 +218,4 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
   return qmatmul
 
 
-__all__ = ["qmatmul_for", "reuses_forward_weight", "unsupported_reason"]
+__all__ = ["KernelEmit", "qmatmul_for", "reuses_forward_weight", "unsupported_reason"]

@@ -12,8 +12,14 @@ a copy and the naive fake quantization, in one run.
 2. Speed on a ``size x size`` bf16 matrix, median of 5 runs of ``--reps`` calls: a copy
    (``-x``: one read, one write, the floor of any bf16 -> bf16 pass), the naive MXFP4 fake
    quantization of :mod:`kernels.naive`, ``gemm_operand`` per configuration (the variant
-   the fused layers run on this device), and the Pallas quantize kernel (packed codes).
-   "of copy" = copy time / time: the fraction of copy bandwidth reached for the same bytes.
+   the fused layers run on this device), the Pallas operand kernel
+   (:mod:`fp4jax.kernels.operand`: rows, columns, and both from one read, whose bytes are
+   1.5 copies'), and the Pallas quantize kernels (packed codes, ``--quantize_kernels``).
+   "of copy" = copy time / time: the fraction of copy bandwidth reached for the same bytes
+   (for "both", 1.5 x copy time / time; for packed outputs, the copy's bytes are more).
+3. The Pallas operand kernel checked like (1), compiled, MX specs (its scope), both of its
+   variants (the one-multiply ``ieee_subnormals=True`` is exact only if Triton's float32
+   multiply keeps subnormals; the dispatch runs the other).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from absl import app, flags
 
 import fp4jax
 from fp4jax import dispatch, operand
+from fp4jax.kernels import operand as kernel_operand
+from fp4jax.kernels import quantize as kernel_quantize
 from kernels.naive import naive_fake_quant
 from kernels.timing import median_time
 
@@ -35,6 +43,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 16384, "square matrix side")
 flags.DEFINE_integer("reps", 20, "timed calls per run (median of 5 runs)")
 flags.DEFINE_bool("check", True, "run the bit-exactness checks first")
+flags.DEFINE_list("quantize_kernels", ["mxfp4_rows", "mxfp4_sr_rows"],
+                  f"packed quantize kernels to time, of {sorted(['mxfp4_rows', 'mxfp4_sr_rows', 'nvfp4_rows', 'nvfp4_sr_rows', 'nvfp4_h16_rows'])} "
+                  "(NVFP4 kernels compile for minutes under Triton)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/operand_<gpu>.json)")
 
 MX = fp4jax.get_spec("mxfp4")
@@ -92,6 +103,46 @@ def check(key, ieee: bool) -> dict:
   return out
 
 
+KERNEL_CONFIGS = {  # name -> (rows spec, cols spec): the operand kernel's scope, MX specs
+    "mxfp4_rows": (MX, None), "mxfp4_cols": (None, MX), "mxfp4_both": (MX, MX),
+    "mxfp4_sr_rows": (MX.replace(**SR), None), "mxfp4_sr_cols": (None, MX.replace(**SR)),
+    "mxfp4_sr_both": (MX.replace(**SR), MX.replace(**SR)),
+    "mxfp4_rceil_rows": (MX.replace(scale_mode="rceil"), None),
+    "mxfp4_b16_cols": (None, MX.replace(block_size=16)),
+}
+QUANTIZE_KERNELS = {  # name -> (spec, hadamard block)
+    "mxfp4_rows": (MX, None), "mxfp4_sr_rows": (MX.replace(**SR), None),
+    "nvfp4_rows": (NV, None), "nvfp4_sr_rows": (NV.replace(**SR), None),
+    "nvfp4_h16_rows": (NV, 16),
+}
+
+
+def _kernel_fn(rows, cols, key, ieee):
+  def fn(v):
+    if rows is not None and cols is not None:
+      return kernel_operand.gemm_operand_both(v, rows, cols, key, key, ieee_subnormals=ieee)
+    spec, axis = (rows, -1) if rows is not None else (cols, -2)
+    return kernel_operand.gemm_operand(v, spec, axis, key, ieee_subnormals=ieee)
+  return jax.jit(fn)
+
+
+def check_kernel(key, ieee: bool) -> dict:
+  out = {}
+  inputs = check_inputs()
+  for name, (rows, cols) in KERNEL_CONFIGS.items():
+    bad = 0
+    for data_name, x in inputs.items():
+      got = _kernel_fn(rows, cols, key, ieee)(x)
+      got = got if isinstance(got, tuple) else (got,)
+      want = [kernel_operand.gemm_operand_reference(x, s, a, key)
+              for s, a in ((rows, -1), (cols, -2)) if s is not None]
+      bad += sum(int((_bits(g) != _bits(w)).sum()) for g, w in zip(got, want))
+    out[name] = bad
+    print(f"check kernel {name:16} ieee_subnormals={ieee!s:5}: "
+          f"{'bit-exact' if bad == 0 else f'{bad} MISMATCHES'}", flush=True)
+  return out
+
+
 def main(argv):
   del argv
   facts = dispatch.device_facts()
@@ -103,6 +154,8 @@ def main(argv):
   res["ieee_subnormals"] = ieee
   if FLAGS.check:
     res["mismatches"] = {str(v): check(key, v) for v in sorted({False, ieee})}
+    if facts.on_gpu:
+      res["kernel_mismatches"] = {str(v): check_kernel(key, v) for v in (False, True)}
   n = FLAGS.size
   x = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
   fns = {"copy": jax.jit(lambda v: -v),
@@ -111,7 +164,18 @@ def main(argv):
   for name, (spec, axis) in CONFIGS.items():
     fns[name] = jax.jit(lambda v, spec=spec, axis=axis: operand.gemm_operand(
         v, spec, axis, key, ieee_subnormals=ieee)[0])
-  fns["quantize_kernel_mxfp4_rows"] = jax.jit(lambda v: fp4jax.quantize(v, MX, -1, impl="auto"))
+  interpret = dispatch.interpret_mode(facts)
+  for name, (rows, cols) in KERNEL_CONFIGS.items():
+    if not interpret:
+      fns[f"kernel_{name}"] = _kernel_fn(rows, cols, key, False)
+  if not interpret:
+    fns["kernel_mxfp4_rows_ieee"] = _kernel_fn(MX, None, key, True)
+    fns["kernel_mxfp4_both_ieee"] = _kernel_fn(MX, MX, key, True)
+  for name in FLAGS.quantize_kernels:
+    spec, h = QUANTIZE_KERNELS[name]
+    fns[f"quantize_kernel_{name}"] = jax.jit(
+        lambda v, spec=spec, h=h: kernel_quantize.quantize(v, spec, -1, key, hadamard_block=h,
+                                                           interpret=interpret))
   t_copy = None
   for name, fn in fns.items():
     try:
@@ -121,10 +185,11 @@ def main(argv):
       print(name, res["timings_ms"][name], flush=True)
       continue
     t_copy = t if name == "copy" else t_copy
-    res["timings_ms"][name] = {"ms": t * 1e3, "of_copy": t_copy / t,
-                               "GB_per_s_bf16_in_out": 4 * n * n / t / 1e9}
-    print(f"{name:28} {t * 1e3:8.3f} ms  {t_copy / t:5.2f} of copy  "
-          f"{4 * n * n / t / 1e9:7.0f} GB/s (bf16 in + out)", flush=True)
+    copies = 1.5 if name.startswith("kernel_") and "_both" in name else 1.0
+    res["timings_ms"][name] = {"ms": t * 1e3, "of_copy": copies * t_copy / t,
+                               "GB_per_s_bf16_in_out": 4 * copies * n * n / t / 1e9}
+    print(f"{name:32} {t * 1e3:8.3f} ms  {copies * t_copy / t:5.2f} of copy  "
+          f"{4 * copies * n * n / t / 1e9:7.0f} GB/s (bf16 in + out)", flush=True)
   os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
   with open(out_path, "w") as f:
     json.dump(res, f, indent=1)

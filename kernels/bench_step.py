@@ -14,7 +14,9 @@ quantized (the classifier / LM head stays high precision), and an AdamW update. 
   floor scale ``2^(floor(log2 amax) - 2)``, ``x / s`` cast to ``float4_e2m1fn`` and back,
   times ``s``, a straight-through gradient and a BF16 ``dot``;
 * ``<recipe>/<impl>`` for each recipe and ``fp4jax.gemm_impl`` policy (``auto``: what a
-  user gets; on Hopper the fused GEMM-ready-operand path of :mod:`fp4jax.qdot_fused`).
+  user gets; on Hopper the fused GEMM-ready-operand path of :mod:`fp4jax.qdot_fused`
+  with the Pallas operand kernel for MX operands; ``fused``: the same path with every
+  operand emitted inside XLA's fusions).
 
 For each: the median step time (3 runs of ``--reps`` steps), its ratio to the BF16 step
 of the same run and scan setting, the first call's seconds (tracing + compilation + one
@@ -52,7 +54,8 @@ flags.DEFINE_string("model", "vit_s16", f"one of {sorted(VIT_CONFIGS) + sorted(G
 flags.DEFINE_integer("batch", None, "images (ViT, default 256) or sequences (GPT, default 8)")
 flags.DEFINE_integer("image", 224, "ViT image side")
 flags.DEFINE_integer("seq", None, "GPT tokens per sequence (default: the model's context)")
-flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"], "fp4jax recipes to time")
+flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"],
+                  "fp4jax recipes to time (each with every --impls), or recipe/impl rows")
 flags.DEFINE_list("impls", ["auto"], "fp4jax.gemm_impl policies per recipe")
 flags.DEFINE_list("scan", ["unscanned", "scanned"], "block layouts: unscanned, scanned")
 flags.DEFINE_bool("naive", True, "time the hand-written naive MXFP4 row")
@@ -176,6 +179,9 @@ def _rows(recipes, impls, naive):
   if naive:
     rows.append(("naive_mxfp4", naive_dot_general))
   for recipe in recipes:
+    if "/" in recipe:  # "nvfp4/auto": that one row
+      rows.append((recipe, recipe.split("/")[0]))
+      continue
     for impl in impls:
       rows.append((f"{recipe}/{impl}", recipe))
   return rows
@@ -206,7 +212,8 @@ def main(argv):
         f"{meta['subnormal_arithmetic_ieee']}", flush=True)
   if FLAGS.check:
     meta["check"] = check_against_reference("gpt_tiny" if _is_gpt(FLAGS.model) else "vit_tiny",
-                                            FLAGS.recipes, key)
+                                            sorted({r.split("/")[0] for r in FLAGS.recipes}),
+                                            key)
   inputs, labels = batch_for(FLAGS.model, FLAGS.batch, FLAGS.image, FLAGS.seq)
   tx = optax.adamw(1e-3)
   for scan_name in FLAGS.scan:

@@ -40,6 +40,13 @@ def pytest_report_header(config):
           f"FP4JAX_SWEEP_SEED={os.environ['FP4JAX_SWEEP_SEED']}")
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``long_gpu_compile`` run first: under the GPU test command's
+  ``--dist load`` the first tests go one to each worker, so the few multi-minute NVFP4
+  kernel compiles run side by side from the start instead of ending the run late."""
+  items.sort(key=lambda item: item.get_closest_marker("long_gpu_compile") is None)
+
+
 def bits_equal_or_both_nan(a, b) -> np.ndarray:
   """Elementwise: identical float bit patterns, or both NaN (NaN sign/payload is
   platform-dependent and carries no value)."""

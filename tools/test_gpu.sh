@@ -25,12 +25,15 @@ GPU_FILES=(
   tests/test_kernels_quantize.py tests/test_kernels_unpack.py tests/test_kernels_matmul.py
   tests/test_kernels_weight_only.py tests/test_lab_inkernel_matmul.py tests/test_dispatch.py
   tests/test_quantization.py tests/test_qdot.py tests/test_qconv.py tests/test_linen.py
-  tests/test_nnx.py tests/test_operand.py tests/test_qdot_fused.py
+  tests/test_nnx.py tests/test_operand.py tests/test_qdot_fused.py tests/test_kernels_operand.py
 )
 if [ -n "${GPU_TESTS:-}" ]; then read -r -a GPU_FILES <<< "$GPU_TESTS"; fi
+# --dist load hands the first tests out one per worker; tests/conftest.py puts the few
+# multi-minute NVFP4 kernel compiles (marked long_gpu_compile) first, so they run side by
+# side from the start (under worksteal they shared one worker's initial range).
 # SIGINT at the time limit still prints the failures so far and the durations.
 JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-520}" "$PY" -m pytest -q \
-  -n "${WORKERS:-16}" --dist worksteal -p no:cacheprovider -p no:benchmark -rf --tb=short \
+  -n "${WORKERS:-16}" --dist load -p no:cacheprovider -p no:benchmark -rf --tb=short \
   --durations=20 "${GPU_FILES[@]}" "$@"
 rc=$?
 # fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU

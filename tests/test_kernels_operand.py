@@ -1,0 +1,138 @@
+"""fp4jax.kernels.operand: the Pallas operand kernel equals the reference bit for bit
+(interpret mode on CPU, compiled on a GPU), and the fused layer gives the same numbers
+through it as through XLA's emitter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sweeps
+from fp4jax import dispatch, qdot_fused, recipes
+from fp4jax.kernels import operand as ko
+from fp4jax.spec import get_spec
+from test_operand import _every_bf16, _u, _wide
+
+INTERPRET = dispatch.interpret_mode()
+MODES = ("floor", "ceil", "even", "rceil")
+
+
+def _data(kind, shape):
+  if kind == "every_bf16":
+    return _every_bf16(shape, 11)
+  if kind == "specials_f32":
+    x = np.asarray(_wide(shape, 12, jnp.float32)).copy()
+    x[1, 7], x[20, 3], x[-1, -1] = np.nan, np.inf, -np.inf
+    return jnp.asarray(x)
+  return _wide(shape, 13, jnp.bfloat16 if kind == "wide_bf16" else jnp.float32,
+               tiny=kind == "tiny_f32")
+
+
+def _spec(mode, rounding, block):
+  return get_spec("mxfp4").replace(scale_mode=mode, rounding=rounding, block_size=block)
+
+
+@pytest.mark.parametrize("mode,rounding,block,orient,data,out", sweeps.product(
+    16, mode=MODES, rounding=["nearest", "stochastic"], block=[16, 32],
+    orient=["rows", "cols", "both"],
+    data=["every_bf16", "wide_bf16", "wide_f32", "tiny_f32", "specials_f32"],
+    out={"bf16": jnp.bfloat16, "f32": jnp.float32}))
+def test_kernel_equals_reference(mode, rounding, block, orient, data, out):
+  sp = _spec(mode, rounding, block)
+  x = _data(data, (96, 160))           # 160 columns: not a multiple of the default tile
+  k_rows, k_cols = jax.random.key(1), jax.random.key(2)
+  if orient == "both":
+    got = ko.gemm_operand_both(x, sp, sp, k_rows, k_cols, dtype=out, interpret=INTERPRET)
+    want = (ko.gemm_operand_reference(x, sp, -1, k_rows, dtype=out),
+            ko.gemm_operand_reference(x, sp, -2, k_cols, dtype=out))
+  else:
+    axis = -1 if orient == "rows" else -2
+    got = (ko.gemm_operand(x, sp, axis, k_rows, dtype=out, interpret=INTERPRET),)
+    want = (ko.gemm_operand_reference(x, sp, axis, k_rows, dtype=out),)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.dtype(out) and g.shape == x.shape
+    np.testing.assert_array_equal(_u(g), _u(w))
+
+
+@pytest.mark.parametrize("shape,axis,config", [
+    ((3, 64, 96), -1, None),                          # leading dims flattened
+    ((2, 64, 48), -2, None),                          # column blocks never cross them
+    ((64, 40), -2, None),                             # no power-of-two tile divides 40: padded
+    ((128, 256), -1, ko.OperandKernelConfig(16, 64, 4)),
+    ((128, 256), -2, ko.OperandKernelConfig(32, 32, 2))])
+def test_shapes_tiles_and_padding(shape, axis, config, rng):
+  sp = _spec("floor", "stochastic", 32)
+  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  key = jax.random.key(4)
+  got = ko.gemm_operand(x, sp, axis, key, interpret=INTERPRET, config=config)
+  np.testing.assert_array_equal(_u(got), _u(ko.gemm_operand_reference(x, sp, axis, key)))
+
+
+def test_ieee_variant_on_normal_data(rng):
+  # One multiply per element: exact wherever the kernel's multiply keeps subnormals, and
+  # on data whose products and results stay normal on any backend.
+  sp = _spec("floor", "nearest", 32)
+  x = jnp.asarray(rng.standard_normal((64, 128)).astype(np.float32))
+  got = ko.gemm_operand(x, sp, -1, interpret=INTERPRET, ieee_subnormals=True)
+  np.testing.assert_array_equal(_u(got), _u(ko.gemm_operand_reference(x, sp, -1)))
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+  sp = _spec("floor", "stochastic", 32)
+  x = jnp.full((32, 64), 0.3, jnp.float32).at[:, ::32].set(5.0)  # scale 1: 0.3 in (0, 0.5)
+  f = jax.jit(lambda k: ko.gemm_operand(x, sp, -1, k, dtype=jnp.float32,
+                                        interpret=INTERPRET))
+  vals = np.stack([np.asarray(f(jax.random.key(i))) for i in range(24)])
+  np.testing.assert_array_equal(vals[0], np.asarray(f(jax.random.key(0))))
+  inner = np.concatenate([vals[:, :, 1:32], vals[:, :, 33:]], axis=-1)
+  assert set(np.unique(inner)) == {0.0, 0.5}
+  assert abs(inner.mean() - 0.3) < 0.01, inner.mean()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: ko.gemm_operand(x, get_spec("nvfp4"), -1), "float block scales"),
+    (lambda x: ko.gemm_operand(jnp.ones((32, 32, 64)), get_spec("mxfp4"), 0), "last two axes"),
+    (lambda x: ko.gemm_operand(x[0, 0], get_spec("mxfp4"), -1), "rank 1"),
+    (lambda x: ko.gemm_operand(x[..., :40], get_spec("mxfp4"), -1), "not a multiple of its block"),
+    (lambda x: ko.gemm_operand(x.astype(jnp.float16), get_spec("mxfp4"), -1), "float16"),
+    (lambda x: ko.gemm_operand(x, get_spec("mxfp4").replace(rounding="stochastic"), -1),
+     "needs key="),
+    (lambda x: ko.gemm_operand(x, get_spec("mxfp4"), -1, dtype=jnp.float16), "dtype must be"),
+])
+def test_bad_input_is_named(call, match):
+  x = jnp.ones((2, 32, 64), jnp.float32)
+  with pytest.raises(ValueError, match=match):
+    call(x)
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "tetrajet", "nvfp4", "quartet"])
+def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, rng):
+  # Same operands bit for bit, same GEMMs: the loss and both gradients agree exactly
+  # (NVFP4's float scales and Quartet's transforms stay with XLA; MX operands take the
+  # kernel, dY's two quantizations from one read).
+  r = recipes.get(recipe)
+  gemm_dtype = jnp.bfloat16 if dispatch.device_facts().bf16_dot else jnp.float32
+  a = jnp.asarray(rng.standard_normal((1, 64, 128)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal((1, 128, 64)).astype(np.float32) * 0.1)
+  c = jnp.asarray(rng.standard_normal((1, 64, 64)).astype(np.float32))
+  kd = jax.random.key_data(jax.random.key(5))
+  kernel = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0)
+
+  def loss(a, w, emit):
+    return jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit)(a, w, kd) * c)
+
+  got = jax.value_and_grad(loss, argnums=(0, 1))(a, w, kernel)
+  want = jax.value_and_grad(loss, argnums=(0, 1))(a, w, None)
+  for name, u, v in zip(("loss", "da", "dw"), jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=f"{recipe}: {name}")
+
+
+def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():
+  hopper = dispatch.DeviceFacts("gpu", 9, "NVIDIA H200")
+  assert dispatch.choose_operand_emitter("auto", hopper).impl is dispatch.OperandEmitter.PALLAS
+  assert dispatch.choose_operand_emitter("fused", hopper).impl is dispatch.OperandEmitter.XLA
+  cpu = dispatch.DeviceFacts("cpu")
+  assert dispatch.choose_operand_emitter("fused", cpu).impl is dispatch.OperandEmitter.XLA
+  assert dispatch.kernel_emit(dispatch.choose_operand_emitter("fused", cpu), cpu) is None
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", hopper), hopper)
+  assert emit == qdot_fused.KernelEmit(interpret=False)
