@@ -101,7 +101,7 @@ def _scaled_magnitude_bits(b: jax.Array, mult: jax.Array) -> jax.Array:
   a = b & U32(bits.ABS_MASK)
   normal = bits.bits_f32(a) * mult
   # A subnormal x = F 2^-149 from its integer significand: F 2^-23 is a normal float.
-  frac = (a & U32(bits.MANT_MASK)).astype(jnp.float32) * _F32_TWO_POW_M23
+  frac = (a & U32(bits.MANT_MASK)).astype(I32).astype(jnp.float32) * _F32_TWO_POW_M23
   tiny = (frac * mult) * _F32_TWO_POW_M126
   return bits.f32_bits(jnp.where((a >> 23) == 0, tiny, normal))
 
