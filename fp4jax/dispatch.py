@@ -49,6 +49,8 @@ import jax
 from fp4jax import qdot_fused
 from fp4jax import spec as spec_lib
 from fp4jax.kernels import matmul as kernel_matmul
+from fp4jax.kernels import operand as kernel_operand
+from fp4jax.kernels import operand_tuning
 from fp4jax.kernels import quantize as kernel_quantize
 from fp4jax.qarray import QArray
 from fp4jax.spec import QuantSpec
@@ -333,11 +335,22 @@ def choose_operand_emitter(policy: str, facts: DeviceFacts | None = None) -> Cho
   return choice
 
 
-def kernel_emit(choice: Choice, facts: DeviceFacts | None = None) -> qdot_fused.KernelEmit | None:
-  """What :func:`fp4jax.qdot_fused.qmatmul_for` takes for an emitter choice."""
+def kernel_emit(choice: Choice, facts: DeviceFacts | None = None,
+                table: dict | None = None) -> qdot_fused.KernelEmit | None:
+  """What :func:`fp4jax.qdot_fused.qmatmul_for` takes for an emitter choice: per
+  orientation and rounding, the emitter and tile measured fastest on this GPU kind
+  (``table``, default :data:`fp4jax.kernels.operand_tuning.TABLE`, written by
+  ``kernels.bench_operand --tune``); a kind it lacks takes the kernel's defaults."""
   if choice.impl is not OperandEmitter.PALLAS:
     return None
-  return qdot_fused.KernelEmit(interpret=interpret_mode(facts))
+  facts = facts or device_facts()
+  table = operand_tuning.TABLE if table is None else table
+  choices = []
+  for key, entry in sorted(table.get(facts.kind, {}).items()):
+    cfg = entry.get("config")
+    choices.append((key, (entry["emitter"], None if cfg is None
+                          else kernel_operand.OperandKernelConfig(*cfg))))
+  return qdot_fused.KernelEmit(interpret=interpret_mode(facts), choices=tuple(choices))
 
 
 # ------------------------------------------------------------------------------- GEMM

@@ -96,29 +96,48 @@ def _transform(x, axis, key_data, block, which, transpose=False):
 @dataclasses.dataclass(frozen=True)
 class KernelEmit:
   """Operands go through the Pallas operand kernel (:mod:`fp4jax.kernels.operand`: one
-  read, one write) wherever it takes them and they hold at least ``min_elements``
-  elements (below that, a launch costs more than XLA's fusion); the rest through
-  :func:`fp4jax.operand.gemm_operand`. :mod:`fp4jax.dispatch` decides whether to."""
+  read, one write) wherever it takes them, they hold at least ``min_elements`` elements
+  (below that, a launch costs more than XLA's fusion) and ``choices`` does not send them
+  to XLA; the rest through :func:`fp4jax.operand.gemm_operand`. :mod:`fp4jax.dispatch`
+  decides whether to, and fills ``choices`` from the measured table
+  (:mod:`fp4jax.kernels.operand_tuning`)."""
 
   interpret: bool = False      # Pallas interpret mode (CPU tests)
   min_elements: int = 1 << 20
+  # (("rows/nearest", ("pallas", OperandKernelConfig)), ("both/stochastic", ("separate",
+  # None)), ...): a key missing here takes the kernel with its default tile.
+  choices: tuple = ()
+
+  def choice(self, orient: str, rounding: str) -> tuple[str, Any]:
+    """``(emitter, config)`` for an orientation and rounding: ``"pallas"`` (with its
+    config, None for the default), ``"xla"``, or for ``"both"`` ``"separate"``."""
+    return dict(self.choices).get(f"{orient}/{rounding}", ("pallas", None))
 
 
 def _op_key(key_data, spec: QuantSpec, op: str):
   return _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
 
 
-def _kernel_takes(x, spec: QuantSpec, axis: int, kernel: KernelEmit | None) -> bool:
-  return (kernel is not None and x.size >= kernel.min_elements
-          and kernel_operand.unsupported_reason(x.shape, x.dtype, spec, axis) is None)
+def _orient(axis: int, ndim: int) -> str:
+  return "rows" if axis in (-1, ndim - 1) else "cols"
+
+
+def _kernel_config(x, spec: QuantSpec, axis: int, kernel: KernelEmit | None):
+  """(True, config) where the kernel emits this operand, else (False, None)."""
+  if (kernel is None or x.size < kernel.min_elements
+      or kernel_operand.unsupported_reason(x.shape, x.dtype, spec, axis) is not None):
+    return False, None
+  emitter, config = kernel.choice(_orient(axis, x.ndim), spec.rounding)
+  return emitter == "pallas", config
 
 
 def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool,
           kernel: KernelEmit | None = None):
   key = _op_key(key_data, spec, op)
-  if _kernel_takes(x, spec, axis, kernel):
+  takes, config = _kernel_config(x, spec, axis, kernel)
+  if takes:
     # The kernel takes ieee_subnormals=False: exact whatever Triton does with subnormals.
-    return kernel_operand.gemm_operand(x, spec, axis, key, dtype=dtype,
+    return kernel_operand.gemm_operand(x, spec, axis, key, dtype=dtype, config=config,
                                        interpret=kernel.interpret), None
   return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee)
 
@@ -175,17 +194,23 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
     # dY's two quantizations (along N for dgrad, along the tokens for wgrad) from one
     # kernel read when neither has a transform and the tokens need no padding.
     g_both = (r.hadamard_dgrad is None and r.hadamard_wgrad is None and m % mult == 0
-              and _kernel_takes(g, r.dgrad_grad, -1, kernel)
-              and _kernel_takes(g, r.wgrad_grad, -2, kernel))
+              and _kernel_config(g, r.dgrad_grad, -1, kernel)[0]
+              and _kernel_config(g, r.wgrad_grad, -2, kernel)[0])
+    g_kernel = kernel
+    if g_both:
+      sr = "stochastic" in (r.dgrad_grad.rounding, r.wgrad_grad.rounding)
+      emitter, both_config = kernel.choice("both", "stochastic" if sr else "nearest")
+      g_both = emitter == "pallas"
+      g_kernel = None if emitter == "xla" else kernel  # XLA's two emits measured fastest
     if g_both:
       gv, gv2 = kernel_operand.gemm_operand_both(
           g, r.dgrad_grad, r.wgrad_grad, _op_key(kd, r.dgrad_grad, "dgrad_grad"),
-          _op_key(kd, r.wgrad_grad, "wgrad_grad"), dtype=gemm_dtype,
+          _op_key(kd, r.wgrad_grad, "wgrad_grad"), dtype=gemm_dtype, config=both_config,
           interpret=kernel.interpret)
       tg = tg2 = None
     else:
       gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,
-                     "dgrad_grad", gemm_dtype, ieee_subnormals, kernel)
+                     "dgrad_grad", gemm_dtype, ieee_subnormals, g_kernel)
     # dgrad: dA' = dY W'^T, contracting N.
     if reuse:
       wv, tw = res.w_src, res.w_scale
@@ -203,7 +228,7 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
                    "wgrad_lhs", gemm_dtype, ieee_subnormals, kernel)
     if not g_both:
       gv2, tg2 = _emit(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad, -2,
-                       kd, "wgrad_grad", gemm_dtype, ieee_subnormals, kernel)
+                       kd, "wgrad_grad", gemm_dtype, ieee_subnormals, g_kernel)
     dw = _gemm(av, gv2, "bmk,bmn->bkn", ta, tg2)
     da = _transform(da, -1, kd, r.hadamard_fwd, _H_FWD, transpose=True)
     dw = _transform(dw, -2, kd, r.hadamard_fwd, _H_FWD, transpose=True)

@@ -43,9 +43,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 16384, "square matrix side")
 flags.DEFINE_integer("reps", 20, "timed calls per run (median of 5 runs)")
 flags.DEFINE_bool("check", True, "run the bit-exactness checks first")
+flags.DEFINE_bool("check_xla", True, "with --check: the XLA emitter's checks too (else the "
+                  "operand kernel's only)")
 flags.DEFINE_list("quantize_kernels", ["mxfp4_rows", "mxfp4_sr_rows"],
                   f"packed quantize kernels to time, of {sorted(['mxfp4_rows', 'mxfp4_sr_rows', 'nvfp4_rows', 'nvfp4_sr_rows', 'nvfp4_h16_rows'])} "
                   "(NVFP4 kernels compile for minutes under Triton)")
+flags.DEFINE_bool("tune", False, "time the operand kernel's tiles against XLA's emitter and "
+                  "write the fastest exact choice per orientation and rounding into "
+                  "fp4jax/kernels/operand_tuning.py (what fp4jax.dispatch reads)")
+flags.DEFINE_string("tuning_out", None, "also write the tuning module here")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/operand_<gpu>.json)")
 
 MX = fp4jax.get_spec("mxfp4")
@@ -126,21 +132,124 @@ def _kernel_fn(rows, cols, key, ieee):
   return jax.jit(fn)
 
 
+def _describe_mismatches(x, g, w, axis, bs, limit=4):
+  """Where kernel and reference differ: how many are NaN against NaN (payload or sign
+  only), and the first few with their block's input bits."""
+  gb, wb = _bits(g), _bits(w)
+  bad = gb != wb
+  gf, wf = np.asarray(g, np.float32), np.asarray(w, np.float32)
+  both_nan = bad & np.isnan(gf) & np.isnan(wf)
+  lines = [f"{int(bad.sum())} differ, {int(both_nan.sum())} of them NaN vs NaN"]
+  xb = _bits(x)
+  for r, c in list(zip(*np.nonzero(bad & ~both_nan)))[:limit]:
+    blk = (xb[r, c - c % bs:c - c % bs + bs] if axis == -1 else xb[r - r % bs:r - r % bs + bs, c])
+    lines.append(f"  [{r},{c}] got {gb[r, c]:#06x} want {wb[r, c]:#06x} x {xb[r, c]:#x}; "
+                 f"block max|bits| {int((blk.astype(np.uint32) & 0x7FFFFFFF).max()):#x}")
+  return lines
+
+
 def check_kernel(key, ieee: bool) -> dict:
+  """Mismatches per configuration, strict bits (``"bits"``) and up to NaN payload/sign
+  (``"non_nan"``, the number that says whether a value is wrong)."""
   out = {}
   inputs = check_inputs()
   for name, (rows, cols) in KERNEL_CONFIGS.items():
-    bad = 0
+    bad = non_nan = 0
+    notes = []
     for data_name, x in inputs.items():
       got = _kernel_fn(rows, cols, key, ieee)(x)
       got = got if isinstance(got, tuple) else (got,)
-      want = [kernel_operand.gemm_operand_reference(x, s, a, key)
-              for s, a in ((rows, -1), (cols, -2)) if s is not None]
-      bad += sum(int((_bits(g) != _bits(w)).sum()) for g, w in zip(got, want))
-    out[name] = bad
+      specs = [(s, a) for s, a in ((rows, -1), (cols, -2)) if s is not None]
+      for g, (s, a) in zip(got, specs):
+        w = kernel_operand.gemm_operand_reference(x, s, a, key)
+        n = int((_bits(g) != _bits(w)).sum())
+        nn = int(((_bits(g) != _bits(w)) & ~(np.isnan(np.asarray(g, np.float32))
+                                             & np.isnan(np.asarray(w, np.float32)))).sum())
+        bad, non_nan = bad + n, non_nan + nn
+        if n and len(notes) < 8:
+          notes += [f"{data_name} axis {a}: " + line
+                    for line in _describe_mismatches(x, g, w, a, s.block_size)]
+    out[name] = {"bits": bad, "non_nan": non_nan}
     print(f"check kernel {name:16} ieee_subnormals={ieee!s:5}: "
-          f"{'bit-exact' if bad == 0 else f'{bad} MISMATCHES'}", flush=True)
+          f"{'bit-exact' if bad == 0 else f'{bad} MISMATCHES ({non_nan} not NaN vs NaN)'}",
+          flush=True)
+    for line in notes:
+      print("    " + line, flush=True)
   return out
+
+
+TUNE_CANDIDATES = {  # (block_rows, block_cols, num_warps)
+    "rows": [(32, 256, 8), (32, 256, 4), (16, 256, 4), (32, 128, 4), (64, 256, 8),
+             (16, 512, 8), (32, 512, 8), (8, 512, 4)],
+    "cols": [(32, 128, 4), (32, 128, 8), (64, 128, 8), (32, 256, 8), (64, 64, 4),
+             (32, 64, 4), (64, 256, 8), (32, 256, 4)],
+    "both": [(32, 128, 4), (32, 128, 8), (32, 64, 4), (64, 64, 4), (32, 256, 8),
+             (64, 128, 8), (32, 64, 2)],
+}
+
+
+def tune(x, key, exact: dict) -> dict:
+  """Per orientation and rounding: the operand kernel's tiles timed against XLA's
+  emitter (and, for both, against two launches); the fastest exact one wins. ``exact``:
+  rounding -> whether the kernel checks passed on this device."""
+  ieee = dispatch.device_facts().keeps_subnormals
+  table, timings = {}, {}
+  for rounding in ("nearest", "stochastic"):
+    spec = MX if rounding == "nearest" else MX.replace(**SR)
+    xla = {"rows": jax.jit(lambda v: operand.gemm_operand(v, spec, -1, key,
+                                                          ieee_subnormals=ieee)[0]),
+           "cols": jax.jit(lambda v: operand.gemm_operand(v, spec, -2, key,
+                                                          ieee_subnormals=ieee)[0]),
+           "both": jax.jit(lambda v: (operand.gemm_operand(v, spec, -1, key,
+                                                           ieee_subnormals=ieee)[0],
+                                      operand.gemm_operand(v, spec, -2, key,
+                                                           ieee_subnormals=ieee)[0]))}
+    best_single = {}
+    for orient in ("rows", "cols", "both"):
+      key_name = f"{orient}/{rounding}"
+      ms = {"xla": median_time(xla[orient], x, reps=FLAGS.reps, runs=3) * 1e3}
+      for bm, bk, w in TUNE_CANDIDATES[orient]:
+        cfg = kernel_operand.OperandKernelConfig(bm, bk, w)
+        r, c = {"rows": (spec, None), "cols": (None, spec), "both": (spec, spec)}[orient]
+        fn = jax.jit(lambda v, r=r, c=c, cfg=cfg: (
+            kernel_operand.gemm_operand_both(v, r, c, key, key, config=cfg)
+            if orient == "both" else kernel_operand.gemm_operand(
+                v, r or c, -1 if r is not None else -2, key, config=cfg)))
+        try:
+          ms[f"{bm}x{bk}w{w}"] = median_time(fn, x, reps=FLAGS.reps, runs=3) * 1e3
+        except Exception as e:  # a tile Triton cannot compile is skipped
+          print(f"tune {key_name} {bm}x{bk}w{w}: {type(e).__name__}", flush=True)
+      kernel_ms = {k: v for k, v in ms.items() if k != "xla"}
+      best = min(kernel_ms, key=kernel_ms.get) if kernel_ms and exact[rounding] else None
+      options = {"xla": ms["xla"]}
+      if best:
+        options["pallas"] = kernel_ms[best]
+      if orient == "both":
+        options["separate"] = best_single["rows"] + best_single["cols"]
+      emitter = min(options, key=options.get)
+      entry = {"emitter": emitter, "ms": {k: round(v, 4) for k, v in ms.items()}}
+      if emitter == "pallas":
+        bm, rest = best.split("x")
+        bk, w = rest.split("w")
+        entry["config"] = [int(bm), int(bk), int(w), 1]
+      if orient != "both":
+        best_single[orient] = min(options.values())
+      table[key_name] = entry
+      print(f"tune {key_name:18} xla {ms['xla']:.3f} ms, best kernel "
+            f"{best or '-'} {kernel_ms.get(best, float('nan')):.3f} ms -> {emitter}", flush=True)
+  return table
+
+
+def write_tuning(kind: str, table: dict, path: str) -> None:
+  """Merges this device's entries into fp4jax/kernels/operand_tuning.py."""
+  from fp4jax.kernels import operand_tuning
+  merged = dict(operand_tuning.TABLE)
+  merged[kind] = table
+  with open(operand_tuning.__file__) as f:
+    head = f.read().split("TABLE: dict = ")[0]
+  with open(path, "w") as f:
+    f.write(head + "TABLE: dict = " + json.dumps(merged, indent=1, sort_keys=True) + "\n")
+  print(f"wrote {path}")
 
 
 def main(argv):
@@ -153,11 +262,21 @@ def main(argv):
   ieee = facts.keeps_subnormals  # the variant fp4jax.qdot's fused path runs here
   res["ieee_subnormals"] = ieee
   if FLAGS.check:
-    res["mismatches"] = {str(v): check(key, v) for v in sorted({False, ieee})}
+    if FLAGS.check_xla:
+      res["mismatches"] = {str(v): check(key, v) for v in sorted({False, ieee})}
     if facts.on_gpu:
       res["kernel_mismatches"] = {str(v): check_kernel(key, v) for v in (False, True)}
   n = FLAGS.size
   x = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  if FLAGS.tune and facts.on_gpu:
+    km = res.get("kernel_mismatches", {}).get("False", {})
+    exact = {rounding: bool(km) and all(
+        v["non_nan"] == 0 for k, v in km.items() if ("_sr_" in k) == (rounding != "nearest"))
+        for rounding in ("nearest", "stochastic")}
+    res["tuning"] = tune(x, key, exact)
+    from fp4jax.kernels import operand_tuning
+    for path in filter(None, [operand_tuning.__file__, FLAGS.tuning_out]):
+      write_tuning(facts.kind, res["tuning"], path)
   fns = {"copy": jax.jit(lambda v: -v),
          "naive_mxfp4_rows": jax.jit(lambda v: naive_fake_quant(v, -1)),
          "naive_mxfp4_cols": jax.jit(lambda v: naive_fake_quant(v, -2))}

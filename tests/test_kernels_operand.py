@@ -105,8 +105,18 @@ def test_bad_input_is_named(call, match):
     call(x)
 
 
-@pytest.mark.parametrize("recipe", ["mxfp4", "tetrajet", "nvfp4", "quartet"])
-def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, rng):
+_SMALL = ("pallas", ko.OperandKernelConfig(16, 64, 4))
+TABLES = {"default": (), "separate": (("both/nearest", ("separate", None)),
+                                      ("both/stochastic", ("separate", None)),
+                                      ("rows/nearest", _SMALL), ("cols/stochastic", ("xla", None))),
+          "xla_both": (("both/nearest", ("xla", None)), ("both/stochastic", ("xla", None)),
+                       ("cols/nearest", _SMALL))}
+
+
+@pytest.mark.parametrize("recipe,table", [("mxfp4", "default"), ("tetrajet", "default"),
+                                          ("nvfp4", "default"), ("quartet", "default"),
+                                          ("mxfp4", "separate"), ("tetrajet", "xla_both")])
+def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, rng):
   # Same operands bit for bit, same GEMMs: the loss and both gradients agree exactly
   # (NVFP4's float scales and Quartet's transforms stay with XLA; MX operands take the
   # kernel, dY's two quantizations from one read).
@@ -116,7 +126,7 @@ def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, rng):
   w = jnp.asarray(rng.standard_normal((1, 128, 64)).astype(np.float32) * 0.1)
   c = jnp.asarray(rng.standard_normal((1, 64, 64)).astype(np.float32))
   kd = jax.random.key_data(jax.random.key(5))
-  kernel = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0)
+  kernel = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0, choices=TABLES[table])
 
   def loss(a, w, emit):
     return jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit)(a, w, kd) * c)
@@ -127,6 +137,19 @@ def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, rng):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=f"{recipe}: {name}")
 
 
+def test_dispatch_reads_the_measured_table():
+  hopper = dispatch.DeviceFacts("gpu", 9, "NVIDIA H200")
+  table = {"NVIDIA H200": {"rows/nearest": {"emitter": "pallas", "config": [16, 128, 4, 1]},
+                           "both/stochastic": {"emitter": "separate", "ms": {"xla": 1.0}}}}
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", hopper), hopper, table)
+  assert emit.choice("rows", "nearest") == ("pallas", ko.OperandKernelConfig(16, 128, 4, 1))
+  assert emit.choice("both", "stochastic") == ("separate", None)
+  assert emit.choice("cols", "nearest") == ("pallas", None)      # not measured: defaults
+  other = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100")
+  assert dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", other), other,
+                              table).choices == ()
+
+
 def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():
   hopper = dispatch.DeviceFacts("gpu", 9, "NVIDIA H200")
   assert dispatch.choose_operand_emitter("auto", hopper).impl is dispatch.OperandEmitter.PALLAS
@@ -135,4 +158,4 @@ def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():
   assert dispatch.choose_operand_emitter("fused", cpu).impl is dispatch.OperandEmitter.XLA
   assert dispatch.kernel_emit(dispatch.choose_operand_emitter("fused", cpu), cpu) is None
   emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", hopper), hopper)
-  assert emit == qdot_fused.KernelEmit(interpret=False)
+  assert emit.interpret is False and emit.min_elements > 0

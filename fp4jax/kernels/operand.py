@@ -106,13 +106,14 @@ def _largest_dividing(n: int, cap: int, floor: int) -> int | None:
 
 
 def _tile_for(m: int, k: int, orient: str, bs: int, config: OperandKernelConfig | None):
-  """The launch's tile: the config's, shrunk to a power of two that divides the operand
-  (at least one block along the blocked axes), else the config's with padding."""
+  """The launch's tile: the config's (grown to one block along a blocked axis), shrunk to
+  a power of two that divides the operand, else the config's with padding."""
   cfg = config or DEFAULT_CONFIG[orient]
   row_floor = bs if orient in ("cols", "both") else 1
   col_floor = bs if orient in ("rows", "both") else 16
-  bm = _largest_dividing(m, cfg.block_rows, row_floor) or cfg.block_rows
-  bk = _largest_dividing(k, cfg.block_cols, col_floor) or cfg.block_cols
+  rows_cap, cols_cap = max(cfg.block_rows, row_floor), max(cfg.block_cols, col_floor)
+  bm = _largest_dividing(m, rows_cap, row_floor) or rows_cap
+  bk = _largest_dividing(k, cols_cap, col_floor) or cols_cap
   return bm, bk, cfg
 
 
