@@ -340,17 +340,23 @@ def kernel_emit(choice: Choice, facts: DeviceFacts | None = None,
   """What :func:`fp4jax.qdot_fused.qmatmul_for` takes for an emitter choice: per
   orientation and rounding, the emitter and tile measured fastest on this GPU kind
   (``table``, default :data:`fp4jax.kernels.operand_tuning.TABLE`, written by
-  ``kernels.bench_operand --tune``); a kind it lacks takes the kernel's defaults."""
+  ``kernels.bench_operand --tune``), and the kernel's one-multiply variant where that
+  table says it was bit-exact there; a kind it lacks takes the kernel's defaults and the
+  variant exact on any backend."""
   if choice.impl is not OperandEmitter.PALLAS:
     return None
   facts = facts or device_facts()
   table = operand_tuning.TABLE if table is None else table
+  measured = table.get(facts.kind, {})
   choices = []
-  for key, entry in sorted(table.get(facts.kind, {}).items()):
+  for key, entry in sorted(measured.items()):
+    if not (isinstance(entry, dict) and "emitter" in entry):
+      continue
     cfg = entry.get("config")
     choices.append((key, (entry["emitter"], None if cfg is None
                           else kernel_operand.OperandKernelConfig(*cfg))))
-  return qdot_fused.KernelEmit(interpret=interpret_mode(facts), choices=tuple(choices))
+  return qdot_fused.KernelEmit(interpret=interpret_mode(facts), choices=tuple(choices),
+                               ieee_subnormals=bool(measured.get("kernel_ieee_subnormals")))
 
 
 # ------------------------------------------------------------------------------- GEMM

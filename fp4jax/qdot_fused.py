@@ -104,6 +104,9 @@ class KernelEmit:
 
   interpret: bool = False      # Pallas interpret mode (CPU tests)
   min_elements: int = 1 << 20
+  # The kernel's one-multiply variant (fp4jax.kernels.operand.gemm_operand): where its
+  # float32 multiply was checked to keep subnormals (the table's kernel_ieee_subnormals).
+  ieee_subnormals: bool = False
   # (("rows/nearest", ("pallas", OperandKernelConfig)), ("both/stochastic", ("separate",
   # None)), ...): a key missing here takes the kernel with its default tile.
   choices: tuple = ()
@@ -136,9 +139,9 @@ def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool,
   key = _op_key(key_data, spec, op)
   takes, config = _kernel_config(x, spec, axis, kernel)
   if takes:
-    # The kernel takes ieee_subnormals=False: exact whatever Triton does with subnormals.
     return kernel_operand.gemm_operand(x, spec, axis, key, dtype=dtype, config=config,
-                                       interpret=kernel.interpret), None
+                                       interpret=kernel.interpret,
+                                       ieee_subnormals=kernel.ieee_subnormals), None
   return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee)
 
 
@@ -206,7 +209,7 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
       gv, gv2 = kernel_operand.gemm_operand_both(
           g, r.dgrad_grad, r.wgrad_grad, _op_key(kd, r.dgrad_grad, "dgrad_grad"),
           _op_key(kd, r.wgrad_grad, "wgrad_grad"), dtype=gemm_dtype, config=both_config,
-          interpret=kernel.interpret)
+          interpret=kernel.interpret, ieee_subnormals=kernel.ieee_subnormals)
       tg = tg2 = None
     else:
       gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pprint
 
 import jax
 import jax.numpy as jnp
@@ -188,10 +189,11 @@ TUNE_CANDIDATES = {  # (block_rows, block_cols, num_warps)
 }
 
 
-def tune(x, key, exact: dict) -> dict:
-  """Per orientation and rounding: the operand kernel's tiles timed against XLA's
-  emitter (and, for both, against two launches); the fastest exact one wins. ``exact``:
-  rounding -> whether the kernel checks passed on this device."""
+def tune(x, key, exact: dict, kernel_ieee: bool) -> dict:
+  """Per orientation and rounding: the operand kernel's tiles (its ``kernel_ieee``
+  variant) timed against XLA's emitter (and, for both, against two launches); the
+  fastest exact one wins. ``exact``: rounding -> whether the kernel checks passed on this
+  device."""
   ieee = dispatch.device_facts().keeps_subnormals
   table, timings = {}, {}
   for rounding in ("nearest", "stochastic"):
@@ -212,9 +214,11 @@ def tune(x, key, exact: dict) -> dict:
         cfg = kernel_operand.OperandKernelConfig(bm, bk, w)
         r, c = {"rows": (spec, None), "cols": (None, spec), "both": (spec, spec)}[orient]
         fn = jax.jit(lambda v, r=r, c=c, cfg=cfg: (
-            kernel_operand.gemm_operand_both(v, r, c, key, key, config=cfg)
+            kernel_operand.gemm_operand_both(v, r, c, key, key, config=cfg,
+                                             ieee_subnormals=kernel_ieee)
             if orient == "both" else kernel_operand.gemm_operand(
-                v, r or c, -1 if r is not None else -2, key, config=cfg)))
+                v, r or c, -1 if r is not None else -2, key, config=cfg,
+                ieee_subnormals=kernel_ieee)))
         try:
           ms[f"{bm}x{bk}w{w}"] = median_time(fn, x, reps=FLAGS.reps, runs=3) * 1e3
         except Exception as e:  # a tile Triton cannot compile is skipped
@@ -248,7 +252,7 @@ def write_tuning(kind: str, table: dict, path: str) -> None:
   with open(operand_tuning.__file__) as f:
     head = f.read().split("TABLE: dict = ")[0]
   with open(path, "w") as f:
-    f.write(head + "TABLE: dict = " + json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    f.write(head + "TABLE: dict = " + pprint.pformat(merged, sort_dicts=True) + "\n")
   print(f"wrote {path}")
 
 
@@ -273,7 +277,10 @@ def main(argv):
     exact = {rounding: bool(km) and all(
         v["non_nan"] == 0 for k, v in km.items() if ("_sr_" in k) == (rounding != "nearest"))
         for rounding in ("nearest", "stochastic")}
-    res["tuning"] = tune(x, key, exact)
+    kernel_ieee = bool(res.get("kernel_mismatches", {}).get("True")) and all(
+        v["non_nan"] == 0 for v in res["kernel_mismatches"]["True"].values())
+    res["tuning"] = tune(x, key, exact, kernel_ieee)
+    res["tuning"]["kernel_ieee_subnormals"] = kernel_ieee
     from fp4jax.kernels import operand_tuning
     for path in filter(None, [operand_tuning.__file__, FLAGS.tuning_out]):
       write_tuning(facts.kind, res["tuning"], path)

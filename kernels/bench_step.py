@@ -168,7 +168,7 @@ def subnormal_arithmetic_is_ieee() -> bool:
 
 def _git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                           text=True, cwd=os.path.dirname(__file__), check=False).stdout.strip()
   except OSError:
     return ""

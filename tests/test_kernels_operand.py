@@ -11,6 +11,7 @@ import sweeps
 from fp4jax import dispatch, qdot_fused, recipes
 from fp4jax.kernels import operand as ko
 from fp4jax.spec import get_spec
+from conftest import bits_equal_or_both_nan
 from test_operand import _every_bf16, _u, _wide
 
 INTERPRET = dispatch.interpret_mode()
@@ -32,26 +33,42 @@ def _spec(mode, rounding, block):
   return get_spec("mxfp4").replace(scale_mode=mode, rounding=rounding, block_size=block)
 
 
-@pytest.mark.parametrize("mode,rounding,block,orient,data,out", sweeps.product(
-    16, mode=MODES, rounding=["nearest", "stochastic"], block=[16, 32],
-    orient=["rows", "cols", "both"],
-    data=["every_bf16", "wide_bf16", "wide_f32", "tiny_f32", "specials_f32"],
-    out={"bf16": jnp.bfloat16, "f32": jnp.float32}))
-def test_kernel_equals_reference(mode, rounding, block, orient, data, out):
+DATA = ("every_bf16", "wide_bf16", "wide_f32", "tiny_f32", "specials_f32")
+# The one-multiply variant is exact where the kernel's multiply keeps subnormals (checked
+# compiled on the GPU); interpret mode on XLA:CPU flushes them.
+IEEE = [False] + ([True] if dispatch.device_facts().keeps_subnormals else [])
+
+
+def _assert_same(got, want):
+  # Bit for bit, NaN payload and sign aside (a NaN block's values are NaN; Triton's NaN
+  # bits differ from XLA's, and they carry no value: conftest.bits_equal_or_both_nan).
+  assert got.dtype == want.dtype and got.shape == want.shape
+  ok = bits_equal_or_both_nan(got, want)
+  assert ok.all(), f"{int((~ok).sum())} values differ; first at {np.argwhere(~ok)[:3].tolist()}"
+
+
+@pytest.mark.parametrize("mode,rounding,block,orient,out", sweeps.product(
+    10, mode=MODES, rounding=["nearest", "stochastic"], block=[16, 32],
+    orient=["rows", "cols", "both"], out={"bf16": jnp.bfloat16, "f32": jnp.float32}))
+def test_kernel_equals_reference(mode, rounding, block, orient, out):
   sp = _spec(mode, rounding, block)
-  x = _data(data, (96, 160))           # 160 columns: not a multiple of the default tile
   k_rows, k_cols = jax.random.key(1), jax.random.key(2)
-  if orient == "both":
-    got = ko.gemm_operand_both(x, sp, sp, k_rows, k_cols, dtype=out, interpret=INTERPRET)
-    want = (ko.gemm_operand_reference(x, sp, -1, k_rows, dtype=out),
-            ko.gemm_operand_reference(x, sp, -2, k_cols, dtype=out))
-  else:
-    axis = -1 if orient == "rows" else -2
-    got = (ko.gemm_operand(x, sp, axis, k_rows, dtype=out, interpret=INTERPRET),)
-    want = (ko.gemm_operand_reference(x, sp, axis, k_rows, dtype=out),)
-  for g, w in zip(got, want):
-    assert g.dtype == jnp.dtype(out) and g.shape == x.shape
-    np.testing.assert_array_equal(_u(g), _u(w))
+  for data in DATA:
+    x = _data(data, (96, 160))           # 160 columns: not a multiple of the default tile
+    for ieee in IEEE:
+      if orient == "both":
+        got = ko.gemm_operand_both(x, sp, sp, k_rows, k_cols, dtype=out, interpret=INTERPRET,
+                                   ieee_subnormals=ieee)
+        want = (ko.gemm_operand_reference(x, sp, -1, k_rows, dtype=out),
+                ko.gemm_operand_reference(x, sp, -2, k_cols, dtype=out))
+      else:
+        axis = -1 if orient == "rows" else -2
+        got = (ko.gemm_operand(x, sp, axis, k_rows, dtype=out, interpret=INTERPRET,
+                               ieee_subnormals=ieee),)
+        want = (ko.gemm_operand_reference(x, sp, axis, k_rows, dtype=out),)
+      for g, w in zip(got, want):
+        assert g.dtype == jnp.dtype(out), (data, ieee)
+        _assert_same(g, w)
 
 
 @pytest.mark.parametrize("shape,axis,config", [
@@ -65,7 +82,7 @@ def test_shapes_tiles_and_padding(shape, axis, config, rng):
   x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
   key = jax.random.key(4)
   got = ko.gemm_operand(x, sp, axis, key, interpret=INTERPRET, config=config)
-  np.testing.assert_array_equal(_u(got), _u(ko.gemm_operand_reference(x, sp, axis, key)))
+  _assert_same(got, ko.gemm_operand_reference(x, sp, axis, key))
 
 
 def test_ieee_variant_on_normal_data(rng):
@@ -116,7 +133,8 @@ TABLES = {"default": (), "separate": (("both/nearest", ("separate", None)),
 @pytest.mark.parametrize("recipe,table", [("mxfp4", "default"), ("tetrajet", "default"),
                                           ("nvfp4", "default"), ("quartet", "default"),
                                           ("mxfp4", "separate"), ("tetrajet", "xla_both")])
-def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, rng):
+@pytest.mark.parametrize("ieee", IEEE)
+def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, ieee, rng):
   # Same operands bit for bit, same GEMMs: the loss and both gradients agree exactly
   # (NVFP4's float scales and Quartet's transforms stay with XLA; MX operands take the
   # kernel, dY's two quantizations from one read).
@@ -126,7 +144,8 @@ def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, rng):
   w = jnp.asarray(rng.standard_normal((1, 128, 64)).astype(np.float32) * 0.1)
   c = jnp.asarray(rng.standard_normal((1, 64, 64)).astype(np.float32))
   kd = jax.random.key_data(jax.random.key(5))
-  kernel = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0, choices=TABLES[table])
+  kernel = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0, choices=TABLES[table],
+                                 ieee_subnormals=ieee)
 
   def loss(a, w, emit):
     return jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit)(a, w, kd) * c)
@@ -140,14 +159,16 @@ def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, rng):
 def test_dispatch_reads_the_measured_table():
   hopper = dispatch.DeviceFacts("gpu", 9, "NVIDIA H200")
   table = {"NVIDIA H200": {"rows/nearest": {"emitter": "pallas", "config": [16, 128, 4, 1]},
-                           "both/stochastic": {"emitter": "separate", "ms": {"xla": 1.0}}}}
+                           "both/stochastic": {"emitter": "separate", "ms": {"xla": 1.0}},
+                           "kernel_ieee_subnormals": True}}
   emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", hopper), hopper, table)
   assert emit.choice("rows", "nearest") == ("pallas", ko.OperandKernelConfig(16, 128, 4, 1))
   assert emit.choice("both", "stochastic") == ("separate", None)
   assert emit.choice("cols", "nearest") == ("pallas", None)      # not measured: defaults
+  assert emit.ieee_subnormals
   other = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100")
-  assert dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", other), other,
-                              table).choices == ()
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", other), other, table)
+  assert emit.choices == () and not emit.ieee_subnormals        # unmeasured: exact anywhere
 
 
 def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():

@@ -3,6 +3,10 @@
 * :mod:`fp4jax.kernels.quantize`: fused quantize (MX, NVFP4; rows / columns / both from
   one read; stochastic rounding; a fused 16-point Hadamard). Reference:
   :func:`fp4jax.encode.quantize_reference`, bit for bit.
+* :mod:`fp4jax.kernels.operand`: GEMM-ready values (BF16) of MX operands from one read
+  (rows / columns / both). Reference: :func:`fp4jax.kernels.operand.gemm_operand_reference`,
+  bit for bit (NaN payload aside); :mod:`fp4jax.kernels.operand_tuning` holds the measured
+  tile and emitter choices the dispatch reads.
 * :mod:`fp4jax.kernels.unpack`: packed E2M1 + 8-bit scales -> K-major E4M3 / BF16 GEMM
   operands. Reference: :func:`fp4jax.kernels.unpack.gemm_operand_reference`, bit for bit.
 * :mod:`fp4jax.kernels.matmul`: FP4 GEMMs of two QArrays on Hopper (unpack + XLA's FP8 or
