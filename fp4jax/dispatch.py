@@ -317,9 +317,14 @@ class OperandEmitter(enum.Enum):
   (any device; every spec the fused path takes)."""
 
   PALLAS = "pallas"
-  """:mod:`fp4jax.kernels.operand` for the large operands with power-of-two scales (one
-  read and one write each; ``dY``'s two quantizations from one read), XLA for the rest
-  (float scales, transforms, weights below :attr:`fp4jax.qdot_fused.KernelEmit.min_elements`)."""
+  """:mod:`fp4jax.kernels.operand` for every operand with power-of-two scales in blocks of
+  at least :attr:`fp4jax.qdot_fused.KernelEmit.min_elements` elements (activations,
+  gradients, large weights, Hadamard-transformed float32 operands; one read and one write
+  each, ``dY``'s two quantizations from one read where the table says so), XLA for the
+  rest (float scales, tiles, small weights). Like every Pallas call, the kernel is not
+  split by XLA's SPMD partitioner: under ``jit`` with sharded inputs it runs replicated,
+  so sharded training runs the layers inside ``shard_map`` (as
+  :mod:`fp4jax.distributed` and the experiments do) or takes ``gemm_impl("fused")``."""
 
 
 def choose_operand_emitter(policy: str, facts: DeviceFacts | None = None) -> Choice:

@@ -19,6 +19,8 @@ MODES = ("floor", "ceil", "even", "rceil")
 
 
 def _data(kind, shape):
+  if kind == "col_specials_f32":   # _wide's special blocks laid along columns
+    return jnp.asarray(np.ascontiguousarray(np.asarray(_wide(shape[::-1], 15, jnp.float32)).T))
   if kind == "every_bf16":
     return _every_bf16(shape, 11)
   if kind == "specials_f32":
@@ -33,7 +35,7 @@ def _spec(mode, rounding, block):
   return get_spec("mxfp4").replace(scale_mode=mode, rounding=rounding, block_size=block)
 
 
-DATA = ("every_bf16", "wide_bf16", "wide_f32", "tiny_f32", "specials_f32")
+DATA = ("every_bf16", "wide_bf16", "wide_f32", "tiny_f32", "specials_f32", "col_specials_f32")
 # The one-multiply variant is exact where the kernel's multiply keeps subnormals (checked
 # compiled on the GPU); interpret mode on XLA:CPU flushes them.
 IEEE = [False] + ([True] if dispatch.device_facts().keeps_subnormals else [])
@@ -59,7 +61,7 @@ def test_kernel_equals_reference(mode, rounding, block, orient, out):
   sp = _spec(mode, rounding, block)
   k_rows, k_cols = jax.random.key(1), jax.random.key(2)
   for data in DATA:
-    x = _data(data, (96, 160))           # 160 columns: not a multiple of the default tile
+    x = _data(data, (96, 160))           # 160 columns: the tile shrinks to divide them
     for ieee in IEEE:
       if orient == "both":
         got = ko.gemm_operand_both(x, sp, sp, k_rows, k_cols, dtype=out, interpret=INTERPRET,
@@ -135,31 +137,98 @@ TABLES = {"default": (), "separate": (("both/nearest", ("separate", None)),
                        ("cols/nearest", _SMALL))}
 
 
-@pytest.mark.parametrize("recipe,table", [("mxfp4", "default"), ("tetrajet", "default"),
-                                          ("nvfp4", "default"), ("quartet", "default"),
-                                          ("mxfp4", "separate"), ("tetrajet", "xla_both")])
+def _kernel_launches(fn, *args) -> int:
+  """How many pallas_call equations named fp4jax_gemm_operand the traced ``fn`` holds
+  (nested jaxprs included)."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        info = eqn.params.get("name_and_src_info", eqn.params.get("name", ""))
+        n += "fp4jax_gemm_operand" in str(getattr(info, "name", info))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          if hasattr(sub, "eqns"):
+            n += count(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            n += count(sub.jaxpr)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+# (recipe, table, (B, M, K, N), kernel launches in forward + backward). mxfp4: forward A
+# and W, backward dY (both orientations in one launch, or two: "separate"), W for dgrad,
+# A for wgrad. nvfp4: float scales everywhere, nothing for the kernel (the fallback).
+# M = 40: the wgrad tokens are padded to 64, so dY takes two launches (no "both").
+@pytest.mark.parametrize("recipe,table,dims,launches", [
+    ("mxfp4", "default", (1, 64, 128, 64), 5), ("mxfp4", "separate", (1, 64, 128, 64), 6),
+    ("mxfp4", "default", (2, 40, 128, 64), 6), ("tetrajet", "default", (1, 64, 128, 64), None),
+    ("tetrajet", "xla_both", (1, 64, 128, 64), None), ("quartet", "default", (1, 64, 128, 64), None),
+    ("nvfp4", "default", (1, 64, 128, 64), 0)])
 # The variant the dispatch runs on this device (both variants: test_kernel_equals_reference).
 @pytest.mark.parametrize("ieee", IEEE[-1:])
-def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, ieee, rng):
-  # Same operands bit for bit, same GEMMs: the loss and both gradients agree exactly
-  # (NVFP4's float scales and Quartet's transforms stay with XLA; MX operands take the
-  # kernel, dY's two quantizations from one read).
+def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, dims, launches,
+                                                           ieee, rng):
+  # Same operands bit for bit, same GEMMs: the loss and both gradients agree exactly, and
+  # the kernel did run where the recipe has power-of-two scales.
   r = recipes.get(recipe)
+  b, m, k, n = dims
   gemm_dtype = jnp.bfloat16 if dispatch.device_facts().bf16_dot else jnp.float32
-  a = jnp.asarray(rng.standard_normal((1, 64, 128)).astype(np.float32))
-  w = jnp.asarray(rng.standard_normal((1, 128, 64)).astype(np.float32) * 0.1)
-  c = jnp.asarray(rng.standard_normal((1, 64, 64)).astype(np.float32))
+  a = jnp.asarray(rng.standard_normal((b, m, k)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal((b, k, n)).astype(np.float32) * 0.1)
+  c = jnp.asarray(rng.standard_normal((b, m, n)).astype(np.float32))
   kd = jax.random.key_data(jax.random.key(5))
   kernel = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0, choices=TABLES[table],
                                  ieee_subnormals=ieee)
 
-  def loss(a, w, emit):
-    return jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit)(a, w, kd) * c)
+  def value_and_grads(emit):
+    def loss(a, w):
+      return jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit)(a, w, kd)
+                     * c)
+    return jax.value_and_grad(loss, argnums=(0, 1))
 
-  got = jax.value_and_grad(loss, argnums=(0, 1))(a, w, kernel)
-  want = jax.value_and_grad(loss, argnums=(0, 1))(a, w, None)
+  got = value_and_grads(kernel)(a, w)
+  want = value_and_grads(None)(a, w)
   for name, u, v in zip(("loss", "da", "dw"), jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=f"{recipe}: {name}")
+  count = _kernel_launches(value_and_grads(kernel), a, w)
+  assert _kernel_launches(value_and_grads(None), a, w) == 0
+  if launches is None:
+    assert count > 0, f"{recipe}: the kernel never ran"
+  else:
+    assert count == launches, f"{recipe} ({table}): {count} kernel launches, expected {launches}"
+
+
+def test_xla_both_choice_keeps_dy_in_xla(rng):
+  # A table that measured XLA faster for dY's pair sends both of its emits to XLA.
+  r = recipes.get("mxfp4")
+  a = jnp.ones((1, 64, 128), jnp.float32)
+  w = jnp.ones((1, 128, 64), jnp.float32)
+  kd = jax.random.key_data(jax.random.key(5))
+
+  def grads(choices):
+    emit = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0, choices=choices)
+    return jax.grad(lambda a, w: jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, jnp.float32,
+                                                                False, emit)(a, w, kd)),
+                    argnums=(0, 1))
+
+  assert _kernel_launches(grads(TABLES["xla_both"]), a, w) == 4   # fwd A, W; dgrad W; wgrad A
+
+
+@pytest.mark.parametrize("rows,cols", [("nearest-32", "stochastic-32"),
+                                       ("stochastic-16", "nearest-32")])
+def test_both_with_different_specs(rows, cols):
+  # dgrad's and wgrad's dY specs may differ (rounding, block size): each output is its own
+  # spec's reference, with its own key (a zero seed for a nearest side).
+  def spec(s):
+    rounding, block = s.split("-")
+    return _spec("floor", rounding, int(block))
+  rs, cs = spec(rows), spec(cols)
+  x = _data("wide_bf16", (64, 96))
+  kr, kc = jax.random.key(8), jax.random.key(9)
+  got_r, got_c = ko.gemm_operand_both(x, rs, cs, kr, kc, interpret=INTERPRET)
+  _assert_same(got_r, ko.gemm_operand_reference(x, rs, -1, kr))
+  _assert_same(got_c, ko.gemm_operand_reference(x, cs, -2, kc))
 
 
 def test_dispatch_reads_the_measured_table():

@@ -57,6 +57,12 @@ class OperandKernelConfig:
   num_warps: int = 8
   num_stages: int = 1
 
+  def __post_init__(self):
+    for name in ("block_rows", "block_cols", "num_warps"):
+      v = getattr(self, name)
+      if not (isinstance(v, int) and v > 0 and v & (v - 1) == 0):
+        raise ValueError(f"OperandKernelConfig: {name} must be a power of two, got {v!r}")
+
 
 # Measured defaults are in kernels/NOTES.md ("Operand kernel"); tiles shrink to divide the
 # operand (a padded launch would add a copy on each side).
@@ -80,13 +86,13 @@ def unsupported_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | Non
   (columns) of an array of rank >= 2 in bf16 / f32, a spec that the XLA emitter takes
   (:func:`fp4jax.operand.unsupported_reason`) with power-of-two scales in blocks of 16
   or 32."""
-  why = operand.unsupported_reason(spec, tuple(shape), axis)
-  if why is not None:
-    return why
   if len(shape) < 2:
     return f"rank {len(shape)} (2D tiles)"
   if axis not in (-1, -2, len(shape) - 1, len(shape) - 2):
     return f"axis {axis}: blocks along one of the last two axes only"
+  why = operand.unsupported_reason(spec, tuple(shape), axis)
+  if why is not None:
+    return why
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in (jnp.bfloat16, jnp.float32)]:
     return f"input dtype {jnp.dtype(dtype).name} (bfloat16 or float32)"
   if not spec.scale_format.is_pow2:
@@ -109,7 +115,8 @@ def _tile_for(m: int, k: int, orient: str, bs: int, config: OperandKernelConfig 
   """The launch's tile: the config's (grown to one block along a blocked axis), shrunk to
   a power of two that divides the operand, else the config's with padding."""
   cfg = config or DEFAULT_CONFIG[orient]
-  row_floor = bs if orient in ("cols", "both") else 1
+  # Rows: no narrower than 8 (e.g. 8 x 197 tokens would otherwise give 1-row tiles).
+  row_floor = bs if orient in ("cols", "both") else min(8, cfg.block_rows)
   col_floor = bs if orient in ("rows", "both") else 16
   rows_cap, cols_cap = max(cfg.block_rows, row_floor), max(cfg.block_cols, col_floor)
   bm = _largest_dividing(m, rows_cap, row_floor) or rows_cap
