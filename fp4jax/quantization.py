@@ -8,19 +8,23 @@ for bit the same) and returns a :class:`~fp4jax.qarray.QArray`. ``dequantize`` d
 exactly (:mod:`fp4jax.decode`).
 
 ``quantize`` and ``dequantize`` are data transforms: rounding has a zero derivative almost
-everywhere, so differentiating through them gives zeros. Quantization-aware training
-differentiates :func:`fp4jax.qdot_general` (and the layers built on it), whose custom VJP
-applies the recipe's surrogate derivative.
+everywhere, so differentiating through them gives zeros. The functions to differentiate
+are :func:`fake_quant` (a custom VJP with a surrogate derivative from
+:mod:`fp4jax.estimators`, straight-through by default, as qwix, AQT, torchao and
+Transformer Engine do) and :func:`fp4jax.qdot_general` (and the layers built on it),
+whose custom VJP applies the recipe's estimators to each GEMM operand.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fp4jax import blocks, decode, dispatch, encode
+from fp4jax import blocks, decode, dispatch, encode, estimators
 from fp4jax.kernels import quantize as kernel_quantize
 from fp4jax.qarray import QArray
 from fp4jax.spec import QuantSpec
@@ -115,11 +119,82 @@ def element_scales(q: QArray) -> jax.Array:
   return decode.element_scales(_check_qarray(q, "element_scales"))
 
 
-def fake_quant(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
-               **kwargs) -> jax.Array:
-  """``dequantize(quantize(x, spec, axis, **kwargs), x.dtype)``: x rounded onto the format."""
+def fake_quant(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1, *,
+               estimator: str | None = "ste",
+               estimator_params: Mapping[str, float] | tuple = (), **kwargs) -> jax.Array:
+  """``dequantize(quantize(x, spec, axis, **kwargs), x.dtype)``: x rounded onto the
+  format, differentiable through a surrogate derivative.
+
+  Forward: exactly the quantized values (bit for bit ``dequantize(quantize(...))``).
+  Backward: ``dL/dx = dL/dy * E(x / s)`` with ``s`` each element's scale
+  (:func:`element_scales`, held constant, as every FP4 training recipe does) and ``E`` the
+  named estimator of :mod:`fp4jax.estimators` (``"ste"``: 1, the straight-through
+  estimator of Bengio et al. 2013; ``"clipped_ste"``: 0 where the block's value was
+  clipped; ``"dge"``: Wang et al. 2025; ``"smooth"``; or any registered one), with
+  ``estimator_params`` its keyword arguments. ``estimator=None`` keeps the true
+  derivative of the hard quantizer (zero almost everywhere). Random keys, explicit random
+  bits and tensor scales get no gradient. Works under ``jit``, ``vmap``, ``grad`` and
+  ``remat``.
+
+  Args:
+    x: float array; ``spec``, ``axis`` and ``**kwargs`` as :func:`quantize`.
+    estimator: a registered estimator name, or None.
+    estimator_params: the estimator's keyword arguments (a mapping or ``(name, value)``
+      pairs), e.g. ``{"k": 5.0, "max_grad": 3.0}`` for ``"dge"``.
+  """
   x = jnp.asarray(x)
-  return dequantize(quantize(x, spec, axis, **kwargs), x.dtype)
+  if estimator is None:
+    return dequantize(quantize(x, spec, axis, **kwargs), x.dtype)
+  if not isinstance(estimator, str):
+    raise TypeError(f"fake_quant: estimator must be a registered name or None, got "
+                    f"{type(estimator).__name__}")
+  estimators.get_estimator(estimator)          # unknown names: the registry's error
+  params = tuple(sorted(dict(estimator_params).items()))
+  # Arrays among the keyword arguments (key, random_bits, tensor_scale) travel as
+  # arguments of the custom VJP (no closure over tracers); the rest are static.
+  arrays = {k: v for k, v in kwargs.items() if _is_array(v)}
+  static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+  return _fake_quant_vjp(spec, axis, estimator, params, static)(x, arrays)
+
+
+def _is_array(v: Any) -> bool:
+  return isinstance(v, (jax.Array, np.ndarray)) or hasattr(v, "aval")
+
+
+def _zero_cotangent(v: jax.Array):
+  v = jnp.asarray(v) if not hasattr(v, "dtype") else v
+  if jnp.issubdtype(v.dtype, jnp.inexact):
+    return jnp.zeros_like(v)
+  return np.zeros(v.shape, jax.dtypes.float0)  # integer bits, PRNG keys
+
+
+@functools.lru_cache(maxsize=None)
+def _fake_quant_vjp(spec, axis: int, estimator: str, params: tuple, static: tuple):
+  """The custom-VJP fake quantizer of one static configuration."""
+
+  def forward(x, arrays):
+    q = quantize(x, spec, axis, **dict(static), **arrays)
+    y = dequantize(q, x.dtype)
+    if estimator == "ste":
+      return y, None
+    v = x.astype(jnp.float32) / element_scales(q)
+    return y, estimators.get_estimator(estimator)(v, q.spec.element, **dict(params))
+
+  @jax.custom_vjp
+  def fq(x, arrays):
+    return forward(x, arrays)[0]
+
+  def fwd(x, arrays):
+    y, mult = forward(x, arrays)
+    return y, (mult, jax.tree.map(_zero_cotangent, arrays), jnp.zeros((0,), x.dtype))
+
+  def bwd(res, g):
+    mult, zero_arrays, x_like = res
+    dx = g if mult is None else (g.astype(jnp.float32) * mult)
+    return dx.astype(x_like.dtype), zero_arrays
+
+  fq.defvjp(fwd, bwd)
+  return fq
 
 
 __all__ = ["dequantize", "element_scales", "fake_quant", "quantize"]
