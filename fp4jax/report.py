@@ -12,15 +12,23 @@ modes. Blocks run along the last axis; non-divisible shapes are zero-padded.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 import fp4jax
+
+# absl flags, as every other entry point (experiments/, kernels/); defined on import of this
+# command-line module only (fp4jax itself does not import it).
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("rows", 2048, "rows of each synthetic input", lower_bound=1)
+flags.DEFINE_integer("cols", 256, "columns of each synthetic input", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "numpy seed of the synthetic inputs")
+flags.DEFINE_bool("markdown", False, "print Markdown tables")
 
 
 def datasets(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
@@ -71,28 +79,24 @@ def format_table(rows, columns, markdown: bool) -> str:
   return "\n".join([line(head), "-" * (sum(widths) + 2 * len(widths))] + [line(b) for b in body])
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--rows", type=int, default=2048)
-  p.add_argument("--cols", type=int, default=256)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--markdown", action="store_true", help="print Markdown tables")
-  args = p.parse_args(argv)
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
   start = time.perf_counter()
-  data = datasets(args.rows, args.cols, args.seed)
+  data = datasets(FLAGS.rows, FLAGS.cols, FLAGS.seed)
   cols = list(data)
   print(f"fp4jax {fp4jax.__version__} | jax {jax.__version__} | {fp4jax.dispatch.device_facts().platform} "
-        f"| {platform.machine()} | synthetic {args.rows}x{args.cols}, seed {args.seed}\n")
+        f"| {platform.machine()} | synthetic {FLAGS.rows}x{FLAGS.cols}, seed {FLAGS.seed}\n")
   print("Every preset (blocks along the last axis):")
-  print(format_table(error_table(data, dict(fp4jax.PRESETS)), cols, args.markdown))
+  print(format_table(error_table(data, dict(fp4jax.PRESETS)), cols, FLAGS.markdown))
   base = fp4jax.get_spec("mxfp4")
   modes = {f"mxfp4 {m}": base.replace(scale_mode=m) for m in ("floor", "ceil", "even", "rceil")}
   modes.update({f"mxfp4 block {b}": base.replace(block_size=b) for b in (8, 16, 64)})
   modes["e2m1 blk16 ue4m3 (1-level)"] = fp4jax.get_spec("nvfp4").replace(tensor_scale=None)
   print("\nMXFP4 scale modes and block sizes (E2M1 elements):")
-  print(format_table(error_table(data, modes), cols, args.markdown))
+  print(format_table(error_table(data, modes), cols, FLAGS.markdown))
   print(f"\n({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

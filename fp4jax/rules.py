@@ -45,19 +45,26 @@ LAYER_KINDS = ("dense", "dense_general", "einsum", "conv")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """``module_path`` regex (``re.search`` on the ``/``-joined path) -> ``recipe``.
+  """``module_path`` regex on the ``/``-joined path -> ``recipe``.
+
+  By default the pattern is searched anywhere in the path (``re.search``: ``"fc"`` matches
+  ``block_0/fc1``); ``fullmatch=True`` matches the whole path, as qwix's ``module_path``
+  does (``re.fullmatch``), so rule sets ported from qwix keep their meaning.
 
   Attributes:
-    module_path: regular expression; anchor it (``^...$``) for exact paths.
+    module_path: regular expression; with ``fullmatch=False`` anchor it (``^...$``) for
+      exact paths.
     recipe: a recipe name, a :class:`~fp4jax.recipes.Recipe`, or None for high precision.
     layers: which layer kinds the rule applies to (subset of ``LAYER_KINDS``).
     honor_keep_high_precision: apply the recipe's ``keep_high_precision`` patterns.
+    fullmatch: the pattern must match the whole path (qwix semantics).
   """
 
   module_path: str
   recipe: Any = None
   layers: tuple[str, ...] = LAYER_KINDS
   honor_keep_high_precision: bool = True
+  fullmatch: bool = False
 
   def __post_init__(self):
     try:
@@ -74,7 +81,8 @@ class Rule:
     object.__setattr__(self, "layers", layers)
 
   def matches(self, path: str, kind: str) -> bool:
-    return kind in self.layers and re.search(self.module_path, path) is not None
+    match = re.fullmatch if self.fullmatch else re.search
+    return kind in self.layers and match(self.module_path, path) is not None
 
 
 def _as_rules(rules) -> tuple[Rule, ...]:

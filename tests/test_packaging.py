@@ -24,7 +24,7 @@ def wheel(tmp_path_factory):
   skip = shutil.ignore_patterns("__pycache__", "results", "*.egg-info", "build")
   for name in ("fp4jax", "kernels", "experiments", "tools"):
     shutil.copytree(ROOT / name, src / name, ignore=skip)
-  for name in ("pyproject.toml", "README.md"):
+  for name in ("pyproject.toml", "README.md", "LICENSE"):
     shutil.copy(ROOT / name, src / name)
   out = tmp_path_factory.mktemp("wheel")
   p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -41,6 +41,43 @@ def test_wheel_ships_only_the_fp4jax_package(wheel):
   assert top == {"fp4jax"}, f"the wheel's top-level names: {sorted(top)}"
   assert "fp4jax/kernels/quantize.py" in names, "the Pallas kernels ship with the library"
   assert not any(n.startswith(("experiments/", "kernels/", "tests/", "tools/")) for n in names)
+
+
+def test_wheel_metadata_declares_what_the_library_imports(wheel):
+  zf = zipfile.ZipFile(wheel)
+  [meta] = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+  text = zf.read(meta).decode()
+  requires = {line.split(":", 1)[1].strip().split(";")[0].split(">")[0].split("=")[0].strip()
+              for line in text.splitlines() if line.startswith("Requires-Dist:")}
+  for dist in ("jax", "flax", "optax", "orbax-checkpoint", "absl-py", "numpy", "ml_dtypes",
+               "opt_einsum"):
+    assert dist in requires, f"{dist} is imported by fp4jax but not declared: {sorted(requires)}"
+  assert "chex" not in requires, "chex is declared but imported nowhere"
+  assert "License-Expression: Apache-2.0" in text or "License: Apache-2.0" in text
+  assert any(n.endswith("licenses/LICENSE") for n in zf.namelist()), "the LICENSE file ships"
+  extras = [line for line in text.splitlines() if line.startswith("Requires-Dist:")
+            and "extra == \"test\"" in line]
+  for dist in ("pytest", "scikit-learn", "matplotlib", "nbclient"):
+    assert any(dist in line for line in extras), f"the test extra lacks {dist}"
+  assert any("scikit-learn" in line and "extra == \"experiments\"" in line
+             for line in text.splitlines()), "fp4jax.report needs the experiments extra"
+
+
+def test_every_import_of_the_library_is_declared():
+  # What fp4jax/ imports at top level from outside the standard library and itself.
+  import ast
+  declared = {"jax", "jaxlib", "flax", "optax", "orbax", "absl", "numpy", "ml_dtypes",
+              "opt_einsum",
+              "sklearn"}   # fp4jax.report only, imported lazily: the experiments extra
+  found = set()
+  for path in (ROOT / "fp4jax").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        found |= {a.name.split(".")[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        found.add(node.module.split(".")[0])
+  third_party = {m for m in found - set(sys.stdlib_module_names) if m not in ("fp4jax",)}
+  assert third_party <= declared, f"undeclared imports in fp4jax/: {sorted(third_party - declared)}"
 
 
 def test_installed_wheel_works_beside_a_user_package_named_kernels(wheel, tmp_path):

@@ -167,3 +167,16 @@ def test_top_level_exports_load_flax_lazily():
           "from fp4jax.rules import quantize_model; "
           "assert fp4jax.quantize_model is quantize_model and fp4jax.Rule is not None")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fullmatch_rules_keep_qwix_semantics():
+  # qwix matches module_path with re.fullmatch; fp4jax's default is re.search.
+  searched = Rule("fc", "mxfp4")
+  full = Rule("fc", "mxfp4", fullmatch=True)
+  assert searched.matches("block_0/fc1", "dense")
+  assert not full.matches("block_0/fc1", "dense") and not full.matches("fc1", "dense")
+  assert full.matches("fc", "dense")
+  assert Rule(r".*/fc\d", "mxfp4", fullmatch=True).matches("block_0/fc1", "dense")
+  assert not Rule(r".*/fc\d", "mxfp4", fullmatch=True).matches("block_0/fc1/inner", "dense")
+  from fp4jax import rules
+  assert rules.resolve((full, Rule(".*", "nvfp4")), "block_0/fc1", "dense")[1] == 1

@@ -1,0 +1,24 @@
+"""python -m fp4jax.report: an absl entry point like the others, with validated flags."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, "-m", "fp4jax.report", *args], capture_output=True,
+                        text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def test_help_lists_the_flags_and_bad_values_are_one_line_errors():
+  p = _run("--help")   # absl prints the help and exits (status 1, its convention)
+  for flag in ("--rows", "--cols", "--seed", "--markdown"):
+    assert flag in p.stdout, f"{flag} missing from --help"
+  p = _run("--rows=0")
+  assert p.returncode != 0
+  assert "--rows=0: 0 is not a positive integer" in p.stderr
+  assert len(p.stderr.strip().splitlines()) <= 3, p.stderr
