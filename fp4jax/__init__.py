@@ -16,6 +16,7 @@ from fp4jax import (blocks, dispatch, distributed, encode, estimators, formats, 
                     recipes, scales)
 from fp4jax import spec as spec_lib
 from fp4jax.dispatch import gemm_impl
+from fp4jax.recipes import recipe_override
 from fp4jax.formats import (BF16_SCALE, E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FP32_SCALE, INT4,
                             INT8, MXINT8, UE4M3, ElementFormat, ScaleFormat, exmy, intn,
                             pow2_scale)
@@ -49,7 +50,7 @@ __all__ = [
     "BF16_SCALE", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "E8M0", "FP32_SCALE", "INT4", "INT8",
     "MXINT8", "UE4M3", "ElementFormat", "PRESETS", "QArray", "QuantSpec", "ScaleFormat",
     "blocks", "dequantize", "dispatch", "distributed", "element_scales", "encode",
-    "estimators", "exmy", "fake_quant", "formats", "fp4_matmul", "gemm_impl", "get_spec",
+    "estimators", "exmy", "fake_quant", "formats", "fp4_matmul", "gemm_impl", "get_spec", "recipe_override",
     "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
     "recipes", "round_to_format", "scales", "weight_only_matmul", "quantize_model", "Rule",
     "linen", "nnx", "rules", "optim", "ptq", "checkpoint", "models",

@@ -75,7 +75,7 @@ class QuantDotGeneral(nn.Module):
   def __call__(self, lhs, rhs, dimension_numbers, precision=None,
                preferred_element_type=None, out_sharding=None):
     del precision, out_sharding  # products accumulate in float32
-    recipe = recipes_lib.get(self.recipe)
+    recipe = recipes_lib.effective(self.recipe)   # fp4jax.recipe_override, if active
     owner = self.parent if isinstance(self.parent, nn.Module) else self
     ref = kernel_reference(owner)
     return qdot_general(lhs, rhs, dimension_numbers, recipe, quant_key(self, recipe),
@@ -92,7 +92,7 @@ class QuantConvGeneralDilated(nn.Module):
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                batch_group_count=1, precision=None, preferred_element_type=None):
-    recipe = recipes_lib.get(self.recipe)
+    recipe = recipes_lib.effective(self.recipe)   # fp4jax.recipe_override, if active
     owner = self.parent if isinstance(self.parent, nn.Module) else self
     ref = kernel_reference(owner)
     if ref is not None and owner.mask is not None:
@@ -198,7 +198,7 @@ class QEinsum(nn.Einsum):
     super().__post_init__()
 
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
-    return einsum_call(self, super().__call__, recipes_lib.get(self.recipe), inputs,
+    return einsum_call(self, super().__call__, recipes_lib.effective(self.recipe), inputs,
                        einsum_str)
 
 

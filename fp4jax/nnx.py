@@ -110,7 +110,7 @@ class _Quantized:
     setattr(self, self._hook_attr, type(self)._hook_fn)
 
   def _key(self, key):
-    if not self.recipe.needs_key:
+    if not recipes_lib.effective(self.recipe).needs_key:   # fp4jax.recipe_override
       return None
     if key is not None:
       return key

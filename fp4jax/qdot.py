@@ -298,7 +298,7 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
   Returns:
     ``lax.dot_general``'s output layout: batch dims, lhs free dims, rhs free dims.
   """
-  recipe = recipes_lib.get(recipe)
+  recipe = recipes_lib.effective(recipe)   # fp4jax.recipe_override, if active
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   for name, v in (("lhs", lhs), ("rhs", rhs)):
     if not jnp.issubdtype(v.dtype, jnp.floating):

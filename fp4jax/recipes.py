@@ -19,7 +19,10 @@ keeps in BF16 by default.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from typing import Iterator
 
 from fp4jax import blocks
 from fp4jax.spec import QuantSpec, get_spec
@@ -193,3 +196,38 @@ def get(name: str | Recipe) -> Recipe:
     return RECIPES[name.lower()]
   except KeyError:
     raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(sorted(RECIPES))}") from None
+
+
+# ------------------------------------------------------------------- recipe override
+
+_NO_OVERRIDE = object()
+_OVERRIDE = contextvars.ContextVar("fp4jax_recipe_override", default=_NO_OVERRIDE)
+
+
+@contextlib.contextmanager
+def recipe_override(recipe: "str | Recipe | None") -> Iterator[None]:
+  """Every quantized GEMM traced inside (:func:`fp4jax.qdot_general`, and so every layer
+  of :mod:`fp4jax.linen` / :mod:`fp4jax.nnx`, convolutions included) uses ``recipe``
+  instead of its own; ``None`` (or ``"bf16"``) runs them in high precision, exactly
+  ``lax.dot_general``::
+
+      with fp4jax.recipe_override(None):          # evaluate without FP4
+        metrics = jax.jit(eval_step)(params, batch)   # traced in here
+
+  Like :func:`fp4jax.gemm_impl` it acts at trace time: a function jit-compiled before
+  keeps the recipes it was traced with, and one traced inside is compiled separately.
+  An override that rounds stochastically needs the layers' ``"quant"`` keys.
+  """
+  value = RECIPES["bf16"] if recipe is None else get(recipe)
+  token = _OVERRIDE.set(value)
+  try:
+    yield
+  finally:
+    _OVERRIDE.reset(token)
+
+
+def effective(recipe: "str | Recipe") -> Recipe:
+  """``recipe`` resolved, or the active :func:`recipe_override`."""
+  override = _OVERRIDE.get()
+  return get(recipe) if override is _NO_OVERRIDE else override
+

@@ -131,3 +131,13 @@ def test_training_step_in_a_model(rng):
   assert jax.tree.structure(g) == jax.tree.structure(v)
   assert all(bool(jnp.all(jnp.isfinite(t))) and float(jnp.abs(t).max()) > 0
              for t in jax.tree.leaves(g))
+
+
+def test_quant_dot_general_injected_into_a_plain_flax_layer(rng):
+  # AQT's route (README): nn.Dense(dot_general_cls=QuantDotGeneral) equals QDense.
+  import functools
+  x = jnp.asarray(rng.standard_normal((4, 64)).astype(np.float32))
+  layer = nn.Dense(32, dot_general_cls=functools.partial(qnn.QuantDotGeneral, recipe="mxfp4"))
+  params = layer.init(jax.random.key(0), x)
+  want = qnn.QDense(32, recipe="mxfp4").apply(params, x)
+  np.testing.assert_array_equal(np.asarray(layer.apply(params, x)), np.asarray(want))
