@@ -14,6 +14,7 @@ A work directory holds::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -79,6 +80,22 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
   flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
+def run_main(main: Callable) -> None:
+  """``absl.app.run(main)``, with a :class:`absl.app.UsageError` from ``main`` printed as
+  one line and a hint (absl would print the whole help first); exit status 2."""
+  from absl import app
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      print(f"{os.path.basename(sys.argv[0])}: error: {e}\nTry --help for the flags.",
+            file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  app.run(wrapped)
+
+
 def device_description() -> str:
   d = jax.devices()[0]
   hosts = f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""
@@ -108,6 +125,16 @@ def write_config(workdir: str, flag_values: dict[str, Any], **extra) -> dict:
 
 def flag_dict(flags_module, names: Iterable[str]) -> dict[str, Any]:
   return {n: flags_module.FLAGS[n].value for n in names}
+
+
+def script_flag_values() -> dict[str, Any]:
+  """Every key flag of the running script (``__main__``: its own flags and, adopted, the
+  training flags of this module), name -> value: what ``config.json`` records, derived
+  from the flags themselves so that a new flag cannot drop out."""
+  from absl import flags
+  main = sys.modules["__main__"]
+  return {f.name: f.value for f in sorted(flags.FLAGS.get_key_flags_for_module(main),
+                                          key=lambda f: f.name)}
 
 
 class MetricsLog:
@@ -140,12 +167,18 @@ class MetricsLog:
       f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
+# (i, n): the run train_runs is on, 1-based, and how many there are (progress lines).
+RUN_POSITION = contextvars.ContextVar("experiments_run_position", default=(1, 1))
+
+
 class Progress:
-  """One line per call: step, loss, throughput and ETA."""
+  """One line per call: run i of N, step, loss, throughput, this run's ETA and, with
+  several runs, the whole command's (the remaining runs assumed as long as this one)."""
 
   def __init__(self, total_steps: int, examples_per_step: int, label: str = ""):
     self.total, self.per_step, self.label = total_steps, examples_per_step, label
     self.t0, self.s0 = None, None
+    self.run, self.runs = RUN_POSITION.get()
 
   def __call__(self, step: int, **metrics) -> str:
     now = time.perf_counter()
@@ -154,11 +187,14 @@ class Progress:
     done, elapsed = step - self.s0, now - self.t0
     rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
     eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
-    parts = [f"{self.label} step {step}/{self.total}"]
+    where = f" run {self.run}/{self.runs}" if self.runs > 1 else ""
+    parts = [f"{self.label}{where} step {step}/{self.total}"]
     parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
     if rate == rate:
       parts += [f"{rate:.1f} steps/s ({rate * self.per_step:.0f} ex/s)",
                 f"ETA {eta:.0f}s" if math.isfinite(eta) else "ETA ?"]
+      if self.runs > self.run and math.isfinite(eta):
+        parts.append(f"all runs ~{eta + (self.runs - self.run) * self.total / rate:.0f}s")
     line = " | ".join(parts)
     print(line, flush=True)
     return line
@@ -196,8 +232,12 @@ def train_runs(runs: Sequence[Any], train_one: Callable) -> tuple[list[dict], bo
   stop = StopRequested()
   finals = []
   with stop.installed():
-    for r in runs:
-      finals.append(train_one(r, stop))
+    for i, r in enumerate(runs):
+      token = RUN_POSITION.set((i + 1, len(runs)))
+      try:
+        finals.append(train_one(r, stop))
+      finally:
+        RUN_POSITION.reset(token)
       if stop.requested:
         break
   return finals, stop.requested
@@ -241,16 +281,22 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_summary(workdir: str, title: str, rows: Sequence[dict[str, Any]],
-                  columns: Sequence[str], notes: str = "") -> str:
-  """``workdir/summary.md``; also printed."""
+                  columns: Sequence[str], notes: str = "", plots: Sequence[str] = ()) -> str:
+  """``workdir/summary.md``; also printed, then its full path. ``plots``: the figures
+  the script may have written; the summary names those that exist."""
   text = f"# {title}\n\n{markdown_table(rows, columns)}\n"
+  written = [p for p in plots if os.path.exists(os.path.join(workdir, p))]
+  if written:
+    notes = (notes + " " if notes else "") + f"Plots: {', '.join(written)}."
   if notes:
     text += f"\n{notes}\n"
   if not is_chief():
     return text
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
+  path = os.path.abspath(os.path.join(workdir, "summary.md"))
+  with open(path, "w") as f:
     f.write(text)
   print(text, flush=True)
+  print(f"summary: {path}", flush=True)
   return text
 
 

@@ -62,11 +62,9 @@ def define_flags() -> None:
   common.define_training_flags(workdir="runs/gpt_fp4", steps=600, batch_size=16,
                                batch_what="sequences", lr=2e-3, weight_decay=0.1, warmup=60,
                                eval_every=100, log_every=25, checkpoint_every=200)
+  flags.adopt_module_key_flags(common)   # --help lists --steps, --lr, --workdir, ...
 
 
-_FLAG_NAMES = ("compare", "no_hadamard", "no_sr", "no_2d_weights", "bf16_last_blocks",
-               "block_size", "model", "dataset", "data_dir", "max_bytes", "context",
-               "eval_batches") + common.TRAINING_FLAGS
 ABLATIONS = ("nohad", "nosr", "no2d", "nolastbf16")
 
 
@@ -236,7 +234,7 @@ def main(argv):
                             context)
   except ValueError as e:
     raise app.UsageError(str(e))
-  common.write_config(FLAGS.workdir, common.flag_dict(flags, _FLAG_NAMES),
+  common.write_config(FLAGS.workdir, common.script_flag_values(),
                       runs=[{"name": r.name, "recipe": r.recipe.name,
                              "bf16_last_blocks": r.bf16_last_blocks,
                              "parallel": pars[r.name].describe()} for r in runs],
@@ -264,11 +262,12 @@ def main(argv):
       f"{FLAGS.batch_size}x{context} bytes, seed {FLAGS.seed} ({common.device_description()})",
       finals, ["run", "steps", "devices", "grad_comm", "bf16_last_blocks", "train_loss",
                "val_loss", "val_bits_per_byte", "val_loss_gap_to_bf16", "seconds"],
-      notes="Losses in nats per byte; the gap is run minus BF16. Plots: val_loss.png, loss.png.")
+      notes="Losses in nats per byte; the gap is run minus BF16.",
+      plots=("val_loss.png", "loss.png"))
   if stopped:
     sys.exit(130)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

@@ -189,4 +189,4 @@ def _plot(rows, path):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

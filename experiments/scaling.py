@@ -189,4 +189,4 @@ def write(out: str, dev, rows: list[dict]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

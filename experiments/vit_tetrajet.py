@@ -70,11 +70,9 @@ def define_flags() -> None:
   common.define_training_flags(workdir="runs/vit_tetrajet", steps=600, batch_size=128,
                                batch_what="images", lr=2e-3, weight_decay=0.05, warmup=100,
                                eval_every=100, log_every=50, checkpoint_every=500)
+  flags.adopt_module_key_flags(common)   # --help lists --steps, --lr, --workdir, ...
 
 
-_FLAG_NAMES = ("format", "recipe", "block_size", "scale_mode", "q_ema", "q_ema_decay",
-               "q_ramping", "compare", "model", "dataset", "data_dir", "image_size",
-               "scan_layers") + common.TRAINING_FLAGS
 
 
 class RunSpec(NamedTuple):
@@ -263,8 +261,8 @@ def report(workdir: str, finals: list[dict], runs: list[RunSpec]) -> None:
       f"batch {FLAGS.batch_size}, seed {FLAGS.seed} ({common.device_description()})",
       finals, cols, notes="Gaps are run minus BF16 (accuracy: fraction; loss: nats). "
       "`oscillating`: fraction of quantized weights with >= 2 direction reversals of their "
-      "quantized value in the current 50-step window. Plots: accuracy.png, loss.png, "
-      "oscillation.png.")
+      "quantized value in the current 50-step window.",
+      plots=("accuracy.png", "loss.png", "oscillation.png"))
 
 
 def main(argv):
@@ -292,7 +290,7 @@ def main(argv):
                          "--model or --image_size")
   if len({r.name for r in runs}) != len(runs):
     raise app.UsageError(f"--compare has repeated runs: {[r.name for r in runs]}")
-  common.write_config(FLAGS.workdir, common.flag_dict(flags, _FLAG_NAMES),
+  common.write_config(FLAGS.workdir, common.script_flag_values(),
                       runs=[{"name": r.name, "recipe": r.recipe.name, "q_ema": r.q_ema,
                              "q_ramping": r.q_ramping, "parallel": pars[r.name].describe()}
                             for r in runs],
@@ -311,4 +309,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

@@ -4,6 +4,7 @@ Ctrl-C saves a checkpoint, and bad flags exit non-zero with a clear message."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,20 @@ def test_outputs_exist_and_parse(compare_run):
   summary = open(os.path.join(wd, "summary.md")).read()
   assert "| tetrajet+qema+qramp | 8 |" in summary and "accuracy_gap_to_bf16" in summary
   assert "step 8/8" in p.stdout and "ex/s" in p.stdout, "progress line missing"
+  assert "run 1/2 step" in p.stdout and "all runs ~" in p.stdout, "run i of N / overall ETA"
+  assert f"summary: {os.path.abspath(os.path.join(wd, 'summary.md'))}" in p.stdout
+  assert "Plots: accuracy.png, loss.png, oscillation.png." in summary
+  # config.json holds every flag --help lists (derived from the flags, not a hand list).
+  for name in ("format", "compare", "scan_layers", "steps", "lr", "batch_size", "workdir",
+               "resume", "mesh", "seed", "grad_comm"):
+    assert name in cfg["flags"], f"config.json lacks --{name}"
+
+
+def test_help_lists_the_training_flags():
+  p = _run("--help", timeout=120)
+  for flag in ("--steps", "--lr", "--batch_size", "--workdir", "--[no]resume", "--mesh",
+               "--seed", "--compare", "--format"):
+    assert f"  {flag}:" in p.stdout, f"{flag} is not in --help"
 
 
 @pytest.mark.parametrize("run", ["bf16", "tetrajet+qema+qramp"])
@@ -97,6 +112,8 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 130, err[-3000:]
   assert "checkpoint saved" in out
+  summary = open(os.path.join(wd, "summary.md")).read()
+  assert "oscillation.png" not in summary and "Plots: accuracy.png, loss.png." in summary
   steps = [d for d in os.listdir(os.path.join(wd, "bf16", "checkpoints")) if d.isdigit()]
   assert steps, "no checkpoint after Ctrl-C"
   assert os.path.exists(os.path.join(wd, "summary.md"))
@@ -114,6 +131,9 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   p = _run(f"--workdir={tmp_path}", *args, timeout=120)
   assert p.returncode != 0, f"{args} should fail"
   assert message in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
+  # One line and a hint, not the whole --help (log lines from JAX aside).
+  lines = [l for l in p.stderr.strip().splitlines() if not re.match(r"^[IWE]\d{4} ", l)]
+  assert len(lines) <= 3 and "--help" in lines[-1], p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name,recipe,qema,qramp", [
