@@ -29,12 +29,14 @@ Examples (see ``RULE_SETS``)::
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import re
 import warnings
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -195,80 +197,96 @@ def _linen_kind(module) -> str | None:
                         (nn.Einsum, "einsum"), (nn.Conv, "conv")))
 
 
-class QuantizedLinenModel:
-  """A linen model whose matched layers run quantized. ``init``/``apply``/
-  ``init_with_output`` take the same arguments as the model's and return the same
-  variable trees; other attributes are the wrapped model's."""
+# Set while QuantizedLinenModel.dry_run traces: the interceptor appends a PlanEntry per layer.
+_PLAN_RECORD: contextvars.ContextVar = contextvars.ContextVar("fp4jax_plan_record", default=None)
 
-  def __init__(self, model, rules):
-    self.model = model
-    self.rules = _as_rules(rules)
-    self._warned = False
 
-  def __getattr__(self, name):
-    return getattr(self.model, name)
+def _linen_interceptor(rules: tuple[Rule, ...]):
+  """A ``flax.linen.intercept_methods`` interceptor quantizing the layers ``rules`` pick."""
+  from fp4jax import linen as qlinen
 
-  def _interceptor(self, record):
-    from fp4jax import linen as qlinen
-
-    def intercept(next_fun, args, kwargs, context):
-      module = context.module
-      kind = _linen_kind(module)
-      if context.method_name != "__call__" or kind is None or hasattr(module, "recipe"):
-        return next_fun(*args, **kwargs)  # not a layer, or an explicit fp4jax layer
-      path = "/".join(str(p) for p in module.path)
-      recipe, rule = resolve(self.rules, path, kind)
-      if recipe is None:
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    kind = _linen_kind(module)
+    if context.method_name != "__call__" or kind is None or hasattr(module, "recipe"):
+      return next_fun(*args, **kwargs)  # not a layer, or an explicit fp4jax layer
+    path = "/".join(str(p) for p in module.path)
+    recipe, rule = resolve(rules, path, kind)
+    if recipe is None:
+      out = next_fun(*args, **kwargs)
+    elif kind == "einsum":
+      out = qlinen.einsum_call(module, next_fun, recipe, *args, **kwargs)
+    else:
+      attr, cls = (("conv_general_dilated_cls", qlinen.QuantConvGeneralDilated)
+                   if kind == "conv" else ("dot_general_cls", qlinen.QuantDotGeneral))
+      saved = getattr(module, attr)
+      object.__setattr__(module, attr, functools.partial(cls, recipe=recipe))
+      try:
         out = next_fun(*args, **kwargs)
-      elif kind == "einsum":
-        out = qlinen.einsum_call(module, next_fun, recipe, *args, **kwargs)
-      else:
-        attr, cls = (("conv_general_dilated_cls", qlinen.QuantConvGeneralDilated)
-                     if kind == "conv" else ("dot_general_cls", qlinen.QuantDotGeneral))
-        saved = getattr(module, attr)
-        object.__setattr__(module, attr, functools.partial(cls, recipe=recipe))
-        try:
-          out = next_fun(*args, **kwargs)
-        finally:
-          object.__setattr__(module, attr, saved)
-      if record is not None:
-        kernel = module.get_variable("params", "kernel")
-        n = int(np.prod(kernel.shape)) if kernel is not None else 0
-        record.append(PlanEntry(path, kind, "bf16" if recipe is None else recipe.name, rule,
-                                n, _weight_bits(recipe)))
-      return out
+      finally:
+        object.__setattr__(module, attr, saved)
+    record = _PLAN_RECORD.get()
+    if record is not None:
+      kernel = module.get_variable("params", "kernel")
+      n = int(np.prod(kernel.shape)) if kernel is not None else 0
+      record.append(PlanEntry(path, kind, "bf16" if recipe is None else recipe.name, rule,
+                              n, _weight_bits(recipe)))
+    return out
 
-    return intercept
+  return intercept
 
-  def _run(self, fn, *args, record=None, **kwargs):
-    import flax.linen as nn
-    with nn.intercept_methods(self._interceptor(record)):
-      return fn(*args, **kwargs)
 
-  def _check_rules_once(self, *args, **kwargs):
-    if not self._warned:
-      self._warned = True
-      _warn_unmatched(self.dry_run(*args, **kwargs))
+class QuantizedLinenModel(nn.Module):
+  """A linen model whose layers chosen by ``rules`` run quantized: a ``flax.linen.Module``
+  that shares its model's scope (``nn.share_scope``), so ``init``/``apply`` take the
+  same arguments and give the same variable trees as the model's, and it nests inside
+  other modules like the model itself (its variables sit where the model's would).
+
+  Attributes:
+    model: the ``flax.linen.Module`` to quantize.
+    rules: ordered :class:`Rule` objects (first match wins).
+  """
+
+  model: Any
+  rules: tuple = ()
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  def __call__(self, *args, **kwargs):
+    with nn.intercept_methods(_linen_interceptor(self.rules)):
+      return self.model(*args, **kwargs)
 
   def init(self, rngs, *args, **kwargs):
     self._check_rules_once(rngs, *args, **kwargs)
-    return self._run(self.model.init, rngs, *args, **kwargs)
+    return super().init(rngs, *args, **kwargs)
 
   def init_with_output(self, rngs, *args, **kwargs):
     self._check_rules_once(rngs, *args, **kwargs)
-    return self._run(self.model.init_with_output, rngs, *args, **kwargs)
+    return super().init_with_output(rngs, *args, **kwargs)
 
-  def apply(self, variables, *args, **kwargs):
-    return self._run(self.model.apply, variables, *args, **kwargs)
+  def _check_rules_once(self, *args, **kwargs):
+    if _PLAN_RECORD.get() is None and not getattr(self, "_fp4jax_rules_checked", False):
+      object.__setattr__(self, "_fp4jax_rules_checked", True)   # once per model object
+      _warn_unmatched(self.dry_run(*args, **kwargs))
 
   def dry_run(self, rngs, *args, **kwargs) -> Plan:
     """Traces ``init`` abstractly (no FLOPs) and returns the :class:`Plan`."""
     record: list[PlanEntry] = []
-    variables = jax.eval_shape(
-        lambda r: self._run(self.model.init, r, *args, record=record, **kwargs), rngs)
-    n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables.get("params", {})))
+
+    def traced(r):
+      token = _PLAN_RECORD.set(record)
+      try:
+        return nn.Module.init(self, r, *args, **kwargs)
+      finally:
+        _PLAN_RECORD.reset(token)
+
+    variables = jax.eval_shape(traced, rngs)
+    n_total = sum(int(np.prod(v.shape))
+                  for v in jax.tree.leaves(variables.get("params", {})))
     matched = {e.rule for e in record if e.rule is not None}
     return _finish_plan(record, n_total, self.rules, matched)
+
 
 
 # ----------------------------------------------------------------------------- nnx
@@ -324,7 +342,8 @@ def quantize_model(model, rules, *, rngs=None, dry_run: bool = False):
     dry_run: nnx only: print the plan before replacing.
 
   Returns:
-    linen: a :class:`QuantizedLinenModel` (same ``init``/``apply`` and variable trees).
+    linen: a :class:`QuantizedLinenModel`, a ``flax.linen.Module`` (same ``init``/``apply``
+      and variable trees as ``model``; it nests inside other modules).
     nnx: a copy of ``model`` with matched layers replaced (parameters shared by value).
   """
   from flax import nnx

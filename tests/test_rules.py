@@ -180,3 +180,38 @@ def test_fullmatch_rules_keep_qwix_semantics():
   assert not Rule(r".*/fc\d", "mxfp4", fullmatch=True).matches("block_0/fc1/inner", "dense")
   from fp4jax import rules
   assert rules.resolve((full, Rule(".*", "nvfp4")), "block_0/fc1", "dense")[1] == 1
+
+
+def test_quantized_linen_model_is_a_module_that_nests_and_trains(rng):
+  # qwix / TE users compose the quantized model like any other module.
+  import optax
+  import flax.linen as nn
+  x = jnp.asarray(rng.standard_normal(X).astype(np.float32))
+  q = quantize_model(Net(), [Rule(r".*", "mxfp4")])
+  assert isinstance(q, nn.Module)
+
+  class Outer(nn.Module):
+    body: nn.Module
+
+    @nn.compact
+    def __call__(self, v):
+      return nn.Dense(4, name="readout")(self.body(v))
+
+  outer = Outer(q)
+  v = outer.init(jax.random.key(0), x)
+  # The same variable tree as with the unquantized model inside.
+  assert jax.tree.structure(v) == jax.tree.structure(Outer(Net()).init(jax.random.key(0), x))
+  # The inner layers are quantized: equal to the quantized model applied on its own.
+  inner = {"params": v["params"]["body"]}
+  np.testing.assert_array_equal(
+      np.asarray(outer.apply(v, x)),
+      np.asarray(nn.Dense(4).apply({"params": v["params"]["readout"]}, q.apply(inner, x))))
+  tx = optax.adam(1e-2)
+  params, opt = v["params"], tx.init(v["params"])
+  loss = lambda p: jnp.mean(outer.apply({"params": p}, x) ** 2)
+  first = float(loss(params))
+  for _ in range(5):
+    g = jax.grad(loss)(params)
+    upd, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, upd)
+  assert float(loss(params)) < first
