@@ -36,7 +36,7 @@ from fp4jax import recipes as recipes_lib
 TRAINING_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
                   "log_every", "checkpoint_every", "workdir", "resume", "stop_at", "dtype",
                   "impl", "mesh", "grad_comm", "spmd", "coordinator_address", "num_processes",
-                  "process_id")
+                  "process_id", "tensorboard")
 
 
 def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_what: str,
@@ -78,6 +78,9 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
                       "(jax.distributed.initialize; SLURM / Open MPI launches are detected)")
   flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
   flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+  flags.DEFINE_bool("tensorboard", False, "also write TensorBoard event files to "
+                    "<run>/tensorboard (needs tensorboardX: pip install tensorboardX); the "
+                    "JSONL log stays the record")
 
 
 def run_main(main: Callable) -> None:
@@ -137,13 +140,27 @@ def script_flag_values() -> dict[str, Any]:
                                           key=lambda f: f.name)}
 
 
+def tensorboard_writer(logdir: str):
+  """A ``tensorboardX.SummaryWriter`` for ``logdir``, or None (with one printed line) when
+  tensorboardX is not installed: event files are optional, the JSONL log is the record."""
+  try:
+    import tensorboardX
+  except ImportError:
+    print("--tensorboard: tensorboardX is not installed (pip install tensorboardX); "
+          "writing the JSONL log only", flush=True)
+    return None
+  return tensorboardX.SummaryWriter(logdir)
+
+
 class MetricsLog:
   """Appends JSON lines to ``path``; :meth:`truncate` drops entries after a step, so a
-  resumed run's log equals an uninterrupted run's."""
+  resumed run's log equals an uninterrupted run's. With ``tensorboard_dir`` every scalar
+  also goes to TensorBoard as ``<kind>/<name>`` (:func:`tensorboard_writer`)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, tensorboard_dir: str | None = None):
     self.path = path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    self.tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir and is_chief() else None
 
   def write(self, record: dict[str, Any]) -> None:
     if not is_chief():
@@ -152,6 +169,14 @@ class MetricsLog:
                  np.ndim(v) == 0 else v) for k, v in record.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
+    if self.tb is not None and "step" in clean:
+      for k, v in clean.items():
+        if k not in ("step", "kind") and isinstance(v, (int, float)):
+          self.tb.add_scalar(f"{clean.get('kind', 'metrics')}/{k}", v, int(clean["step"]))
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
 
   def read(self) -> list[dict[str, Any]]:
     if not os.path.exists(self.path):
@@ -310,6 +335,7 @@ class LoopConfig(NamedTuple):
   stop_at: int | None = None
   impl: str = "auto"
   examples_per_step: int = 1
+  tensorboard: bool = False
 
 
 def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch: Callable,
@@ -329,7 +355,8 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     ``{"state", "records", "interrupted", "seconds"}``. ``--resume`` restores the last
     checkpoint and truncates the log to it, so the log equals an uninterrupted run's.
   """
-  log = MetricsLog(os.path.join(rdir, "metrics.jsonl"))
+  log = MetricsLog(os.path.join(rdir, "metrics.jsonl"),
+                   os.path.join(rdir, "tensorboard") if cfg.tensorboard else None)
   ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(rdir, "checkpoints"), max_to_keep=2)
   start = 0
   if cfg.resume and ckpt.latest_step() is not None:
@@ -360,13 +387,17 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
             flush=True)
     at_stop = stop.requested or done == cfg.stop_at
     if done % cfg.checkpoint_every == 0 or done == cfg.steps or at_stop:
-      ckpt.save(done, state._asdict())
+      # Periodic saves write in the background (orbax copies the arrays to host before
+      # returning, so the next step may reuse their buffers); the last one and a stop
+      # wait, and close() waits for any still pending.
+      ckpt.save(done, state._asdict(), wait=at_stop or done == cfg.steps)
     if at_stop:
       interrupted = True
       print(f"[{name}] stopped at step {done}; checkpoint saved: continue with --resume",
             flush=True)
       break
   ckpt.close()
+  log.close()
   return {"state": state, "records": log.read(), "interrupted": interrupted,
           "seconds": time.perf_counter() - t0}
 

@@ -192,7 +192,7 @@ def train_run(run: RunSpec, train: np.ndarray, val: np.ndarray, context: int, wo
 
   cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
                           FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
-                          FLAGS.batch_size * context)
+                          FLAGS.batch_size * context, FLAGS.tensorboard)
   rdir = os.path.join(workdir, run.name)
   out = common.train_loop(run.name, rdir, state, train_step, get_batch, evaluate, cfg, stop)
   rec = out["records"]

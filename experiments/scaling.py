@@ -189,4 +189,4 @@ def write(out: str, dev, rows: list[dict]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main)
+  app.run(main)

@@ -219,7 +219,7 @@ def train_run(run: RunSpec, ds: data.ImageData, workdir: str, stop: common.StopR
 
   cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
                           FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
-                          FLAGS.batch_size)
+                          FLAGS.batch_size, FLAGS.tensorboard)
   out = common.train_loop(run.name, rdir, state, train_step, get_batch,
                           lambda st: evaluate(eval_step, st, ds.test_x, ds.test_y), cfg, stop)
   rec = out["records"]

@@ -85,3 +85,21 @@ def test_resume_is_bit_exact(tmp_path, rng):
   for _ in range(3):
     resumed = step(resumed)
   _leaves_equal(straight, resumed)
+
+
+def test_background_saves_are_complete_after_close(tmp_path, rng):
+  # The training loop saves with wait=False between its last and stop steps: every step
+  # written that way restores exactly once the checkpointer is closed.
+  states = [{"w": jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32)),
+             "step": jnp.asarray(i, jnp.int32)} for i in range(3)]
+  c = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=None)
+  for i, s in enumerate(states):
+    c.save(i + 1, s, wait=False)
+  c.close()
+  c = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=None)
+  assert c.all_steps() == [1, 2, 3]
+  for i, s in enumerate(states):
+    got = c.restore(s, step=i + 1)
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(s["w"]))
+    assert int(got["step"]) == i
+  c.close()
