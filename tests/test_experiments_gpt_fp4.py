@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,15 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   p = _run(f"--workdir={tmp_path}", *args, timeout=120)
   assert p.returncode != 0
   assert message in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
+  lines = [l for l in p.stderr.strip().splitlines() if not re.match(r"^[IWE]\d{4} ", l)]
+  assert len(lines) <= 3 and "--help" in lines[-1], p.stderr[-2000:]
+
+
+def test_help_lists_the_training_flags():
+  p = _run("--help", timeout=120)
+  for flag in ("--steps", "--lr", "--batch_size", "--workdir", "--[no]resume", "--mesh",
+               "--seed", "--compare", "--context", "--[no]tensorboard"):
+    assert f"  {flag}:" in p.stdout, f"{flag} is not in --help"
 
 
 @pytest.mark.parametrize("name,check", [
