@@ -125,9 +125,7 @@ def main(argv):
       params = None
   except ValueError as e:
     raise app.UsageError(str(e))
-  common.write_config(FLAGS.workdir, common.flag_dict(flags, (
-      "formats", "methods", "from_workdir", "run", "model", "train_steps", "calibration",
-      "hadamard_block", "seed", "workdir")))
+  common.write_config(FLAGS.workdir, common.script_flag_values())
   if params is None:
     print(f"ptq: training a BF16 {FLAGS.model} for {FLAGS.train_steps} steps", flush=True)
     params = train_bf16(model, ds, FLAGS.train_steps, FLAGS.seed)

@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 import fp4jax
+from experiments import common
 from fp4jax import recipes
 
 FLAGS = flags.FLAGS
@@ -127,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

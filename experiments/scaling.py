@@ -189,4 +189,5 @@ def write(out: str, dev, rows: list[dict]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  from experiments import common as _common
+  _common.run_main(main)

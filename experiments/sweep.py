@@ -267,9 +267,7 @@ def main(argv):
     specs = [make_spec(c) for c in configs]  # validates elements, modes, roundings
   except ValueError as e:
     raise app.UsageError(str(e))
-  common.write_config(FLAGS.workdir, common.flag_dict(flags, (
-      "elements", "block_sizes", "scale_formats", "scale_modes", "roundings", "tensors", "rows",
-      "capture_steps", "seed", "workdir")))
+  common.write_config(FLAGS.workdir, common.script_flag_values())
   tensors = {t: synthetic(t, FLAGS.rows, FLAGS.seed) for t in FLAGS.tensors if t in DISTRIBUTIONS}
   if any(t in CAPTURED for t in FLAGS.tensors):
     print(f"sweep: training a ViT on digits for {FLAGS.capture_steps} steps to capture tensors",

@@ -26,6 +26,7 @@ import optax
 from absl import app, flags
 
 import fp4jax
+from experiments import common
 from fp4jax import optim, ptq
 
 FLAGS = flags.FLAGS
@@ -189,4 +190,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)
