@@ -140,15 +140,19 @@ def script_flag_values() -> dict[str, Any]:
                                           key=lambda f: f.name)}
 
 
-def tensorboard_writer(logdir: str):
+def tensorboard_writer(logdir: str, purge_step: int | None = None):
   """A ``tensorboardX.SummaryWriter`` for ``logdir``, or None (with one printed line) when
-  tensorboardX is not installed: event files are optional, the JSONL log is the record."""
+  tensorboardX is not installed: event files are optional, the JSONL log is the record.
+  ``purge_step``: a resumed run's start, so events after it (from the interrupted run)
+  are dropped as the JSONL log's are."""
   try:
     import tensorboardX
   except ImportError:
     print("--tensorboard: tensorboardX is not installed (pip install tensorboardX); "
           "writing the JSONL log only", flush=True)
     return None
+  if purge_step:
+    return tensorboardX.SummaryWriter(logdir, purge_step=purge_step)
   return tensorboardX.SummaryWriter(logdir)
 
 
@@ -157,10 +161,12 @@ class MetricsLog:
   resumed run's log equals an uninterrupted run's. With ``tensorboard_dir`` every scalar
   also goes to TensorBoard as ``<kind>/<name>`` (:func:`tensorboard_writer`)."""
 
-  def __init__(self, path: str, tensorboard_dir: str | None = None):
+  def __init__(self, path: str, tensorboard_dir: str | None = None,
+               purge_step: int | None = None):
     self.path = path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    self.tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir and is_chief() else None
+    self.tb = (tensorboard_writer(tensorboard_dir, purge_step)
+               if tensorboard_dir and is_chief() else None)
 
   def write(self, record: dict[str, Any]) -> None:
     if not is_chief():
@@ -355,8 +361,7 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     ``{"state", "records", "interrupted", "seconds"}``. ``--resume`` restores the last
     checkpoint and truncates the log to it, so the log equals an uninterrupted run's.
   """
-  log = MetricsLog(os.path.join(rdir, "metrics.jsonl"),
-                   os.path.join(rdir, "tensorboard") if cfg.tensorboard else None)
+  log = MetricsLog(os.path.join(rdir, "metrics.jsonl"))
   ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(rdir, "checkpoints"), max_to_keep=2)
   start = 0
   if cfg.resume and ckpt.latest_step() is not None:
@@ -366,6 +371,8 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     print(f"[{name}] resumed from step {start}", flush=True)
   elif os.path.exists(log.path) and is_chief():
     os.remove(log.path)  # a fresh run: no stale history
+  if cfg.tensorboard:
+    log = MetricsLog(log.path, os.path.join(rdir, "tensorboard"), purge_step=start)
   progress = Progress(cfg.steps, cfg.examples_per_step, f"[{name}]")
   t0, interrupted = time.perf_counter(), False
   for step in range(start, cfg.steps):

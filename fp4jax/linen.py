@@ -174,7 +174,8 @@ def _flax_linear_einsum(fn):
 
 def einsum_call(module: nn.Einsum, orig_call, recipe: recipes_lib.Recipe, *args, **kwargs):
   """Runs a bound ``nn.Einsum``'s own ``__call__`` (``orig_call``) with its einsum
-  quantized by ``recipe``."""
+  quantized by ``recipe`` (or the active :func:`fp4jax.recipe_override`)."""
+  recipe = recipes_lib.effective(recipe)
   key = quant_key(module, recipe)
   ref = kernel_reference(module)
 

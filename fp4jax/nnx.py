@@ -101,7 +101,7 @@ class _Quantized:
 
   def _init_quant(self, recipe, rngs):
     self.recipe = recipes_lib.get(recipe)
-    if isinstance(rngs, nnx.Rngs):
+    if isinstance(rngs, nnx.Rngs) and QUANT_RNG in rngs:
       self.quant_rngs = rngs[QUANT_RNG].fork()
     elif isinstance(rngs, nnx.RngStream):
       self.quant_rngs = rngs.fork()
@@ -110,12 +110,13 @@ class _Quantized:
     setattr(self, self._hook_attr, type(self)._hook_fn)
 
   def _key(self, key):
-    if not recipes_lib.effective(self.recipe).needs_key:   # fp4jax.recipe_override
+    recipe = recipes_lib.effective(self.recipe)   # fp4jax.recipe_override, if active
+    if not recipe.needs_key:
       return None
     if key is not None:
       return key
     if self.quant_rngs is None:
-      raise ValueError(f"recipe {self.recipe.name!r} rounds stochastically or uses random "
+      raise ValueError(f"recipe {recipe.name!r} rounds stochastically or uses random "
                        "Hadamard signs: construct the layer with rngs=nnx.Rngs(..., quant=...) "
                        "or call it with key=")
     return self.quant_rngs()

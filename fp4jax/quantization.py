@@ -134,7 +134,7 @@ def fake_quant(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1, *,
   ``estimator_params`` its keyword arguments. ``estimator=None`` keeps the true
   derivative of the hard quantizer (zero almost everywhere). Random keys, explicit random
   bits and tensor scales get no gradient. Works under ``jit``, ``vmap``, ``grad`` and
-  ``remat``.
+  ``remat`` (reverse mode; ``jax.jvp`` raises, as for any ``jax.custom_vjp``).
 
   Args:
     x: float array; ``spec``, ``axis`` and ``**kwargs`` as :func:`quantize`.
@@ -149,11 +149,25 @@ def fake_quant(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1, *,
     raise TypeError(f"fake_quant: estimator must be a registered name or None, got "
                     f"{type(estimator).__name__}")
   estimators.get_estimator(estimator)          # unknown names: the registry's error
-  params = tuple(sorted(dict(estimator_params).items()))
+  try:
+    params = tuple(sorted((k, float(v)) for k, v in dict(estimator_params).items()))
+  except (TypeError, ValueError):
+    raise TypeError(f"fake_quant: estimator_params must map names to numbers, got "
+                    f"{estimator_params!r}") from None
+  # A numeric tensor scale is data (it may change every step), not configuration.
+  if isinstance(kwargs.get("tensor_scale"), (int, float)) and not isinstance(
+      kwargs["tensor_scale"], bool):
+    kwargs["tensor_scale"] = jnp.float32(kwargs["tensor_scale"])
   # Arrays among the keyword arguments (key, random_bits, tensor_scale) travel as
   # arguments of the custom VJP (no closure over tracers); the rest are static.
   arrays = {k: v for k, v in kwargs.items() if _is_array(v)}
   static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+  for k, v in static:
+    try:
+      hash(v)
+    except TypeError:
+      raise TypeError(f"fake_quant: {k}={v!r} must be hashable configuration (a str, number, "
+                      "bool, None or tuple) or an array") from None
   return _fake_quant_vjp(spec, axis, estimator, params, static)(x, arrays)
 
 
@@ -168,7 +182,7 @@ def _zero_cotangent(v: jax.Array):
   return np.zeros(v.shape, jax.dtypes.float0)  # integer bits, PRNG keys
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)
 def _fake_quant_vjp(spec, axis: int, estimator: str, params: tuple, static: tuple):
   """The custom-VJP fake quantizer of one static configuration."""
 

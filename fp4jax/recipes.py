@@ -211,12 +211,15 @@ def recipe_override(recipe: "str | Recipe | None") -> Iterator[None]:
   instead of its own; ``None`` (or ``"bf16"``) runs them in high precision, exactly
   ``lax.dot_general``::
 
+      eval_bf16 = jax.jit(lambda p, b: eval_step(p, b))   # a function of its own
       with fp4jax.recipe_override(None):          # evaluate without FP4
-        metrics = jax.jit(eval_step)(params, batch)   # traced in here
+        metrics = eval_bf16(params, batch)        # first traced in here: BF16
 
-  Like :func:`fp4jax.gemm_impl` it acts at trace time: a function jit-compiled before
-  keeps the recipes it was traced with, and one traced inside is compiled separately.
-  An override that rounds stochastically needs the layers' ``"quant"`` keys.
+  Like :func:`fp4jax.gemm_impl` it acts at **trace time**, and JAX's jit cache does not
+  see it: a jitted function already traced (with the same input shapes) keeps the recipes
+  it was first traced with, inside the context or not. Give the overridden computation a
+  jitted function of its own, first called inside the context (as above). An override
+  that rounds stochastically needs the layers' ``"quant"`` keys.
   """
   value = RECIPES["bf16"] if recipe is None else get(recipe)
   token = _OVERRIDE.set(value)

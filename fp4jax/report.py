@@ -22,13 +22,36 @@ from absl import app, flags
 
 import fp4jax
 
-# absl flags, as every other entry point (experiments/, kernels/); defined on import of this
-# command-line module only (fp4jax itself does not import it).
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rows", 2048, "rows of each synthetic input", lower_bound=1)
-flags.DEFINE_integer("cols", 256, "columns of each synthetic input", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "numpy seed of the synthetic inputs")
-flags.DEFINE_bool("markdown", False, "print Markdown tables")
+
+
+def define_flags() -> None:
+  """absl flags, as every other entry point (experiments/, kernels/), defined only when
+  run as a program (importing this module defines nothing, so it cannot clash with an
+  application's own ``--seed``)."""
+  flags.DEFINE_integer("rows", 2048, "rows of each synthetic input", lower_bound=1)
+  flags.DEFINE_integer("cols", 256, "columns of each synthetic input", lower_bound=1)
+  flags.DEFINE_integer("seed", 0, "numpy seed of the synthetic inputs")
+  flags.DEFINE_bool("markdown", False, "print Markdown tables")
+
+
+def print_report(rows: int = 2048, cols: int = 256, seed: int = 0,
+                 markdown: bool = False) -> None:
+  """The report of ``python -m fp4jax.report``, callable from code."""
+  start = time.perf_counter()
+  data = datasets(rows, cols, seed)
+  names = list(data)
+  print(f"fp4jax {fp4jax.__version__} | jax {jax.__version__} | {fp4jax.dispatch.device_facts().platform} "
+        f"| {platform.machine()} | synthetic {rows}x{cols}, seed {seed}\n")
+  print("Every preset (blocks along the last axis):")
+  print(format_table(error_table(data, dict(fp4jax.PRESETS)), names, markdown))
+  base = fp4jax.get_spec("mxfp4")
+  modes = {f"mxfp4 {m}": base.replace(scale_mode=m) for m in ("floor", "ceil", "even", "rceil")}
+  modes.update({f"mxfp4 block {b}": base.replace(block_size=b) for b in (8, 16, 64)})
+  modes["e2m1 blk16 ue4m3 (1-level)"] = fp4jax.get_spec("nvfp4").replace(tensor_scale=None)
+  print("\nMXFP4 scale modes and block sizes (E2M1 elements):")
+  print(format_table(error_table(data, modes), names, markdown))
+  print(f"\n({time.perf_counter() - start:.1f} s)")
 
 
 def datasets(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
@@ -82,21 +105,9 @@ def format_table(rows, columns, markdown: bool) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
-  start = time.perf_counter()
-  data = datasets(FLAGS.rows, FLAGS.cols, FLAGS.seed)
-  cols = list(data)
-  print(f"fp4jax {fp4jax.__version__} | jax {jax.__version__} | {fp4jax.dispatch.device_facts().platform} "
-        f"| {platform.machine()} | synthetic {FLAGS.rows}x{FLAGS.cols}, seed {FLAGS.seed}\n")
-  print("Every preset (blocks along the last axis):")
-  print(format_table(error_table(data, dict(fp4jax.PRESETS)), cols, FLAGS.markdown))
-  base = fp4jax.get_spec("mxfp4")
-  modes = {f"mxfp4 {m}": base.replace(scale_mode=m) for m in ("floor", "ceil", "even", "rceil")}
-  modes.update({f"mxfp4 block {b}": base.replace(block_size=b) for b in (8, 16, 64)})
-  modes["e2m1 blk16 ue4m3 (1-level)"] = fp4jax.get_spec("nvfp4").replace(tensor_scale=None)
-  print("\nMXFP4 scale modes and block sizes (E2M1 elements):")
-  print(format_table(error_table(data, modes), cols, FLAGS.markdown))
-  print(f"\n({time.perf_counter() - start:.1f} s)")
+  print_report(FLAGS.rows, FLAGS.cols, FLAGS.seed, FLAGS.markdown)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -176,7 +176,7 @@ def _finish_plan(entries, n_total, rules, matched) -> Plan:
 def _warn_unmatched(plan: Plan):
   for r in plan.unmatched_rules:
     warnings.warn(f"fp4jax.quantize_model: rule {r} matched no quantizable layer; check the "
-                  "regex against the module paths (QuantizedModel.dry_run / plan lists them)",
+                  "regex against the module paths (QuantizedLinenModel.dry_run / fp4jax.rules.plan list them)",
                   stacklevel=3)
 
 
@@ -250,6 +250,10 @@ class QuantizedLinenModel(nn.Module):
   model: Any
   rules: tuple = ()
 
+  def __post_init__(self):
+    object.__setattr__(self, "rules", _as_rules(self.rules))   # pairs, one recipe, Rules
+    super().__post_init__()
+
   def setup(self):
     nn.share_scope(self, self.model)
 
@@ -257,13 +261,29 @@ class QuantizedLinenModel(nn.Module):
     with nn.intercept_methods(_linen_interceptor(self.rules)):
       return self.model(*args, **kwargs)
 
-  def init(self, rngs, *args, **kwargs):
-    self._check_rules_once(rngs, *args, **kwargs)
-    return super().init(rngs, *args, **kwargs)
+  def _method(self, method):
+    """``apply``/``init``'s ``method=`` of the wrapped model (a name or an unbound method
+    of its class), run under the interception."""
+    if method is None or method == "__call__" or getattr(method, "__name__", "") == "__call__":
+      return None
+    name = method if isinstance(method, str) else method.__name__
+    return lambda module, *args, **kwargs: module.call_model_method(name, *args, **kwargs)
 
-  def init_with_output(self, rngs, *args, **kwargs):
-    self._check_rules_once(rngs, *args, **kwargs)
-    return super().init_with_output(rngs, *args, **kwargs)
+  def call_model_method(self, name: str, *args, **kwargs):
+    """The wrapped model's method ``name``, quantized (what ``method=name`` runs)."""
+    with nn.intercept_methods(_linen_interceptor(self.rules)):
+      return getattr(self.model, name)(*args, **kwargs)
+
+  def apply(self, variables, *args, method=None, **kwargs):
+    return super().apply(variables, *args, method=self._method(method), **kwargs)
+
+  def init(self, rngs, *args, method=None, **kwargs):
+    self._check_rules_once(rngs, *args, method=method, **kwargs)
+    return super().init(rngs, *args, method=self._method(method), **kwargs)
+
+  def init_with_output(self, rngs, *args, method=None, **kwargs):
+    self._check_rules_once(rngs, *args, method=method, **kwargs)
+    return super().init_with_output(rngs, *args, method=self._method(method), **kwargs)
 
   def _check_rules_once(self, *args, **kwargs):
     if _PLAN_RECORD.get() is None and not getattr(self, "_fp4jax_rules_checked", False):
@@ -274,10 +294,12 @@ class QuantizedLinenModel(nn.Module):
     """Traces ``init`` abstractly (no FLOPs) and returns the :class:`Plan`."""
     record: list[PlanEntry] = []
 
+    method = self._method(kwargs.pop("method", None))
+
     def traced(r):
       token = _PLAN_RECORD.set(record)
       try:
-        return nn.Module.init(self, r, *args, **kwargs)
+        return nn.Module.init(self, r, *args, method=method, **kwargs)
       finally:
         _PLAN_RECORD.reset(token)
 

@@ -11,8 +11,8 @@ class _FakeWriter:
   """Stands in for tensorboardX.SummaryWriter: records what the log sends it."""
   instances: list = []
 
-  def __init__(self, logdir):
-    self.logdir, self.scalars, self.closed = logdir, [], False
+  def __init__(self, logdir, purge_step=None):
+    self.logdir, self.purge_step, self.scalars, self.closed = logdir, purge_step, [], False
     _FakeWriter.instances.append(self)
 
   def add_scalar(self, tag, value, step):
@@ -37,7 +37,13 @@ def test_scalars_go_to_tensorboard_when_asked(tmp_path, monkeypatch):
   assert lines[0] == {"kind": "train", "step": 2, "loss": 1.5, "flip_rate": 0.25, "note": "x"}
 
 
-def test_without_tensorboardx_the_log_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_resumed_log_purges_the_interrupted_runs_events(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=_FakeWriter))
+  common.MetricsLog(str(tmp_path / "m.jsonl"), str(tmp_path / "tb"), purge_step=40).close()
+  assert _FakeWriter.instances[-1].purge_step == 40
+
+
+def test_without_tensorboardx_the_log_says_so_and_goes_on(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "tensorboardX", None)   # import raises ImportError
   log = common.MetricsLog(str(tmp_path / "metrics.jsonl"), str(tmp_path / "tb"))
   log.write({"kind": "train", "step": 1, "loss": 2.0})

@@ -55,3 +55,30 @@ def test_recipe_override_reaches_nnx_layers(rng):
   want = x @ layer.kernel[...] + layer.bias[...]
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6, atol=1e-6)
   assert not np.allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-3)  # FP4 again
+
+
+def test_recipe_override_needs_no_key_for_bf16_and_reaches_einsum_layers(rng):
+  import flax.linen as nn
+  from flax import nnx
+  import fp4jax.linen as qnn
+  import fp4jax.nnx as qnnx
+  x = jnp.asarray(rng.standard_normal((4, 64)).astype(np.float32))
+  # nnx, no "quant" stream: an override that needs keys names itself; BF16 needs none.
+  layer = qnnx.QLinear(64, 32, recipe="mxfp4", rngs=nnx.Rngs(params=0))
+  with fp4jax.recipe_override("nvfp4"):
+    with pytest.raises(ValueError, match="'nvfp4' rounds stochastically"):
+      layer(x)
+  with fp4jax.recipe_override(None):
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(x @ layer.kernel[...]
+                                                               + layer.bias[...]), rtol=1e-6)
+  # An einsum layer, explicit and through rules (einsum_call), without "quant" keys.
+  ein = qnn.QEinsum((64, 32), "bk,kn->bn", recipe="tetrajet")
+  plain = nn.Einsum((64, 32), "bk,kn->bn")
+  params = plain.init(jax.random.key(0), x)
+  ruled = fp4jax.quantize_model(plain, "tetrajet")
+  fn = jax.jit(lambda p, v: (ein.apply(p, v), ruled.apply(p, v)))   # first traced inside
+  with fp4jax.recipe_override(None):
+    a, b = fn(params, x)
+  want = plain.apply(params, x)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(b), np.asarray(want))

@@ -22,3 +22,12 @@ def test_help_lists_the_flags_and_bad_values_are_one_line_errors():
   assert p.returncode != 0
   assert "--rows=0: 0 is not a positive integer" in p.stderr
   assert len(p.stderr.strip().splitlines()) <= 3, p.stderr
+
+
+def test_importing_the_report_defines_no_flags_and_it_runs_from_code(capsys):
+  from absl import flags
+  import fp4jax.report as report
+  assert "rows" not in flags.FLAGS and "markdown" not in flags.FLAGS
+  report.print_report(rows=8, cols=32, seed=1, markdown=True)
+  out = capsys.readouterr().out
+  assert "| mxfp4 " in out and "SNR dB" in out

@@ -201,7 +201,9 @@ def test_quantized_linen_model_is_a_module_that_nests_and_trains(rng):
   v = outer.init(jax.random.key(0), x)
   # The same variable tree as with the unquantized model inside.
   assert jax.tree.structure(v) == jax.tree.structure(Outer(Net()).init(jax.random.key(0), x))
-  # The inner layers are quantized: equal to the quantized model applied on its own.
+  # The inner layers are quantized: equal to the quantized model applied on its own, and
+  # not to the unquantized one.
+  assert not np.allclose(np.asarray(outer.apply(v, x)), np.asarray(Outer(Net()).apply(v, x)))
   inner = {"params": v["params"]["body"]}
   np.testing.assert_array_equal(
       np.asarray(outer.apply(v, x)),
@@ -215,3 +217,25 @@ def test_quantized_linen_model_is_a_module_that_nests_and_trains(rng):
     upd, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, upd)
   assert float(loss(params)) < first
+
+
+def test_quantized_linen_model_takes_method_and_rule_pairs(rng):
+  class TwoMethods(nn.Module):
+    def setup(self):
+      self.a, self.b = nn.Dense(32), nn.Dense(32)
+
+    def __call__(self, x):
+      return self.b(self.a(x))
+
+    def features(self, x):          # a second method, for apply(..., method=)
+      return self.a(x)
+
+  x = jnp.asarray(rng.standard_normal(X).astype(np.float32))
+  q = fp4jax.rules.QuantizedLinenModel(TwoMethods(), [(r".*", "mxfp4")])   # pairs normalised
+  v = TwoMethods().init(jax.random.key(0), x)
+  got = q.apply(v, x, method="features")
+  a = v["params"]["a"]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(
+      fp4jax.qmatmul(x, a["kernel"], "mxfp4") + a["bias"]))
+  np.testing.assert_array_equal(np.asarray(q.apply(v, x, method=TwoMethods.features)),
+                                np.asarray(got))
