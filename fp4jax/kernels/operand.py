@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax import bits, operand, prng
+from fp4jax.kernels.quantize import round_up, tile_counters
 from fp4jax.spec import QuantSpec
 
 U32, I32 = jnp.uint32, jnp.int32
@@ -124,13 +125,6 @@ def _tile_for(m: int, k: int, orient: str, bs: int, config: OperandKernelConfig 
   return bm, bk, cfg
 
 
-def _counters(i, j, bm, bk, width):
-  """Row-major element indices (uint32) of tile (i, j) in a matrix ``width`` wide."""
-  row = (i * bm + lax.broadcasted_iota(I32, (bm, bk), 0)).astype(U32)
-  col = (j * bk + lax.broadcasted_iota(I32, (bm, bk), 1)).astype(U32)
-  return row * U32(width) + col
-
-
 def _values(b3, rb3, spec: QuantSpec, block_axis: int, ieee: bool, dtype):
   """Values of a 3D view whose axis ``block_axis`` runs along the blocks."""
   amax = jnp.max(bits.abs_bits(b3), axis=block_axis)
@@ -150,7 +144,7 @@ def _kernel(x_ref, seed_ref, *out_refs, rows_spec, cols_spec, bm, bk, width, iee
     if spec.rounding != "stochastic":
       return None
     return prng.counter_hash_words(seed_ref[word], seed_ref[word + 1],
-                                   _counters(i, j, bm, bk, width))
+                                   tile_counters(i, j, bm, bk, width))
 
   if rows_spec is not None:
     bs = rows_spec.block_size
@@ -164,16 +158,12 @@ def _kernel(x_ref, seed_ref, *out_refs, rows_spec, cols_spec, bm, bk, width, iee
     next(outs)[...] = v.reshape(bm, bk)
 
 
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
 @functools.partial(jax.jit, static_argnames=("rows_spec", "cols_spec", "bm", "bk", "ieee",
                                              "dtype", "interpret", "num_warps", "num_stages"))
 def _operand_call(x, seed, *, rows_spec, cols_spec, bm, bk, ieee, dtype, interpret,
                   num_warps, num_stages):
   m, k = x.shape
-  mp, kp = _round_up(m, bm), _round_up(k, bk)
+  mp, kp = round_up(m, bm), round_up(k, bk)
   xp = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
   n_out = (rows_spec is not None) + (cols_spec is not None)
   tile = pl.BlockSpec((bm, bk), lambda i, j: (i, j))

@@ -272,7 +272,7 @@ def _e2m1_codes_fast(b3, mult, rounding, rb3):
   return ((b3 >> 28) & U32(8)) | mag
 
 
-def _tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,
+def tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,
                    transposed=False):
   """Row-major element indices (uint32) of rows ``row_offset + row_step * r`` of tile
   (i, j) in a matrix ``width`` columns wide; ``transposed``: laid out (bk, rows)."""
@@ -298,7 +298,7 @@ def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht
     if not sr:
       return None
     return prng.counter_hash_words(seed_ref[0], seed_ref[1],
-                                   _tile_counters(i, j, bm, bk, width, **where))
+                                   tile_counters(i, j, bm, bk, width, **where))
 
   def hadamard_of(b):
     return bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(b), rht_block, seed_ref[2],
@@ -332,7 +332,7 @@ def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht
       next(outs)[...] = sc.T
 
 
-def _round_up(n, m):
+def round_up(n, m):
   return -(-n // m) * m
 
 
@@ -346,7 +346,7 @@ def _tensor_scale(b_abs_max, spec):
 def _quantize_call(x, seed, ts, *, spec, orient, bm, bk, interpret, rht_block, num_warps,
                    num_stages):
   m, k = x.shape
-  mp, kp = _round_up(m, bm), _round_up(k, bk)
+  mp, kp = round_up(m, bm), round_up(k, bk)
   xp = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
   bs = spec.block_size
   per_byte = 2 if spec.element.bits == 4 else 1
