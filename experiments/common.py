@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -362,8 +363,18 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     checkpoint and truncates the log to it, so the log equals an uninterrupted run's.
   """
   log = MetricsLog(os.path.join(rdir, "metrics.jsonl"))
-  ckpt = fp4jax.checkpoint.Checkpointer(os.path.join(rdir, "checkpoints"), max_to_keep=2)
+  ckpt_dir = os.path.join(rdir, "checkpoints")
+  if not cfg.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and is_chief():
+    # A fresh run starts over (its metrics log too, below); the Checkpointer refuses to
+    # overwrite steps, so the earlier run's checkpoints go, and the user is told.
+    print(f"[{name}] a fresh run (no --resume): replacing the earlier run's checkpoints in "
+          f"{ckpt_dir}", flush=True)
+    shutil.rmtree(ckpt_dir)
+  ckpt = fp4jax.checkpoint.Checkpointer(ckpt_dir, max_to_keep=2)
   start = 0
+  if cfg.resume and ckpt.latest_step() is None:
+    print(f"[{name}] --resume: no checkpoint in {ckpt_dir} yet; starting from step 0",
+          flush=True)
   if cfg.resume and ckpt.latest_step() is not None:
     state = type(state)(**ckpt.restore(state._asdict()))
     start = int(state.step)

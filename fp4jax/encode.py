@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fp4jax import bits, blocks, packing, prng, scales, tensor_amax
 from fp4jax import rounding as rounding_lib
@@ -63,7 +64,31 @@ def resolve_request(spec: str | QuantSpec, *, block_size: int | None = None,
   explicit = jnp.asarray(tensor_scale, jnp.float32)
   if explicit.size != 1:
     raise ValueError(f"tensor_scale must be a scalar, got shape {explicit.shape}")
+  if not isinstance(explicit, jax.core.Tracer):
+    # A concrete scale that is zero, negative or not finite would quantize every element
+    # to zero or NaN; a traced one (from a previous step's amax) cannot be checked here.
+    value = float(explicit.reshape(()))
+    if not (np.isfinite(value) and value > 0):
+      raise ValueError(f"tensor_scale must be a positive finite FP32 value, got {value}; "
+                       "use tensor_scale='amax' to derive it from the tensor, or "
+                       "fp4jax.scales.tensor_scale_from_amax(amax, ...) from a known amax")
   return Request(spec.replace(tensor_scale="amax"), explicit.reshape(()))
+
+
+def check_key(key: Any, what: str = "key") -> Any:
+  """``key`` if it is None or a ``jax.random`` key (typed, or a raw uint32[2] from
+  ``jax.random.PRNGKey``); else an error that says what to pass."""
+  if key is None:
+    return key
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return key
+  if dtype is not None and jnp.dtype(dtype) == jnp.uint32 and tuple(key.shape) in ((2,), (4,)):
+    return key
+  got = f"{type(key).__name__}" + (f" of dtype {dtype} and shape {tuple(key.shape)}"
+                                   if dtype is not None else f" {key!r}")
+  raise TypeError(f"{what} must be a jax.random key, e.g. {what}=jax.random.key(0) (or "
+                  f"jax.random.PRNGKey(0)), got {got}")
 
 
 def check_input(x: Any) -> jax.Array:

@@ -123,7 +123,19 @@ def rht_butterfly(x: jax.Array, block: int, seed0: jax.Array, seed1: jax.Array) 
                      f"the block size {block}")
   lead = x.shape[:-1]
   v = _columns(x.astype(jnp.float32).reshape(*lead, n // block, block), block)
-  v = [c * s for c, s in zip(v, butterfly_signs(block, seed0, seed1))]
+  return _stack_columns(rht_butterfly_entries(v, seed0, seed1)).reshape(*lead, n)
+
+
+def rht_butterfly_entries(entries: list[jax.Array], seed0: jax.Array,
+                          seed1: jax.Array) -> list[jax.Array]:
+  """The butterfly of :func:`rht_butterfly` on one Hadamard block held as ``block =
+  len(entries)`` float32 arrays of one shape (entry i: position i of every block).
+
+  Elementwise only, so a kernel can hold a block along any axis (e.g. strided row
+  loads of a tile for a transform along columns) and get the reference's bits.
+  """
+  block = len(entries)
+  v = [c * s for c, s in zip(entries, butterfly_signs(block, seed0, seed1))]
   h = 1
   while h < block:
     for start in range(0, block, 2 * h):
@@ -131,4 +143,4 @@ def rht_butterfly(x: jax.Array, block: int, seed0: jax.Array, seed1: jax.Array) 
         v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
     h *= 2
   scale = jnp.float32(1.0 / math.sqrt(block))
-  return _stack_columns([c * scale for c in v]).reshape(*lead, n)
+  return [c * scale for c in v]

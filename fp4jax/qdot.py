@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fp4jax import asymmetric, blocks, dispatch, estimators, gemm, hadamard, outliers, qdot_fused
+from fp4jax import asymmetric, blocks, dispatch, encode, estimators, gemm, hadamard, outliers
+from fp4jax import qdot_fused
 from fp4jax import recipes as recipes_lib
 from fp4jax import reference_rounding
 from fp4jax.dispatch import gemm_impl  # the user-facing policy override, re-exported here
@@ -252,6 +253,7 @@ def _key_data(key, recipe: recipes_lib.Recipe) -> jax.Array:
                      "transform: pass key=jax.random.key(...) (one per step, fold_in per layer)")
   if key is None:
     return jnp.zeros(2, jnp.uint32)  # never read: the recipe needs no randomness
+  encode.check_key(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(key)
   return jnp.asarray(key, jnp.uint32)  # raw uint32 key data

@@ -72,6 +72,7 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   req = encode.resolve_request(spec, block_size=block_size, scale_mode=scale_mode,
                                rounding=rounding, saturate=saturate, tensor_scale=tensor_scale)
   x = encode.check_input(x)
+  key = encode.check_key(key)
   axis = blocks.normalize_axis(axis, x.ndim)  # before dispatch: the kernels read axis % 2
   choice = dispatch.choose_quantize(x.shape, x.dtype, req.spec, axis, impl, pad=pad,
                                     random_bits=random_bits is not None)
@@ -109,6 +110,10 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
   Exact: element values times scales are formed from bits (E8M0) or with exactly
   rounded float32 products (float scales, as torchao: ``q * (t * s)``), then cast.
   """
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise TypeError(f"dequantize: dtype must be a float type (e.g. jnp.float32 or "
+                    f"jnp.bfloat16), got {jnp.dtype(dtype)}; round or cast the float result "
+                    "yourself if integers are wanted")
   return decode.dequantize(_check_qarray(q, "dequantize"), dtype)
 
 

@@ -131,6 +131,26 @@ def test_fused_hadamard(name, axis, rng):
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,hadamard_block,tile", [
+    ("nvfp4_sr", 32, None),         # 32 row phases: one Hadamard block, two scale blocks
+    ("mxfp4_floor", 16, (32, 64)),  # 32 row phases: two Hadamard blocks, one scale block
+])
+def test_column_hadamard_row_phases(name, hadamard_block, tile, rng):
+  # Along columns the kernel holds each block as strided row loads (no transpose).
+  spec, key = SPECS[name], jax.random.key(4)
+  x = _input(rng, (96, 128), jnp.float32, False)
+  got = kq.quantize(x, spec, -2, key, hadamard_block=hadamard_block, tile=tile,
+                    interpret=INTERPRET)
+  _equal(got, kq.hadamard_quantize_reference(x, spec, -2, key, hadamard_block))
+
+
+def test_column_hadamard_tile_must_hold_whole_blocks(rng):
+  x = _input(rng, (64, 128), jnp.float32, False)
+  with pytest.raises(ValueError, match=r"tile=\(16, 64\).*multiple of 32"):
+    kq.quantize(x, SPECS["nvfp4"], -2, jax.random.key(0), hadamard_block=32, tile=(16, 64),
+                interpret=INTERPRET)
+
+
 def test_explicit_tensor_scale_and_tiles(rng):
   x = _input(rng, (128, 256), jnp.float32, False)
   got = kq.quantize(x, NV, -1, tensor_scale=0.01, tile=(16, 128), interpret=INTERPRET)

@@ -144,6 +144,16 @@ def test_stochastic_rounding_through_quantize(rng):
   assert err_sr < err_rn / 4, (err_sr, err_rn)
 
 
+def test_raw_and_traced_keys_and_tensor_scales_are_accepted():
+  x = jnp.linspace(-3, 3, 128, dtype=jnp.float32).reshape(4, 32)
+  a = fp4jax.quantize(x, "mxfp4", rounding="stochastic", key=jax.random.key(2))
+  b = fp4jax.quantize(x, "mxfp4", rounding="stochastic", key=jax.random.PRNGKey(2))
+  assert a.codes.shape == b.codes.shape
+  # A traced tensor scale (e.g. the previous step's amax) is not checked at trace time.
+  f = jax.jit(lambda x, t: fp4jax.quantize(x, "nvfp4", tensor_scale=t).codes)
+  assert f(x, jnp.float32(0.5)).shape == (4, 16)
+
+
 def test_random_bits_argument_matches_key():
   x = jnp.linspace(-3, 3, 64, dtype=jnp.float32).reshape(2, 32)
   from fp4jax import prng
@@ -169,6 +179,17 @@ def test_random_bits_argument_matches_key():
     (lambda x: fp4jax.quantize(x, "mxfp4", random_bits=jnp.zeros((3,), jnp.uint32),
                                rounding="stochastic"), ValueError, "random_bits"),
     (lambda x: fp4jax.quantize(x[0, 0], "mxfp4"), ValueError, "at least one dimension"),
+    (lambda x: fp4jax.quantize(x, "mxfp4", rounding="stochastic", key=3), TypeError,
+     r"key must be a jax.random key.*got int"),
+    (lambda x: fp4jax.quantize(x, "nvfp4", tensor_scale=0.0), ValueError,
+     "positive finite FP32 value, got 0.0"),
+    (lambda x: fp4jax.quantize(x, "nvfp4", tensor_scale=float("inf")), ValueError,
+     "positive finite"),
+    (lambda x: fp4jax.quantize(x, "nvfp4", tensor_scale=-1.0), ValueError, "positive finite"),
+    (lambda x: fp4jax.dequantize(fp4jax.quantize(x, "mxfp4"), jnp.int32), TypeError,
+     "dtype must be a float type"),
+    (lambda x: fp4jax.qmatmul(x, jnp.ones((64, 32)), "nvfp4", key=0), TypeError,
+     "key must be a jax.random key"),
 ])
 def test_bad_input_raises_clear_errors(call, err, match):
   x = jnp.ones((4, 64), jnp.float32)

@@ -20,6 +20,11 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false FP4JAX_FULL_SWEEPS=1 PYTHONUNBUFFERED
 # recur across tests and workers): JAX's persistent compilation cache.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/fp4jax_jax_cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2
+# Most of the run is compilation, and XLA:GPU autotunes every GEMM and GEMM fusion it
+# compiles (timing candidate algorithms on the GPU). The tests check values, not speed, and
+# compare paths within float32 accumulation bounds, so the default algorithm is as good:
+# level 0 turns the autotuner off.
+export XLA_FLAGS="--xla_gpu_autotune_level=0${XLA_FLAGS:+ $XLA_FLAGS}"
 # GPU_TESTS="tests/a.py tests/b.py::test_x" runs those instead (e.g. to re-check failures).
 GPU_FILES=(
   tests/test_kernels_quantize.py tests/test_kernels_unpack.py tests/test_kernels_matmul.py
@@ -28,20 +33,29 @@ GPU_FILES=(
   tests/test_nnx.py tests/test_operand.py tests/test_qdot_fused.py tests/test_kernels_operand.py
 )
 if [ -n "${GPU_TESTS:-}" ]; then read -r -a GPU_FILES <<< "$GPU_TESTS"; fi
+# fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU
+# devices (tests/conftest.py), under the GPU machine's jax; several GPUs would take them.
+# They need no GPU, so they run beside the GPU files from the start, on two workers.
+DIST_LOG=$(mktemp)
+dist_pid=
+if [ -z "${GPU_TESTS:-}" ]; then
+  JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 2 -p no:cacheprovider -p no:benchmark \
+    tests/test_distributed.py > "$DIST_LOG" 2>&1 &
+  dist_pid=$!
+fi
 # --dist load hands the first tests out one per worker; tests/conftest.py puts the few
 # multi-minute NVFP4 kernel compiles (marked long_gpu_compile) first, so they run side by
 # side from the start (under worksteal they shared one worker's initial range).
 # SIGINT at the time limit still prints the failures so far and the durations.
-JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-520}" "$PY" -m pytest -q \
+JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-560}" "$PY" -m pytest -q \
   -n "${WORKERS:-16}" --dist load -p no:cacheprovider -p no:benchmark -rf --tb=short \
-  --durations=20 "${GPU_FILES[@]}" "$@"
+  --durations="${DURATIONS:-20}" "${GPU_FILES[@]}" "$@"
 rc=$?
-# fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU
-# devices (tests/conftest.py), under the GPU machine's jax; several GPUs would take them.
 rc2=0
-if [ -z "${GPU_TESTS:-}" ]; then
-  JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 4 -p no:cacheprovider -p no:benchmark \
-    tests/test_distributed.py
-  rc2=$?
+if [ -n "$dist_pid" ]; then
+  wait "$dist_pid"; rc2=$?
+  echo "--- tests/test_distributed.py (run beside the GPU files, on the host CPU) ---"
+  cat "$DIST_LOG"
 fi
+rm -f "$DIST_LOG"
 exit $(( rc != 0 ? rc : rc2 ))

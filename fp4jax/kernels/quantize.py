@@ -254,6 +254,33 @@ def _quantize_cols_even_odd(be, bo, spec: QuantSpec, ts, inv_ts, fconst, rbe, rb
   return codes.astype(jnp.uint8), scale_codes.astype(jnp.uint8)
 
 
+def _quantize_cols_phases(phases, spec: QuantSpec, ts, inv_ts, fconst, rphases):
+  """Blocks along columns of a tile given as ``L`` row phases (phase r: rows r, r + L,
+  r + 2L, ... of the tile; each (bm/L, bk) f32 bits; L a multiple of the block size),
+  elementwise only: no transpose or reshape for Triton to lower.
+
+  Returns (``L/2`` uint8 arrays: packed rows t, t + L/2, ... holding phases 2t (low
+  nibble) and 2t + 1; ``L/bs`` uint8 arrays: scale rows q, q + L/bs, ...).
+  """
+  bs = spec.block_size
+  codes_out, scales_out = [], []
+  for q in range(len(phases) // bs):
+    blk, rblk = phases[q * bs:(q + 1) * bs], rphases[q * bs:(q + 1) * bs]
+    amax = functools.reduce(jnp.maximum, [bits.abs_bits(p) for p in blk])
+    bsc = _block_scales(amax, spec, ts, inv_ts, fconst)
+    codes, scale_codes = _element_codes(blk, rblk, bsc, spec, lambda v: v)
+    codes_out += [(codes[2 * t] | (codes[2 * t + 1] << 4)).astype(jnp.uint8)
+                  for t in range(bs // 2)]
+    scales_out.append(scale_codes.astype(jnp.uint8))
+  return codes_out, scales_out
+
+
+def hadamard_phase_count(rht_block: int, spec: QuantSpec) -> int:
+  """Row phases L of the column Hadamard path: a whole number of Hadamard blocks and of
+  quantization blocks (the tile's rows must be a multiple)."""
+  return max(rht_block, spec.block_size)
+
+
 def _fast_e2m1(spec: QuantSpec) -> bool:
   return rounding_lib.is_e2m1(spec.element) and spec.rounding in ("nearest", "stochastic")
 
@@ -323,8 +350,28 @@ def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht
           random_bits(rows=h, row_step=2, row_offset=1))
       next(outs)[...] = codes
       next(outs)[...] = sc
+    elif spec.element.bits == 4:
+      # A Hadamard transform along the columns: L strided row loads (the phases), the
+      # butterfly between them and the column quantization, all elementwise, and strided
+      # stores. (Through a transpose, as below, Triton took over 7 minutes to compile the
+      # NVFP4 kernel on the H200.)
+      phase_count = hadamard_phase_count(rht_block, spec)
+      g = bm // phase_count
+      phases = [bits.bits_f32(_f32_bits_of(x_ref[pl.ds(r, g, stride=phase_count), :]))
+                for r in range(phase_count)]
+      phases = [bits.f32_bits(v) for start in range(0, phase_count, rht_block)
+                for v in hadamard.rht_butterfly_entries(phases[start:start + rht_block],
+                                                        seed_ref[2], seed_ref[3])]
+      rphases = [random_bits(rows=g, row_step=phase_count, row_offset=r)
+                 for r in range(phase_count)]
+      codes, scs = _quantize_cols_phases(phases, spec, ts, inv_ts, fconst, rphases)
+      codes_ref, sc_ref = next(outs), next(outs)
+      for t, c in enumerate(codes):
+        codes_ref[pl.ds(t, g, stride=phase_count // 2), :] = c
+      for q, sc in enumerate(scs):
+        sc_ref[pl.ds(q, g, stride=phase_count // spec.block_size), :] = sc
     else:
-      # 8-bit codes, or a Hadamard transform along the columns: through a transpose.
+      # 8-bit codes (with or without a Hadamard transform): through a transpose.
       bt = _f32_bits_of(x_ref[...].T)  # transpose the 2-byte input, not the widened bits
       codes, sc = _quantize_rows(hadamard_of(bt) if rht_block else bt, spec, ts, inv_ts, fconst,
                                  random_bits(transposed=True))
@@ -495,6 +542,11 @@ def quantize(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | Non
   orient = "rows" if axis % 2 == 1 else "cols"
   seed4, ts = _prepare(x, spec, key, tensor_scale, hadamard_block, axis)
   bm, bk = tile or _default_tile(orient, spec)
+  if hadamard_block and orient == "cols" and spec.element.bits == 4:
+    phase_count = hadamard_phase_count(hadamard_block, spec)
+    if bm % phase_count:
+      raise ValueError(f"tile={tile}: with hadamard_block={hadamard_block} along columns "
+                       f"the tile's rows must be a multiple of {phase_count}")
   num_warps = num_warps or _default_warps(orient, spec)
   [(codes, sc)] = _quantize_call(x, seed4, ts, spec=spec, orient=orient, bm=bm, bk=bk,
                                  interpret=interpret, rht_block=hadamard_block,
