@@ -47,19 +47,25 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
   flags in ``define_flags()`` called under ``__main__``, so importing two experiments (as
   the tests do) defines nothing twice."""
   from absl import flags
-  flags.DEFINE_integer("steps", steps, "training steps per run")
-  flags.DEFINE_integer("batch_size", batch_size, f"{batch_what} per step")
+  flags.DEFINE_integer("steps", steps, "training steps per run", lower_bound=1)
+  flags.DEFINE_integer("batch_size", batch_size, f"{batch_what} per step", lower_bound=1)
   flags.DEFINE_float("lr", lr, "peak learning rate (AdamW, linear warmup, cosine decay)")
-  flags.DEFINE_float("weight_decay", weight_decay, "AdamW weight decay")
-  flags.DEFINE_integer("warmup", warmup, "warmup steps")
+  flags.register_validator("lr", lambda v: v > 0 and math.isfinite(v),
+                           "--lr must be a positive finite learning rate, e.g. --lr=1e-3")
+  flags.DEFINE_float("weight_decay", weight_decay, "AdamW weight decay", lower_bound=0.0)
+  flags.DEFINE_integer("warmup", warmup, "warmup steps", lower_bound=0)
   flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
-  flags.DEFINE_integer("eval_every", eval_every, "evaluate every this many steps")
-  flags.DEFINE_integer("log_every", log_every, "log train metrics every this many steps")
-  flags.DEFINE_integer("checkpoint_every", checkpoint_every, "checkpoint every this many steps")
+  flags.DEFINE_integer("eval_every", eval_every, "evaluate every this many steps",
+                       lower_bound=1)
+  flags.DEFINE_integer("log_every", log_every, "log train metrics every this many steps",
+                       lower_bound=1)
+  flags.DEFINE_integer("checkpoint_every", checkpoint_every, "checkpoint every this many steps",
+                       lower_bound=1)
   flags.DEFINE_string("workdir", workdir, "output directory")
   flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
   flags.DEFINE_integer("stop_at", None, "stop each run at this step with a checkpoint, as "
-                       "Ctrl-C does (for time-limited sessions); continue with --resume")
+                       "Ctrl-C does (for time-limited sessions); continue with --resume",
+                       lower_bound=1)
   flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                     "compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
   flags.DEFINE_string("impl", "auto", "GEMM implementation (fp4jax.gemm_impl: auto, xla, "

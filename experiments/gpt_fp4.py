@@ -56,9 +56,10 @@ def define_flags() -> None:
   flags.DEFINE_string("model", "gpt_tiny", f"one of {', '.join(GPT_CONFIGS)}")
   flags.DEFINE_enum("dataset", "stdlib", list(data.TEXT_DATASETS), "training text")
   flags.DEFINE_string("data_dir", None, "text files for --dataset=text (file, folder or list)")
-  flags.DEFINE_integer("max_bytes", 4_000_000, "bytes of text to read")
-  flags.DEFINE_integer("context", None, "sequence length (default: the model's context)")
-  flags.DEFINE_integer("eval_batches", 8, "validation batches (fixed windows)")
+  flags.DEFINE_integer("max_bytes", 4_000_000, "bytes of text to read", lower_bound=1)
+  flags.DEFINE_integer("context", None, "sequence length (default: the model's context)",
+                       lower_bound=1)
+  flags.DEFINE_integer("eval_batches", 8, "validation batches (fixed windows)", lower_bound=1)
   common.define_training_flags(workdir="runs/gpt_fp4", steps=600, batch_size=16,
                                batch_what="sequences", lr=2e-3, weight_decay=0.1, warmup=60,
                                eval_every=100, log_every=25, checkpoint_every=200)

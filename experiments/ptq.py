@@ -43,8 +43,10 @@ def define_flags() -> None:
   flags.DEFINE_string("run", "bf16", "the run of --from_workdir to quantize")
   flags.DEFINE_string("model", "vit_digits", f"ViT to train when no --from_workdir: "
                       f"{', '.join(MODELS)}")
-  flags.DEFINE_integer("train_steps", 600, "BF16 training steps when no --from_workdir")
-  flags.DEFINE_integer("calibration", 512, "training images for GPTQ's Hessians")
+  flags.DEFINE_integer("train_steps", 600, "BF16 training steps when no --from_workdir",
+                       lower_bound=1)
+  flags.DEFINE_integer("calibration", 512, "training images for GPTQ's Hessians",
+                       lower_bound=1)
   flags.DEFINE_integer("hadamard_block", 16, "Hadamard rotation block of the *_hadamard methods")
   flags.DEFINE_integer("seed", 0, "seed of training, data split and calibration sample")
   flags.DEFINE_string("workdir", "runs/ptq", "output directory")
@@ -144,6 +146,9 @@ def main(argv):
   base, ref_logits = scores(params)
   rows = [{"format": "float", "method": "-", **base, "output_mse": 0.0,
            "weight_bytes": ptq.nbytes(params)}]
+  if FLAGS.calibration > len(ds.train_y):
+    raise app.UsageError(f"--calibration={FLAGS.calibration} is more than the "
+                         f"{len(ds.train_y)} training images; pass at most that many")
   cal_idx = np.random.default_rng(FLAGS.seed).choice(len(ds.train_y), FLAGS.calibration, False)
   cal = ptq.collect_linen_inputs(model, {"params": params}, jnp.asarray(ds.train_x[cal_idx]))
   for fmt in FLAGS.formats:

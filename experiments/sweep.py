@@ -52,6 +52,7 @@ SCALE_FORMATS = ("e8m0", "ue4m3", "bf16", "fp32")
 def define_flags() -> None:
   """This script's absl flags (called under ``__main__``)."""
   flags.DEFINE_list("elements", ["e2m1", "e2m3", "e3m2", "e4m3"], "element formats")
+
   flags.DEFINE_list("block_sizes", ["16", "32", "64", "channel"], "block sizes or 'channel'")
   flags.DEFINE_list("scale_formats", ["e8m0", "ue4m3", "bf16"],
                     f"scale formats: {', '.join(SCALE_FORMATS)} (ue4m3: with an FP32 tensor "
@@ -59,9 +60,14 @@ def define_flags() -> None:
   flags.DEFINE_list("scale_modes", ["floor", "rceil"], "E8M0 scale rules (float scales: amax)")
   flags.DEFINE_list("roundings", ["nearest", "stochastic"], "rounding modes")
   flags.DEFINE_list("tensors", list(DISTRIBUTIONS + CAPTURED), "tensors to quantize")
-  flags.DEFINE_integer("rows", 256, "rows of each synthetic tensor (columns: 1024)")
+  for name in ("elements", "block_sizes", "scale_formats", "scale_modes", "roundings",
+               "tensors"):
+    flags.register_validator(name, bool, f"--{name} needs at least one value (an empty list "
+                             "sweeps nothing)")
+  flags.DEFINE_integer("rows", 256, "rows of each synthetic tensor (columns: 1024)",
+                       lower_bound=1)
   flags.DEFINE_integer("capture_steps", 200, "BF16 training steps of the ViT whose tensors "
-                       "are captured")
+                       "are captured", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "seed of the tensors, the model and stochastic rounding")
   flags.DEFINE_string("workdir", "runs/sweep", "output directory")
   flags.DEFINE_bool("train", False, "also train an MLP on digits with every configuration "

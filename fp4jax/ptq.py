@@ -106,10 +106,32 @@ def _hessian(x: jax.Array, k: int) -> jax.Array:
   return jnp.einsum("nk,nl->kl", x, x, precision=lax.Precision.HIGHEST) / x.shape[0]
 
 
+def _check_calibration(x: Any, k: int, where: str) -> jax.Array:
+  """Calibration inputs as (rows, K) float32, or an error naming the layer: a wrong
+  width would otherwise be reshaped into other rows, no rows make ``H = X^T X / 0`` NaN,
+  and one non-finite input makes every weight NaN."""
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim == 0 or x.shape[-1] != k:
+    raise ValueError(f"gptq: calibration inputs for {where} have shape {x.shape}; the layer "
+                     f"takes K = {k} features, so they must have shape (..., {k}) (the inputs "
+                     "of that layer, not of another)")
+  x = x.reshape(-1, k)
+  if x.shape[0] == 0:
+    raise ValueError(f"gptq: calibration inputs for {where} have no rows (shape "
+                     f"{x.shape}); pass at least one input row per layer")
+  if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    bad = int(jnp.sum(~jnp.isfinite(x)))
+    raise ValueError(f"gptq: calibration inputs for {where} hold {bad} non-finite value(s) "
+                     "(NaN or inf), which would make every GPTQ weight NaN; drop or fix "
+                     "those rows")
+  return x
+
+
 def gptq_quantize(w: jax.Array, x: jax.Array, spec: str | QuantSpec, damp: float = 0.01,
-                  hadamard_block: int | None = None) -> jax.Array:
+                  hadamard_block: int | None = None, *, where: str = "this layer") -> jax.Array:
   """GPTQ-rounded weights for ``y = x @ w`` (``w``: (K, N), ``x``: (..., K)), float32,
   on the grid of ``spec`` blocked along K (rotated by ``R^T`` when ``hadamard_block``).
+  ``where`` names the layer in errors about ``x`` (its width, no rows, non-finite values).
 
   The final storage re-quantizes these values with :func:`fp4jax.quantize`, so what is
   stored is always a valid QArray of ``spec``.
@@ -119,7 +141,7 @@ def gptq_quantize(w: jax.Array, x: jax.Array, spec: str | QuantSpec, damp: float
   if w.ndim != 2:
     raise ValueError(f"gptq_quantize expects a 2D weight (K, N), got shape {w.shape}")
   k, n = w.shape
-  x = jnp.asarray(x, jnp.float32).reshape(-1, k)
+  x = _check_calibration(x, k, where)
   if hadamard_block:
     w = hadamard.rht(w, 0, None, hadamard_block)
     x = hadamard.rht(x, 1, None, hadamard_block)
@@ -210,7 +232,8 @@ def quantize_params(params: Any, spec: str | QuantSpec = "mxfp4", method: str = 
       if w.ndim != 2 or ax != 0:
         raise ValueError(f"gptq: {p} has shape {w.shape} blocked along axis {axis}; GPTQ "
                          "supports 2D (K, N) kernels blocked along K")
-      wq = gptq_quantize(w, calibration[mp], lspec, damp, rotate).astype(w.dtype)
+      wq = gptq_quantize(w, calibration[mp], lspec, damp, rotate,
+                         where=repr(mp)).astype(w.dtype)
     else:
       wq = hadamard.rht(w, ax, None, rotate) if rotate else w
     qa = quantize(wq, lspec, ax, pad=True)

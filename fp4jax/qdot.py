@@ -209,8 +209,26 @@ def _check_dims(lhs, rhs, dimension_numbers):
   except (TypeError, ValueError):
     raise ValueError("dimension_numbers must be ((lhs_contracting, rhs_contracting), "
                      f"(lhs_batch, rhs_batch)), got {dimension_numbers!r}") from None
-  lc, rc, lb, rb = (tuple(int(d) % nd for d in ds) for ds, nd in
-                    ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
+  def dims(ds, side, kind, nd):
+    # As lax.dot_general: each dimension in range (negative ones counted from the end
+    # here), none twice.
+    out = []
+    for d in tuple(ds):
+      if not -nd <= int(d) < nd:
+        raise ValueError(f"qdot_general: {side} {kind} dimension {d} is out of range for a "
+                         f"rank-{nd} {side} (valid: 0..{nd - 1}, or -{nd}..-1)")
+      out.append(int(d) % nd)
+    if len(set(out)) != len(out):
+      raise ValueError(f"qdot_general: {side} {kind} dimensions {tuple(ds)} repeat a "
+                       "dimension")
+    return tuple(out)
+
+  lc, rc = dims(lc, "lhs", "contracting", lhs.ndim), dims(rc, "rhs", "contracting", rhs.ndim)
+  lb, rb = dims(lb, "lhs", "batch", lhs.ndim), dims(rb, "rhs", "batch", rhs.ndim)
+  for side, c, b in (("lhs", lc, lb), ("rhs", rc, rb)):
+    if set(c) & set(b):
+      raise ValueError(f"qdot_general: {side} dimensions {sorted(set(c) & set(b))} are both "
+                       "contracting and batch dimensions")
   if len(lc) != len(rc) or len(lb) != len(rb):
     raise ValueError(f"dimension_numbers pair up {len(lc)}/{len(rc)} contracting and "
                      f"{len(lb)}/{len(rb)} batch dims; they must match")

@@ -179,3 +179,23 @@ def test_bad_arguments_of_the_transforms():
     optim.q_ema_reference(optax.sgd(0.1).init(params), params)
   with pytest.raises(ValueError, match="no q_ramping state"):
     optim.ramp_factors(optax.sgd(0.1).init(params))
+
+
+def test_quantize_gradients_keeps_finite_entries_next_to_an_inf_and_skips_integers():
+  tx = fp4jax.optim.quantize_gradients()
+  g = {"w": jnp.array([1.0, jnp.inf, 2.0, -3.0, jnp.nan, 0.5], jnp.float32),
+       "step": jnp.array([7], jnp.int32)}
+  out, _ = tx.update(g, tx.init(g))
+  want_finite, _ = tx.update({"w": jnp.array([1.0, 2.0, -3.0, 0.5], jnp.float32)}, None)
+  w = np.asarray(out["w"])
+  # The finite entries are what they would be without the inf and the NaN (the scale
+  # comes from the finite values); the non-finite ones pass through.
+  np.testing.assert_array_equal(w[[0, 2, 3, 5]], np.asarray(want_finite["w"]))
+  assert np.all(w[[0, 2, 3, 5]] != 0)
+  assert w[1] == np.inf and np.isnan(w[4])
+  assert out["step"].dtype == jnp.int32 and int(out["step"][0]) == 7
+
+
+def test_fp8_all_reduce_mean_outside_a_mapped_axis_says_where_to_call_it():
+  with pytest.raises(ValueError, match="inside jax.shard_map / jax.pmap"):
+    fp4jax.optim.fp8_all_reduce_mean({"g": jnp.ones(4)}, "data")

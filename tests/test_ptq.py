@@ -89,3 +89,16 @@ def test_bad_arguments(rng):
     ptq.quantize_params(params, "mxfp4", "gptq", calibration={"other": jnp.ones((4, 64))})
   with pytest.raises(ValueError, match="not a multiple of the block size"):
     ptq.gptq_quantize(jnp.ones((40, 8)), jnp.ones((4, 40)), "mxfp4")
+
+
+@pytest.mark.parametrize("calibration,match", [
+    (np.ones((16, 48), np.float32), r"'fc' have shape \(16, 48\); the layer takes K = 64"),
+    (np.ones((3, 7), np.float32), r"have shape \(3, 7\); .*must have shape \(\.\.\., 64\)"),
+    (np.ones((0, 64), np.float32), "no rows"),
+    (np.where(np.arange(64) == 5, np.nan, 1.0).reshape(1, 64).repeat(8, 0).astype(np.float32),
+     "8 non-finite value"),
+])
+def test_gptq_calibration_inputs_are_checked_per_layer(calibration, match):
+  params = {"fc": {"kernel": jnp.ones((64, 32))}}
+  with pytest.raises(ValueError, match=match):
+    ptq.quantize_params(params, "mxfp4", "gptq", calibration={"fc": jnp.asarray(calibration)})

@@ -148,14 +148,26 @@ def state_nbytes(tree: Any) -> int:
 def quantize_gradients(spec: str | QuantSpec = "fp8_e5m2_tensor",
                        min_ndim: int = 1) -> optax.GradientTransformation:
   """Rounds every float update leaf of rank >= ``min_ndim`` onto ``spec`` (per-tensor
-  scaled FP8 E5M2 by default, FP8-LM's gradient format). Put it first in a chain."""
+  scaled FP8 E5M2 by default, FP8-LM's gradient format). Put it first in a chain.
+
+  Non-finite entries (``inf``, ``nan``) pass through unchanged and take no part in the
+  scales: the scales come from the finite values, so one ``inf`` does not turn every
+  finite gradient into zero (as a scale from an infinite amax would), and anything
+  downstream that clips or masks non-finite entries still sees them. Integer and other
+  non-float leaves (step counters) pass through untouched.
+  """
   spec = get_spec(spec)
+
+  def quantize_leaf(g):
+    if not jnp.issubdtype(jnp.result_type(g), jnp.floating) or jnp.ndim(g) < min_ndim:
+      return g
+    finite = jnp.isfinite(g)
+    q = fake_quant(jnp.where(finite, g, jnp.zeros_like(g)), spec, -1, pad=True)
+    return jnp.where(finite, q, g)
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(
-        lambda g: fake_quant(g, spec, -1, pad=True) if jnp.ndim(g) >= min_ndim else g,
-        updates), state
+    return jax.tree.map(quantize_leaf, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -169,7 +181,13 @@ def fp8_all_reduce_mean(grads: Any, axis_name: str, element: str = "e5m2") -> An
   stay zero. Must run inside ``shard_map``/``pmap``/``vmap`` with ``axis_name``.
   """
   fmt = formats.get_element_format(element)
-  n = jax.lax.psum(1, axis_name)
+  try:
+    n = jax.lax.psum(1, axis_name)
+  except NameError as err:  # JAX: "unbound axis name: data"
+    raise ValueError(
+        f"fp8_all_reduce_mean(grads, {axis_name!r}): no mapped axis named {axis_name!r} is "
+        "bound here; call it inside jax.shard_map / jax.pmap (or vmap) over that axis, e.g. "
+        "in the per-device training step") from err
 
   def reduce(g):
     g32 = g.astype(jnp.float32)
