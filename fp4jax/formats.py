@@ -210,17 +210,19 @@ def get_element_format(fmt: str | ElementFormat) -> ElementFormat:
   key = fmt.lower()
   if key in ELEMENT_FORMATS:
     return ELEMENT_FORMATS[key]
-  if key.startswith("e") and "m" in key:
+  # A well-formed generic name that exmy / intn reject (e.g. wider than 8 bits) keeps
+  # their reason rather than "unknown format".
+  parts = key[1:].split("m") if key.startswith("e") else []
+  if len(parts) == 2 and all(p.isdigit() for p in parts):
     try:
-      e, m = key[1:].split("m")
-      return exmy(int(e), int(m))
-    except ValueError:
-      pass
-  if key.startswith("int"):
+      return exmy(int(parts[0]), int(parts[1]))
+    except ValueError as err:
+      raise ValueError(f"element format {fmt!r}: {err}") from None
+  if key.startswith("int") and key[3:].isdigit():
     try:
       return intn(int(key[3:]))
-    except ValueError:
-      pass
+    except ValueError as err:
+      raise ValueError(f"element format {fmt!r}: {err}") from None
   raise ValueError(f"unknown element format {fmt!r}; valid names: {sorted(ELEMENT_FORMATS)}"
                    " or any 'eXmY' / 'intN'")
 

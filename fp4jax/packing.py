@@ -51,7 +51,7 @@ def pack(codes: jax.Array, bits: int, axis: int = -1, packed: bool = True) -> ja
     w = [c[..., j].astype(jnp.uint32) << (6 * j) for j in range(4)]
     word = w[0] | w[1] | w[2] | w[3]
     out = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(3)], axis=-1).astype(U8)
-    out = out.reshape(*out.shape[:-2], -1)
+    out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])  # not -1: see unpack
   return jnp.moveaxis(out.astype(U8), -1, axis)
 
 
@@ -68,7 +68,8 @@ def unpack(packed_codes: jax.Array, bits: int, axis: int = -1, packed: bool = Tr
     g = p.reshape(*p.shape[:-1], p.shape[-1] // 3, 3).astype(jnp.uint32)
     word = g[..., 0] | (g[..., 1] << 8) | (g[..., 2] << 16)
     out = jnp.stack([(word >> (6 * j)) & 0x3F for j in range(4)], axis=-1).astype(U8)
-  out = out.reshape(*out.shape[:-2], -1)
+  # An explicit length: reshape(-1) is ambiguous when another axis is empty.
+  out = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
   return jnp.moveaxis(out, -1, axis)
 
 

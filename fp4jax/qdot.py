@@ -329,6 +329,10 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                            if preferred_element_type is not None else None)
   canon = _canonical(lhs, rhs, *_check_dims(lhs, rhs, dimension_numbers))
   key_data = _key_data(key, recipe)
+  if lhs.size == 0 or rhs.size == 0:
+    # An empty operand (e.g. a batch of no tokens) has no blocks to scale: the product is
+    # empty or, for K = 0, exact zeros, as are its gradients; lax gives exactly that.
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=out_dtype)
   w_ref = _canonical_reference(rhs_reference, rhs, canon)
   _check_block_multiple(canon.k, "contraction length K", (recipe.fwd_lhs, recipe.fwd_rhs),
                         recipe)

@@ -74,6 +74,11 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   x = encode.check_input(x)
   key = encode.check_key(key)
   axis = blocks.normalize_axis(axis, x.ndim)  # before dispatch: the kernels read axis % 2
+  if x.size == 0 and req.spec.tensor_scale == "amax" and req.tensor_scale is None:
+    raise ValueError(f"quantize: x is empty (shape {x.shape}), so its tensor scale (from the "
+                     f"amax, {req.spec.name}) is undefined; pass tensor_scale= explicitly or "
+                     "skip quantizing empty tensors (fp4jax.qmatmul / qdot_general accept "
+                     "empty operands)")
   choice = dispatch.choose_quantize(x.shape, x.dtype, req.spec, axis, impl, pad=pad,
                                     random_bits=random_bits is not None)
   return _run(choice, x, req, axis, key, pad=pad, random_bits=random_bits)

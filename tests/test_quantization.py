@@ -226,3 +226,35 @@ def test_pallas_takes_tensor_scale_overrides_like_xla(tensor_scale, rng):
 def test_axis_out_of_range_is_an_error_whatever_the_implementation(impl):
   with pytest.raises(ValueError, match="axis=5 is out of range"):
     fp4jax.quantize(jnp.ones((32, 64)), "mxfp4", axis=5, impl=impl)
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "mxfp6_e2m3", "mxfp8_e4m3", "int4_g32"])
+def test_empty_tensors_round_trip(spec):
+  x = jnp.zeros((0, 32), jnp.float32)
+  q = fp4jax.quantize(x, spec)
+  assert fp4jax.dequantize(q).shape == (0, 32)
+
+
+def test_empty_tensor_with_a_tensor_amax_needs_an_explicit_tensor_scale():
+  x = jnp.zeros((0, 32), jnp.float32)
+  with pytest.raises(ValueError, match="x is empty .* pass tensor_scale= explicitly"):
+    fp4jax.quantize(x, "nvfp4")
+  assert fp4jax.dequantize(fp4jax.quantize(x, "nvfp4", tensor_scale=1.0)).shape == (0, 32)
+
+
+def test_qmatmul_of_an_empty_batch_is_empty_with_zero_gradients():
+  w = jnp.ones((64, 32), jnp.float32)
+  y = fp4jax.qmatmul(jnp.zeros((0, 64)), w, "nvfp4", key=jax.random.key(0))
+  assert y.shape == (0, 32)
+  g = jax.grad(lambda w: fp4jax.qmatmul(jnp.zeros((0, 64)), w, "mxfp4").sum())(w)
+  np.testing.assert_array_equal(np.asarray(g), 0)
+
+
+@pytest.mark.parametrize("name,match", [
+    ("e5m4", "element format 'e5m4': .*at most 8 bits"),
+    ("int0", "element format 'int0': .*bits must be >= 2"),
+    ("e2m1x", "unknown element format"),
+])
+def test_generic_element_names_say_why_they_are_rejected(name, match):
+  with pytest.raises(ValueError, match=match):
+    fp4jax.QuantSpec(name, "e8m0")
