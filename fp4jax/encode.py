@@ -67,7 +67,9 @@ def resolve_request(spec: str | QuantSpec, *, block_size: int | None = None,
   if not isinstance(explicit, jax.core.Tracer):
     # A concrete scale that is zero, negative or not finite would quantize every element
     # to zero or NaN; a traced one (from a previous step's amax) cannot be checked here.
-    value = float(explicit.reshape(()))
+    # numpy, not a jnp op: inside a trace (a fori_loop body closing over the scale) any
+    # jnp op on a concrete array is staged and would come back a tracer.
+    value = float(np.asarray(explicit).reshape(()))
     if not (np.isfinite(value) and value > 0):
       raise ValueError(f"tensor_scale must be a positive finite FP32 value, got {value}; "
                        "use tensor_scale='amax' to derive it from the tensor, or "

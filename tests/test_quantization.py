@@ -197,6 +197,24 @@ def test_bad_input_raises_clear_errors(call, err, match):
     call(x)
 
 
+def test_concrete_tensor_scale_closed_over_by_a_loop_body():
+  """A concrete scale captured by a fori_loop body is checked without a jnp op (which the
+  trace would stage, making it a tracer); a traced scale passes through unchecked."""
+  x = jnp.ones((4, 64), jnp.float32)
+  scale = jnp.float32(0.5)
+
+  def body(i, acc):
+    return acc + fp4jax.dequantize(fp4jax.quantize(x * i, "nvfp4", tensor_scale=scale))
+
+  got = jax.lax.fori_loop(0, 2, body, jnp.zeros_like(x))
+  want = fp4jax.dequantize(fp4jax.quantize(x, "nvfp4", tensor_scale=scale))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  bad = jnp.float32(0.0)
+  with pytest.raises(ValueError, match="positive finite"):
+    jax.lax.fori_loop(0, 2, lambda i, a: a + fp4jax.dequantize(
+        fp4jax.quantize(x, "nvfp4", tensor_scale=bad)), jnp.zeros_like(x))
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_jit_compiles_in_seconds(preset):
   """Guards against XLA fusing block-level exact arithmetic into every element (it once
