@@ -62,6 +62,7 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
   flags.DEFINE_integer("checkpoint_every", checkpoint_every, "checkpoint every this many steps",
                        lower_bound=1)
   flags.DEFINE_string("workdir", workdir, "output directory")
+  register_directory_validator("workdir")
   flags.DEFINE_bool("resume", False, "continue each run from its last checkpoint")
   flags.DEFINE_integer("stop_at", None, "stop each run at this step with a checkpoint, as "
                        "Ctrl-C does (for time-limited sessions); continue with --resume",
@@ -90,6 +91,43 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
                     "JSONL log stays the record")
 
 
+def writable_directory_problem(path: str) -> str | None:
+  """Why ``path`` cannot be (or become) a directory this process writes into, or None.
+
+  Checked at flag-parse time, so a bad ``--workdir`` is a one-line usage error before any
+  work rather than a ``FileExistsError`` / ``PermissionError`` traceback after it."""
+  if not path:
+    return "is empty; give an output directory, e.g. --workdir=runs/mine"
+  probe = os.path.abspath(path)
+  if os.path.exists(probe) and not os.path.isdir(probe):
+    return f"{path!r} is a file, not a directory; give a directory"
+  while not os.path.exists(probe):          # the nearest existing ancestor gets the writes
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    return f"{path!r} lies under {probe!r}, which is a file; give a directory"
+  if not os.access(probe, os.W_OK | os.X_OK):
+    return (f"{path!r} is not writable ({probe!r} does not allow this user to write); give "
+            "a directory you can write to")
+  return None
+
+
+def register_directory_validator(flag: str) -> None:
+  """An absl validator: ``--<flag>`` must be a directory this process can write (or
+  create)."""
+  from absl import flags
+
+  def check(value):
+    problem = writable_directory_problem(value)
+    if problem:
+      raise flags.ValidationError(f"--{flag} {problem}")
+    return True
+
+  flags.register_validator(flag, check)
+
+
 def run_main(main: Callable) -> None:
   """``absl.app.run(main)``, with a :class:`absl.app.UsageError` from ``main`` printed as
   one line and a hint (absl would print the whole help first); exit status 2."""
@@ -102,6 +140,9 @@ def run_main(main: Callable) -> None:
       print(f"{os.path.basename(sys.argv[0])}: error: {e}\nTry --help for the flags.",
             file=sys.stderr, flush=True)
       sys.exit(2)
+    except NonFiniteLoss as e:
+      print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+      sys.exit(3)
 
   app.run(wrapped)
 
@@ -351,6 +392,47 @@ class LoopConfig(NamedTuple):
   tensorboard: bool = False
 
 
+class NonFiniteLoss(FloatingPointError):
+  """A run's training loss became NaN or Inf; the message names the run, the first such
+  step and the last checkpoint (written from parameters before it)."""
+
+
+class NonFiniteWatch:
+  """Remembers, on the device, the first step whose loss is not finite.
+
+  ``update`` runs every step as one small asynchronous device computation (no host sync);
+  ``check`` reads it (a sync) where the loop syncs anyway or must not go on: at log and
+  eval steps and before every checkpoint save, so no checkpoint is ever written from
+  parameters updated by a non-finite loss's gradients."""
+
+  def __init__(self, name: str, last_saved: int | None = None):
+    self.name, self.last_saved = name, last_saved
+    self._first = (jnp.int32(-1), jnp.float32(0.0))   # (step, loss) of the first non-finite
+
+  @staticmethod
+  @jax.jit
+  def _track(first, loss, step):
+    first_step, first_loss = first
+    new = (first_step < 0) & ~jnp.isfinite(loss)
+    return (jnp.where(new, step, first_step).astype(jnp.int32),
+            jnp.where(new, loss.astype(jnp.float32), first_loss))
+
+  def update(self, loss, step: int) -> None:
+    self._first = self._track(self._first, loss, jnp.int32(step))
+
+  def check(self, step: int) -> None:
+    first_step = int(self._first[0])
+    if first_step < 0:
+      return
+    kept = (f"the last checkpoint is step {self.last_saved}, from before it (continue from it "
+            "with --resume after changing the cause)" if self.last_saved is not None else
+            "no checkpoint was written")
+    raise NonFiniteLoss(
+        f"[{self.name}] the training loss became {float(self._first[1])} at step "
+        f"{first_step} (seen at step {step}); stopped: {kept}. Lower --lr or lengthen "
+        "--warmup, or train this recipe in higher precision")
+
+
 def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch: Callable,
                evaluate: Callable, cfg: LoopConfig, stop: StopRequested) -> dict[str, Any]:
   """The training loop every experiment shares.
@@ -392,36 +474,43 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     log = MetricsLog(log.path, os.path.join(rdir, "tensorboard"), purge_step=start)
   progress = Progress(cfg.steps, cfg.examples_per_step, f"[{name}]")
   t0, interrupted = time.perf_counter(), False
-  for step in range(start, cfg.steps):
-    batch = get_batch(step)
-    with fp4jax.gemm_impl(cfg.impl):
-      state, m = train_step(state, *batch)
-    done = step + 1
-    if done % cfg.log_every == 0 or done == cfg.steps:
-      m = {k: float(v) for k, v in m.items()}
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"[{name}] loss is {m['loss']} at step {done}")
-      log.write({"kind": "train", "step": done, **m})
-      progress(done, **{k: m[k] for k in ("loss", "flip_rate") if k in m})
-    if done % cfg.eval_every == 0 or done == cfg.steps:
+  watch = NonFiniteWatch(name, last_saved=start if start else None)
+  try:
+    for step in range(start, cfg.steps):
+      batch = get_batch(step)
       with fp4jax.gemm_impl(cfg.impl):
-        ev = evaluate(state)
-      log.write({"kind": "eval", "step": done, **ev})
-      print(f"[{name}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
-            flush=True)
-    at_stop = stop.requested or done == cfg.stop_at
-    if done % cfg.checkpoint_every == 0 or done == cfg.steps or at_stop:
-      # Periodic saves write in the background (orbax copies the arrays to host before
-      # returning, so the next step may reuse their buffers); the last one and a stop
-      # wait, and close() waits for any still pending.
-      ckpt.save(done, state._asdict(), wait=at_stop or done == cfg.steps)
-    if at_stop:
-      interrupted = True
-      print(f"[{name}] stopped at step {done}; checkpoint saved: continue with --resume",
-            flush=True)
-      break
-  ckpt.close()
-  log.close()
+        state, m = train_step(state, *batch)
+      done = step + 1
+      watch.update(m["loss"], done)      # on device: no host sync per step
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        watch.check(done)
+        m = {k: float(v) for k, v in m.items()}
+        log.write({"kind": "train", "step": done, **m})
+        progress(done, **{k: m[k] for k in ("loss", "flip_rate") if k in m})
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        watch.check(done)
+        with fp4jax.gemm_impl(cfg.impl):
+          ev = evaluate(state)
+        log.write({"kind": "eval", "step": done, **ev})
+        print(f"[{name}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+              flush=True)
+      at_stop = stop.requested or done == cfg.stop_at
+      if done % cfg.checkpoint_every == 0 or done == cfg.steps or at_stop:
+        # Never a checkpoint of parameters that followed a non-finite loss.
+        watch.check(done)
+        # Periodic saves write in the background (orbax copies the arrays to host before
+        # returning, so the next step may reuse their buffers); the last one and a stop
+        # wait, and close() waits for any still pending.
+        ckpt.save(done, state._asdict(), wait=at_stop or done == cfg.steps)
+        watch.last_saved = done
+      if at_stop:
+        interrupted = True
+        print(f"[{name}] stopped at step {done}; checkpoint saved: continue with --resume",
+              flush=True)
+        break
+  finally:
+    ckpt.close()      # pending background saves (all of good steps) finish; none is lost
+    log.close()
   return {"state": state, "records": log.read(), "interrupted": interrupted,
           "seconds": time.perf_counter() - t0}
 

@@ -50,6 +50,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("hadamard_block", 16, "Hadamard rotation block of the *_hadamard methods")
   flags.DEFINE_integer("seed", 0, "seed of training, data split and calibration sample")
   flags.DEFINE_string("workdir", "runs/ptq", "output directory")
+  common.register_directory_validator("workdir")
 
 
 def encoder_kernels(spec):

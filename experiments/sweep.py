@@ -70,6 +70,7 @@ def define_flags() -> None:
                        "are captured", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "seed of the tensors, the model and stochastic rounding")
   flags.DEFINE_string("workdir", "runs/sweep", "output directory")
+  common.register_directory_validator("workdir")
   flags.DEFINE_bool("train", False, "also train an MLP on digits with every configuration "
                     "(all six GEMM operands) and plot test loss against bits per element")
   flags.DEFINE_integer("train_steps", 300, "training steps per configuration (--train)")

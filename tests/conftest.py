@@ -40,11 +40,37 @@ def pytest_report_header(config):
           f"FP4JAX_SWEEP_SEED={os.environ['FP4JAX_SWEEP_SEED']}")
 
 
+# Seconds per test in the GPU test command, measured there (tools/gpu_test_seconds.py).
+_GPU_SECONDS_PATH = os.path.join(os.path.dirname(__file__), "gpu_test_seconds.json")
+# A test the table lacks (new since the last GPU run) sorts like a typical kernel-compiling
+# test; one marked long_gpu_compile like the multi-minute NVFP4 compiles.
+_DEFAULT_SECONDS, _LONG_COMPILE_SECONDS = 10.0, 120.0
+
+
 def pytest_collection_modifyitems(config, items):
-  """Tests marked ``long_gpu_compile`` run first: under the GPU test command's
-  ``--dist load`` the first tests go one to each worker, so the few multi-minute NVFP4
-  kernel compiles run side by side from the start instead of ending the run late."""
-  items.sort(key=lambda item: item.get_closest_marker("long_gpu_compile") is None)
+  """Longest tests first (seconds measured on the GPU machine, ``gpu_test_seconds.json``):
+  with the GPU test command's ``--dist load --maxschedchunk=1`` each worker takes the next
+  longest test when it is free, so the run ends when the total work does (about the sum
+  over the workers) rather than when an unlucky worker's queue does.
+
+  Only for the GPU test command (``FP4JAX_FULL_SWEEPS=1``): elsewhere the collection order
+  stays (module-scoped fixtures, such as the experiment tests' shared tiny runs, are set
+  up once per module only while a module's tests run together), and only the
+  ``long_gpu_compile`` tests go first."""
+  if os.environ.get("FP4JAX_FULL_SWEEPS", "") != "1":
+    items.sort(key=lambda item: item.get_closest_marker("long_gpu_compile") is None)
+    return
+  import json
+  with open(_GPU_SECONDS_PATH) as f:
+    seconds = json.load(f)["seconds"]
+
+  def expected(item):
+    if item.nodeid in seconds:
+      return seconds[item.nodeid]
+    long = item.get_closest_marker("long_gpu_compile") is not None
+    return _LONG_COMPILE_SECONDS if long else _DEFAULT_SECONDS
+
+  items.sort(key=lambda item: -expected(item))
 
 
 def bits_equal_or_both_nan(a, b) -> np.ndarray:

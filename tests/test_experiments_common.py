@@ -1,8 +1,14 @@
-"""experiments.common: the optional TensorBoard event files beside the JSONL record."""
+"""experiments.common: the optional TensorBoard event files beside the JSONL record, the
+training loop's stop at a non-finite loss, and the --workdir check."""
 
 import json
+import os
 import sys
 import types
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import pytest
 
 from experiments import common
 
@@ -55,3 +61,71 @@ def test_without_tensorboardx_the_log_says_so_and_goes_on(tmp_path, monkeypatch,
 
 def test_no_writer_unless_asked(tmp_path):
   assert common.MetricsLog(str(tmp_path / "m.jsonl")).tb is None
+
+
+class _State(NamedTuple):
+  step: jnp.ndarray
+  w: jnp.ndarray
+
+
+def _loop(tmp_path, bad_at, *, log_every=100, checkpoint_every=2, steps=10):
+  """train_loop on a one-number 'model' whose loss is NaN from step ``bad_at`` on."""
+  def train_step(state, x):
+    step = state.step + 1
+    loss = jnp.where(step >= bad_at, jnp.nan, 1.0 / step)
+    return _State(step, state.w + x), {"loss": loss}
+
+  cfg = common.LoopConfig(steps=steps, log_every=log_every, eval_every=100,
+                          checkpoint_every=checkpoint_every)
+  state = _State(jnp.int32(0), jnp.float32(0.0))
+  return common.train_loop("toy", str(tmp_path), state, train_step,
+                           lambda step: (jnp.float32(1.0),), lambda s: {}, cfg,
+                           common.StopRequested())
+
+
+def _saved_steps(tmp_path):
+  return sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+
+
+def test_a_non_finite_loss_stops_before_the_next_save_naming_the_step(tmp_path):
+  # NaN from step 5: saves at 2 and 4 happened, the one due at step 6 must not.
+  with pytest.raises(common.NonFiniteLoss) as e:
+    _loop(tmp_path, bad_at=5)
+  msg = str(e.value)
+  assert "[toy] the training loss became nan at step 5 (seen at step 6)" in msg, msg
+  assert "the last checkpoint is step 4" in msg and "--lr" in msg, msg
+  assert _saved_steps(tmp_path) == [2, 4]
+  assert isinstance(e.value, FloatingPointError)
+
+
+def test_a_non_finite_loss_at_a_log_step_is_not_logged(tmp_path):
+  with pytest.raises(common.NonFiniteLoss, match="nan at step 3 .seen at step 3.*step 2"):
+    _loop(tmp_path, bad_at=3, log_every=1, checkpoint_every=2)
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
+  assert steps == [1, 2] and _saved_steps(tmp_path) == [2]
+
+
+def test_a_non_finite_loss_before_any_save_says_none_was_written(tmp_path):
+  with pytest.raises(common.NonFiniteLoss, match="at step 1 .*no checkpoint was written"):
+    _loop(tmp_path, bad_at=1, checkpoint_every=3)
+  assert _saved_steps(tmp_path) == []
+
+
+def test_finite_losses_train_to_the_end(tmp_path):
+  out = _loop(tmp_path, bad_at=10**6, steps=6, log_every=3)
+  assert int(out["state"].step) == 6 and float(out["state"].w) == 6.0
+  assert [r["step"] for r in out["records"] if r["kind"] == "train"] == [3, 6]
+  assert _saved_steps(tmp_path) == [4, 6]
+
+
+def test_workdir_problems_are_named(tmp_path, monkeypatch):
+  f = tmp_path / "a_file"
+  f.write_text("x")
+  assert common.writable_directory_problem(str(tmp_path / "new" / "deeper")) is None
+  assert "is a file, not a directory" in common.writable_directory_problem(str(f))
+  assert "which is a file" in common.writable_directory_problem(str(f / "sub"))
+  assert "is empty" in common.writable_directory_problem("")
+  # Not writable (faked: the tests may run as root, whom permissions do not stop).
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  msg = common.writable_directory_problem(str(tmp_path / "new"))
+  assert "is not writable" in msg and str(tmp_path) in msg

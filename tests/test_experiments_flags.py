@@ -15,12 +15,16 @@ CASES = {
     "gpt_fp4": [(["--steps=-5"], "steps"), (["--steps=0"], "steps"), (["--lr=-1"], "--lr"),
                 (["--lr=nan"], "--lr"), (["--context=0"], "context"),
                 (["--batch_size=0"], "batch_size"), (["--log_every=0"], "log_every"),
-                (["--eval_every=0"], "eval_every"), (["--checkpoint_every=0"], "checkpoint_every")],
+                (["--eval_every=0"], "eval_every"), (["--checkpoint_every=0"], "checkpoint_every"),
+                (["--workdir=README.md/x"], "--workdir")],
     "vit_tetrajet": [(["--steps=0"], "steps"), (["--batch_size=0"], "batch_size"),
-                     (["--stop_at=0"], "stop_at"), (["--warmup=-1"], "warmup")],
-    "ptq": [(["--calibration=0"], "calibration")],
+                     (["--stop_at=0"], "stop_at"), (["--warmup=-1"], "warmup"),
+                     (["--workdir=README.md"], "is a file, not a directory")],
+    "ptq": [(["--calibration=0"], "calibration"),
+            (["--workdir=README.md"], "--workdir 'README.md' is a file")],
     "sweep": [(["--rows=0"], "rows"), (["--elements="], "--elements"),
-              (["--roundings="], "--roundings")],
+              (["--roundings="], "--roundings"),
+              (["--workdir=README.md/runs"], "which is a file")],
 }
 
 _PARSE = r"""

@@ -43,12 +43,14 @@ if [ -z "${GPU_TESTS:-}" ]; then
     tests/test_distributed.py > "$DIST_LOG" 2>&1 &
   dist_pid=$!
 fi
-# --dist load hands the first tests out one per worker; tests/conftest.py puts the few
-# multi-minute NVFP4 kernel compiles (marked long_gpu_compile) first, so they run side by
-# side from the start (under worksteal they shared one worker's initial range).
+# Longest first, one at a time: tests/conftest.py sorts the tests by their seconds in the
+# last GPU run (tests/gpu_test_seconds.json) and --maxschedchunk=1 hands each free worker
+# the next one. With xdist's default chunks, 51 tests (including quick ones) were still
+# queued behind busy workers at the 578 s limit while the 16 workers' total was ~5,100 s,
+# i.e. the run was half idle (kernels/results/test_gpu_nvidia_h200.log, 2026-12-03).
 # SIGINT at the time limit still prints the failures so far and the durations.
 JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-560}" "$PY" -m pytest -q \
-  -n "${WORKERS:-16}" --dist load -p no:cacheprovider -p no:benchmark -rf --tb=short \
+  -n "${WORKERS:-16}" --dist load --maxschedchunk=1 -p no:cacheprovider -p no:benchmark -rf --tb=short \
   --durations="${DURATIONS:-20}" "${GPU_FILES[@]}" "$@"
 rc=$?
 rc2=0
