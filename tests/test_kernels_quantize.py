@@ -139,9 +139,22 @@ def test_column_hadamard_row_phases(name, hadamard_block, tile, rng):
   # Along columns the kernel holds each block as strided row loads (no transpose).
   spec, key = SPECS[name], jax.random.key(4)
   x = _input(rng, (96, 128), jnp.float32, False)
+  why = None if INTERPRET else kq.column_hadamard_compile_reason(hadamard_block, spec)
+  if why:   # compiled: refused up front (a > 9-minute Triton compile), naming the way out
+    with pytest.raises(ValueError, match="row phases in one program.*hadamard_block=16"):
+      kq.quantize(x, spec, -2, key, hadamard_block=hadamard_block, tile=tile)
+    return
   got = kq.quantize(x, spec, -2, key, hadamard_block=hadamard_block, tile=tile,
                     interpret=INTERPRET)
   _equal(got, kq.hadamard_quantize_reference(x, spec, -2, key, hadamard_block))
+
+
+@pytest.mark.parametrize("name,hadamard_block,refused", [
+    ("nvfp4_sr", 32, True), ("nvfp4", 32, True), ("nvfp4_sr", 16, False),
+    ("mxfp4_floor", 16, False), ("mxfp4_floor", 32, False)])
+def test_which_compiled_column_hadamard_launches_are_refused(name, hadamard_block, refused):
+  why = kq.column_hadamard_compile_reason(hadamard_block, SPECS[name])
+  assert (why is not None) == refused, why
 
 
 def test_column_hadamard_tile_must_hold_whole_blocks(rng):

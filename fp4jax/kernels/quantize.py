@@ -281,6 +281,32 @@ def hadamard_phase_count(rht_block: int, spec: QuantSpec) -> int:
   return max(rht_block, spec.block_size)
 
 
+# The column Hadamard path unrolls every row phase (loads, butterfly, random bits, scales)
+# into one Triton program, and its compile grows faster than the phase count: on an H200
+# (jax 0.11.2) NVFP4 with stochastic rounding compiled in 80 s at 16 phases and did not
+# finish in 440 s or (twice) 570 s at 32, while MXFP4 nearest at 32 phases took 40 s
+# (kernels/results/test_gpu_nvidia_h200*.log, 2026-12-02/03). Compiled launches beyond 16
+# phases therefore take only power-of-two scales with nearest rounding; interpret mode
+# takes every configuration.
+MAX_COMPILED_COLUMN_PHASES = 16
+
+
+def column_hadamard_compile_reason(hadamard_block: int, spec: QuantSpec) -> str | None:
+  """Why a compiled (not interpreted) column-Hadamard launch is refused (None: it is not)."""
+  phases = hadamard_phase_count(hadamard_block, spec)
+  if phases <= MAX_COMPILED_COLUMN_PHASES:
+    return None
+  if spec.scale_format.is_pow2 and spec.rounding == "nearest":
+    return None
+  smaller = (f"hadamard_block={MAX_COMPILED_COLUMN_PHASES}, "
+             if spec.block_size <= MAX_COMPILED_COLUMN_PHASES else "")
+  rounding = "stochastic rounding" if spec.rounding == "stochastic" else spec.rounding
+  return (f"hadamard_block={hadamard_block} along columns with {spec.name or 'this spec'} "
+          f"({rounding}, {spec.scale_format.name} scales) needs {phases} row phases in one "
+          f"program, whose Triton compile takes over 9 minutes; use {smaller}the transpose "
+          "along rows, or the pure-JAX path (fp4jax.hadamard.rht, then fp4jax.quantize)")
+
+
 def _fast_e2m1(spec: QuantSpec) -> bool:
   return rounding_lib.is_e2m1(spec.element) and spec.rounding in ("nearest", "stochastic")
 
@@ -547,6 +573,9 @@ def quantize(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | Non
     if bm % phase_count:
       raise ValueError(f"tile={tile}: with hadamard_block={hadamard_block} along columns "
                        f"the tile's rows must be a multiple of {phase_count}")
+    why = None if interpret else column_hadamard_compile_reason(hadamard_block, spec)
+    if why:
+      raise ValueError(f"fp4jax kernels: unsupported configuration: {why}")
   num_warps = num_warps or _default_warps(orient, spec)
   [(codes, sc)] = _quantize_call(x, seed4, ts, spec=spec, orient=orient, bm=bm, bk=bk,
                                  interpret=interpret, rht_block=hadamard_block,
