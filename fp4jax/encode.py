@@ -31,7 +31,7 @@ import numpy as np
 from fp4jax import bits, blocks, packing, prng, scales, tensor_amax
 from fp4jax import rounding as rounding_lib
 from fp4jax.qarray import QArray
-from fp4jax.spec import QuantSpec, resolve_spec
+from fp4jax.spec import TENSOR_SCALES, QuantSpec, resolve_spec
 
 SPEC_DEFAULT: Any = "spec"  # sentinel for ``tensor_scale``: use the spec's own setting
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -51,16 +51,18 @@ def resolve_request(spec: str | QuantSpec, *, block_size: int | None = None,
   """The spec with ``quantize``'s overrides applied, and the explicit tensor scale.
 
   ``tensor_scale``: :data:`SPEC_DEFAULT` (the spec's setting), ``"amax"`` (two-level),
-  ``None`` (one level) or an FP32 scalar used as the tensor scale itself.
+  ``"finite_amax"`` (two-level, from the finite values' amax), ``None`` (one level) or an
+  FP32 scalar used as the tensor scale itself.
   """
   spec = resolve_spec(spec, block_size=block_size, scale_mode=scale_mode, rounding=rounding,
                       saturate=saturate)
   if tensor_scale is SPEC_DEFAULT:
     return Request(spec, None)
-  if tensor_scale is None or (isinstance(tensor_scale, str) and tensor_scale == "amax"):
+  if tensor_scale is None or (isinstance(tensor_scale, str) and tensor_scale in TENSOR_SCALES):
     return Request(spec.replace(tensor_scale=tensor_scale), None)
   if isinstance(tensor_scale, str):
-    raise ValueError(f"tensor_scale must be 'amax', None or an FP32 value, got {tensor_scale!r}")
+    raise ValueError(f"tensor_scale must be 'amax', 'finite_amax', None or an FP32 value, got "
+                     f"{tensor_scale!r}")
   explicit = jnp.asarray(tensor_scale, jnp.float32)
   if explicit.size != 1:
     raise ValueError(f"tensor_scale must be a scalar, got shape {explicit.shape}")
@@ -74,7 +76,7 @@ def resolve_request(spec: str | QuantSpec, *, block_size: int | None = None,
       raise ValueError(f"tensor_scale must be a positive finite FP32 value, got {value}; "
                        "use tensor_scale='amax' to derive it from the tensor, or "
                        "fp4jax.scales.tensor_scale_from_amax(amax, ...) from a known amax")
-  return Request(spec.replace(tensor_scale="amax"), explicit.reshape(()))
+  return Request(spec.replace(tensor_scale=spec.tensor_scale or "amax"), explicit.reshape(()))
 
 
 def check_key(key: Any, what: str = "key") -> Any:
@@ -146,7 +148,8 @@ def _encode_pow2(b, amax, ext, spec: QuantSpec, rbits):
 
 def tensor_scale(amax, spec: QuantSpec, explicit=None):
   """NVFP4's FP32 tensor scale ``amax / (max(scale) * max(element))`` from the global
-  amax (or the caller's value), materialised as a scalar."""
+  amax (or the caller's value), materialised as a scalar. ``amax``: float32 bit patterns
+  of magnitudes whose max is the tensor amax (:func:`fp4jax.tensor_amax.amax_source`)."""
   if explicit is not None:
     ts = explicit
   else:
@@ -164,7 +167,10 @@ def _encode_float(b, amax, ext, spec: QuantSpec, rbits, explicit_ts):
   ``t`` (None for one level)."""
   elem, sfmt = spec.element, spec.scale_format
   full = b.shape
-  ts = tensor_scale(amax, spec, explicit_ts) if spec.tensor_scale == "amax" else None
+  ts = None
+  if spec.tensor_scale is not None:
+    source = tensor_amax.amax_source(bits.abs_bits(b), amax, spec.tensor_scale)
+    ts = tensor_scale(source, spec, explicit_ts)
   s = scales.float_block_scale(amax, elem, sfmt, ts)
   # Per-block values are materialised before being broadcast to elements: XLA would
   # otherwise duplicate the exact-division graph into every element fusion (minutes of

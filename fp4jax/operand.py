@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax import bits, blocks, decode, encode, prng, scales
+from fp4jax import bits, blocks, decode, encode, prng, scales, tensor_amax
 from fp4jax import rounding as rounding_lib
 from fp4jax.spec import QuantSpec
 
@@ -176,8 +176,9 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
   ext = blocks.block_extents(x.shape, spec, axis)
   amax = blocks.block_max(bits.abs_bits(b), ext)
   ts = None
-  if spec.tensor_scale == "amax":
-    ts = encode.tensor_scale(amax, spec, tensor_scale)
+  if spec.tensor_scale is not None:
+    ts = encode.tensor_scale(tensor_amax.amax_source(bits.abs_bits(b), amax, spec.tensor_scale),
+                             spec, tensor_scale)
   # Per block, materialised (as the reference does): the element fusion reads one
   # multiplier and one scale per block instead of repeating the block math per element.
   factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts))

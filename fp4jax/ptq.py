@@ -159,8 +159,10 @@ def gptq_quantize(w: jax.Array, x: jax.Array, spec: str | QuantSpec, damp: float
   hinv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), jnp.eye(k))
   u = jnp.linalg.cholesky(hinv).T  # upper: H^-1 = U^T U
   ts = None
-  if spec.tensor_scale == "amax":
-    ts = tensor_scale_from_amax(jnp.max(jnp.abs(w)), spec.element, spec.scale_format)
+  if spec.tensor_scale is not None:
+    finite = spec.tensor_scale == "finite_amax"
+    mags = jnp.where(jnp.isfinite(w), jnp.abs(w), 0.0) if finite else jnp.abs(w)
+    ts = tensor_scale_from_amax(jnp.max(mags), spec.element, spec.scale_format)
   elem = spec.element
 
   def block_step(b, w):

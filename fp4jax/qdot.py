@@ -388,6 +388,19 @@ def qeinsum(subscripts: str, lhs: jax.Array, rhs: jax.Array,
   if len(ls) != lhs.ndim or len(rs) != rhs.ndim:
     raise ValueError(f"qeinsum: {subscripts!r} does not match operand ranks "
                      f"{lhs.ndim} and {rhs.ndim}")
+  for name, sub in (("lhs", ls), ("rhs", rs)):
+    repeated = sorted({c for c in sub if sub.count(c) > 1})
+    if repeated:   # jnp.einsum takes a diagonal there; a quantized GEMM has no such operand
+      diagonal = "".join(dict.fromkeys(sub))
+      raise ValueError(
+          f"qeinsum: {subscripts!r} repeats index {repeated[0]!r} within the {name} "
+          f"({sub!r}), i.e. takes its diagonal, which a quantized GEMM cannot; take it first "
+          f"(e.g. jnp.einsum('{sub}->{diagonal}', {name})) and pass the "
+          "result")
+  for c in sorted(set(out) - set(ls) - set(rs)):
+    raise ValueError(f"qeinsum: output index {c!r} of {subscripts!r} is in neither operand")
+  if len(set(out)) != len(out):
+    raise ValueError(f"qeinsum: the output {out!r} of {subscripts!r} repeats an index")
   for c in set(ls) ^ set(rs):
     if c not in out:
       raise ValueError(f"qeinsum: index {c!r} appears in one operand only and not in the "

@@ -52,8 +52,10 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
       E8M0 scales, ``amax`` for float scales). None keeps the spec's.
     rounding: overrides the rounding: ``"nearest"``, ``"stochastic"``, ``"toward_zero"``.
     key: ``jax.random`` key for stochastic rounding (bits from :mod:`fp4jax.prng`).
-    tensor_scale: ``"amax"`` (two-level, NVFP4's default), ``None`` (one level) or an
-      FP32 value used as the tensor scale itself (e.g. from a previous step's amax via
+    tensor_scale: ``"amax"`` (two-level, NVFP4's default: a NaN or Inf anywhere makes the
+      tensor scale, hence every element, NaN, as in torchao), ``"finite_amax"`` (two-level
+      from the finite values' amax: a non-finite element poisons only its own block, like
+      the MX formats), ``None`` (one level) or an FP32 value used as the tensor scale itself (e.g. from a previous step's amax via
       :func:`fp4jax.scales.tensor_scale_from_amax`). Default: the spec's setting.
     pad: zero-pad blocked axes that do not divide; otherwise that is an error.
     random_bits: uint32 array of ``x.shape``, an alternative to ``key``.
@@ -74,7 +76,7 @@ def quantize(x: jax.Array, spec: str | QuantSpec = "mxfp4", axis: int = -1,
   x = encode.check_input(x)
   key = encode.check_key(key)
   axis = blocks.normalize_axis(axis, x.ndim)  # before dispatch: the kernels read axis % 2
-  if x.size == 0 and req.spec.tensor_scale == "amax" and req.tensor_scale is None:
+  if x.size == 0 and req.spec.tensor_scale is not None and req.tensor_scale is None:
     raise ValueError(f"quantize: x is empty (shape {x.shape}), so its tensor scale (from the "
                      f"amax, {req.spec.name}) is undefined; pass tensor_scale= explicitly or "
                      "skip quantizing empty tensors (fp4jax.qmatmul / qdot_general accept "

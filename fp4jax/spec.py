@@ -38,6 +38,12 @@ FLOAT_SCALE_MODES = ("amax",)
 GRANULARITIES = ("block", "tile", "channel", "tensor")
 
 
+# Second-level (FP32, per-tensor) scales: none; from the amax of every value (NVFP4 as
+# NVIDIA and torchao define it: a NaN or Inf anywhere makes the whole tensor NaN); or from
+# the amax of the finite values only (a non-finite element poisons only its block).
+TENSOR_SCALES = (None, "amax", "finite_amax")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """A complete, validated description of one quantizer.
@@ -50,7 +56,8 @@ class QuantSpec:
     tile: tile shape over the last two axes (granularity ``"tile"``).
     scale_mode: ``floor``/``ceil``/``even``/``rceil`` (pow2 scales) or ``amax`` (float).
     rounding: ``"nearest"`` (ties to even), ``"stochastic"`` or ``"toward_zero"``.
-    tensor_scale: ``None`` or ``"amax"``: a second-level FP32 scale
+    tensor_scale: ``None``, ``"amax"`` or ``"finite_amax"`` (see ``TENSOR_SCALES``): a
+      second-level FP32 scale
       ``amax(x) / (max(scale_format) * max(element))`` (NVFP4's two-level scaling).
     saturate: clamp overflow to the largest finite element value.
     packed: store 4-bit codes two per byte and 6-bit codes four per three bytes.
@@ -92,11 +99,13 @@ class QuantSpec:
           f"{self.scale_format.name!r}; valid: {modes}"
           + (" (power-of-two modes need an E8M0-like scale format)"
              if self.scale_mode in POW2_SCALE_MODES else ""))
-    if self.tensor_scale not in (None, "amax"):
-      raise ValueError(f"tensor_scale must be None or 'amax', got {self.tensor_scale!r}")
+    if self.tensor_scale not in TENSOR_SCALES:
+      raise ValueError(f"tensor_scale must be one of {TENSOR_SCALES}, got "
+                       f"{self.tensor_scale!r}")
     if self.tensor_scale is not None and self.scale_format.is_pow2:
-      raise ValueError("tensor_scale='amax' (two-level scaling) needs a float scale format "
-                       "such as 'ue4m3'; power-of-two scales already span the range")
+      raise ValueError(f"tensor_scale={self.tensor_scale!r} (two-level scaling) needs a float "
+                       "scale format such as 'ue4m3'; power-of-two scales already span the "
+                       "range")
 
   def replace(self, **changes) -> "QuantSpec":
     """A copy with ``changes`` applied and validated (``name`` is kept unless given)."""

@@ -18,6 +18,10 @@ import contextvars
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
+
+# float32 +Inf's bit pattern: |x| patterns at or above it are Inf or NaN.
+_F32_INF_BITS = 0x7F800000
 
 _AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "fp4jax_tensor_amax_axes", default=())
@@ -52,4 +56,19 @@ def reduce_amax_bits(amax_bits: jax.Array) -> jax.Array:
   return jax.lax.pmax(amax_bits, axes)
 
 
-__all__ = ["current_axes", "reduce_amax_bits", "reduced_over"]
+def finite_abs_bits(abs_bits: jax.Array) -> jax.Array:
+  """``|x|`` float32 bit patterns with NaN and Inf replaced by 0: the source of a tensor
+  amax over finite values only (``QuantSpec(tensor_scale="finite_amax")``), so one
+  non-finite element leaves the tensor scale finite and poisons only its own block, as in
+  the MX formats."""
+  return jnp.where(abs_bits < _F32_INF_BITS, abs_bits, jnp.zeros_like(abs_bits))
+
+
+def amax_source(abs_bits: jax.Array, block_amax: jax.Array, tensor_scale: str | None):
+  """What a spec's tensor amax is the max of: the block amaxes (``"amax"``: every value,
+  so a NaN or Inf anywhere makes the tensor scale, and then the whole tensor, non-finite,
+  as in torchao) or the finite element magnitudes (``"finite_amax"``)."""
+  return finite_abs_bits(abs_bits) if tensor_scale == "finite_amax" else block_amax
+
+
+__all__ = ["amax_source", "current_axes", "finite_abs_bits", "reduce_amax_bits", "reduced_over"]

@@ -276,3 +276,63 @@ def test_qmatmul_of_an_empty_batch_is_empty_with_zero_gradients():
 def test_generic_element_names_say_why_they_are_rejected(name, match):
   with pytest.raises(ValueError, match=match):
     fp4jax.QuantSpec(name, "e8m0")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nvfp4_finite_tensor_amax_confines_a_non_finite_element_to_its_block(bad):
+  # tensor_scale="amax" (NVIDIA's / torchao's NVFP4): one NaN or Inf makes the tensor scale
+  # non-finite, so every element dequantizes to NaN. "finite_amax" takes the amax of the
+  # finite values: the scale stays finite, and only the bad element's block is touched
+  # (NaN for a NaN; an Inf saturates within its block), as in the MX formats.
+  x = np.asarray(jax.random.normal(jax.random.key(0), (4, 64)), np.float32)
+  xb = x.copy()
+  xb[1, 5] = bad
+  whole = np.asarray(fp4jax.dequantize(fp4jax.quantize(jnp.asarray(xb), "nvfp4")))
+  assert np.isnan(whole).all()
+  q = fp4jax.quantize(jnp.asarray(xb), "nvfp4", tensor_scale="finite_amax")
+  assert q.spec.tensor_scale == "finite_amax"
+  d = np.asarray(fp4jax.dequantize(q))
+  # Same as an explicit tensor scale from the finite amax, bit for bit.
+  nv = fp4jax.get_spec("nvfp4")
+  t = fp4jax.scales.tensor_scale_from_amax(np.abs(np.where(np.isfinite(xb), xb, 0)).max(),
+                                           nv.element, nv.scale_format)
+  explicit = fp4jax.quantize(jnp.asarray(xb), "nvfp4", tensor_scale=t)
+  for u, v in zip(jax.tree.leaves(q), jax.tree.leaves(explicit)):
+    assert np.array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8))
+  # Every other block equals the quantization of the finite tensor (block 16 along rows).
+  clean = np.asarray(fp4jax.dequantize(fp4jax.quantize(jnp.asarray(np.where(
+      np.isfinite(xb), xb, 0)), "nvfp4", tensor_scale=t)))
+  others = np.ones_like(d, bool)
+  others[1, 0:16] = False
+  np.testing.assert_array_equal(d[others], clean[others])
+  assert np.isfinite(d[others]).all()
+  if np.isnan(bad):
+    assert np.isnan(d[1, 0:16]).all()
+  else:
+    assert np.isfinite(d[1, 0:16]).all() and d[1, 5] == np.sign(bad) * np.abs(d[1, 0:16]).max()
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_finite_tensor_amax_is_the_same_through_every_path(impl, rng):
+  x = rng.standard_normal((64, 128)).astype(np.float32)
+  x[3, 7], x[40, 100], x[9, 64] = np.nan, np.inf, -np.inf
+  spec = fp4jax.get_spec("nvfp4").replace(tensor_scale="finite_amax")
+  ref = fp4jax.encode.quantize_reference(jnp.asarray(x), spec)
+  got = fp4jax.quantize(jnp.asarray(x), spec, impl=impl)
+  for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    assert np.array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8))
+  # The GEMM-ready emitter (fp4jax.operand) takes the same tensor scale and values.
+  want, want_ts = fp4jax.operand.gemm_operand_reference(jnp.asarray(x), spec, -1,
+                                                        dtype=jnp.float32)
+  values, ts = fp4jax.operand.gemm_operand(jnp.asarray(x), spec, -1, dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(ts), np.asarray(want_ts))
+  np.testing.assert_array_equal(np.asarray(want_ts), np.asarray(ref.tensor_scale).reshape(()))
+  assert bits_equal_or_both_nan(values, want).all()
+  assert np.isnan(np.asarray(values)).sum() == 16   # the NaN's block only
+
+
+def test_tensor_scale_names_are_checked():
+  with pytest.raises(ValueError, match="tensor_scale must be one of .*finite_amax"):
+    fp4jax.get_spec("nvfp4").replace(tensor_scale="finite")
+  with pytest.raises(ValueError, match="'finite_amax', None or an FP32 value"):
+    fp4jax.quantize(jnp.ones((4, 32)), "nvfp4", tensor_scale="max")

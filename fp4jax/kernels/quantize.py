@@ -340,7 +340,7 @@ def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht
   i, j = pl.program_id(0), pl.program_id(1)
   ts = inv_ts = fconst = None
   if fs_ref is not None:  # float scales: see _float_scale_constants
-    if spec.tensor_scale == "amax":
+    if spec.tensor_scale is not None:
       ts, inv_ts = fs_ref[FSC.TENSOR_SCALE], fs_ref[FSC.INV_TENSOR_SCALE]
     fconst = (fs_ref[FSC.AMAX_FACTOR],
               [fs_ref[FSC.RECIP_TABLE + m] for m in range(E4M3_MANTISSAS)],
@@ -518,15 +518,17 @@ def _prepare(x, spec, key, tensor_scale, rht_block, axis=-1):
     hseed = hadamard.sign_seed_words(key_for_signs(key))
   seed4 = jnp.concatenate([seed, hseed])
   ts = None
-  if not spec.scale_format.is_pow2 and spec.tensor_scale == "amax":
+  if not spec.scale_format.is_pow2 and spec.tensor_scale is not None:
     if tensor_scale is None:
       # The global amax: one XLA reduction over the tensor (of the transformed tensor
       # when a Hadamard transform is fused) before the kernel.
       v = bits.to_f32_exact(x)
       if rht_block:
         v = hadamard.rht_butterfly(jnp.moveaxis(v, axis, -1), rht_block, hseed[0], hseed[1])
-      ts = _tensor_scale(
-          tensor_amax.reduce_amax_bits(jnp.max(bits.abs_bits(bits.f32_bits(v)))), spec)
+      magnitudes = bits.abs_bits(bits.f32_bits(v))
+      if spec.tensor_scale == "finite_amax":
+        magnitudes = tensor_amax.finite_abs_bits(magnitudes)
+      ts = _tensor_scale(tensor_amax.reduce_amax_bits(jnp.max(magnitudes)), spec)
     else:
       ts = jnp.asarray(tensor_scale, jnp.float32).reshape(())
   return seed4, ts
