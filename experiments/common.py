@@ -233,17 +233,27 @@ class MetricsLog:
       self.tb.close()
 
   def read(self) -> list[dict[str, Any]]:
+    """The records. A last line without its newline is a write the process did not finish
+    (it was killed): it is left out; any other unreadable line is an error."""
     if not os.path.exists(self.path):
       return []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      lines = f.read().split("\n")
+    # split leaves "" after the final newline, or the torn tail of an unfinished write.
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
   def truncate(self, after_step: int) -> None:
+    """Keeps the records up to ``after_step`` (a resumed run's checkpoint). Written to a
+    temporary file and renamed over the log, so a kill during it loses nothing."""
     if not is_chief():
       return
     keep = [r for r in self.read() if r.get("step", 0) <= after_step]
-    with open(self.path, "w") as f:
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
 
 
 # (i, n): the run train_runs is on, 1-based, and how many there are (progress lines).

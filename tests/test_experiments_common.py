@@ -129,3 +129,17 @@ def test_workdir_problems_are_named(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "access", lambda path, mode: False)
   msg = common.writable_directory_problem(str(tmp_path / "new"))
   assert "is not writable" in msg and str(tmp_path) in msg
+
+
+def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"kind": "train", "step": 2, "loss": 1.0}\n'
+                  '{"kind": "train", "step": 4, "loss": 0.5}\n{"kind": "tr')   # killed here
+  log = common.MetricsLog(str(path))
+  assert [r["step"] for r in log.read()] == [2, 4]
+  log.truncate(2)
+  assert path.read_text() == '{"kind": "train", "step": 2, "loss": 1.0}\n'
+  assert not os.path.exists(str(path) + ".tmp")
+  path.write_text('{"kind": "train", "step": 2}\nnot json\n')
+  with pytest.raises(json.JSONDecodeError):   # damage that no kill makes is not hidden
+    log.read()

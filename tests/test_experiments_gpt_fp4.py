@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import kill_resume
 from experiments import gpt_fp4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,11 +28,20 @@ def _records(path):
     return [json.loads(line) for line in f]
 
 
-def test_compare_runs_end_to_end_and_resume_bit_exactly(tmp_path):
-  runs = "bf16,mxfp4"
-  straight = str(tmp_path / "straight")
-  p = _run(f"--compare={runs}", f"--workdir={straight}", *TINY)
+RUNS = "bf16,mxfp4"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted tiny comparison (shared by the resume and kill tests)."""
+  wd = str(tmp_path_factory.mktemp("gpt") / "straight")
+  p = _run(f"--compare={RUNS}", f"--workdir={wd}", *TINY)
   assert p.returncode == 0, p.stderr[-3000:]
+  return wd
+
+
+def test_compare_runs_end_to_end_and_resume_bit_exactly(straight, tmp_path):
+  runs = RUNS
   for run in ("bf16", "mxfp4"):
     recs = _records(os.path.join(straight, run, "metrics.jsonl"))
     train = [r["loss"] for r in recs if r["kind"] == "train"]
@@ -50,6 +60,24 @@ def test_compare_runs_end_to_end_and_resume_bit_exactly(tmp_path):
   for run in ("bf16", "mxfp4"):
     assert _records(os.path.join(straight, run, "metrics.jsonl")) == \
         _records(os.path.join(resumed, run, "metrics.jsonl")), f"{run}: resume is not bit-exact"
+
+
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(straight, tmp_path):
+  # SIGKILL mid-write of the first run's step-3 checkpoint, after its step 4 (back to 3),
+  # and mid-write of the second run's final save; --resume ends where the straight run did.
+  wd = str(tmp_path / "killed")
+  last, kills = kill_resume.run_with_kills(
+      "experiments.gpt_fp4", wd, [f"--compare={RUNS}", *TINY],
+      [("saving", "bf16"), ("step", "bf16", 4), ("saving", "mxfp4")])
+  assert last.returncode == 0, last.stderr[-3000:]
+  assert sum("tmp" in k for k in kills) >= 1, f"no kill landed mid-write: {kills}"
+  for run in RUNS.split(","):
+    assert _records(os.path.join(straight, run, "metrics.jsonl")) == \
+        _records(os.path.join(wd, run, "metrics.jsonl")), f"{run}: {kills}"
+    a = json.load(open(os.path.join(straight, run, "final.json")))
+    b = json.load(open(os.path.join(wd, run, "final.json")))
+    assert {k: v for k, v in a.items() if k != "seconds"} == \
+        {k: v for k, v in b.items() if k != "seconds"}, run
 
 
 @pytest.mark.parametrize("args,message", [

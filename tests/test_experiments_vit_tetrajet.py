@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import kill_resume
 from experiments import common, vit_tetrajet as vt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +95,29 @@ def test_resume_continues_bit_exactly(compare_run, tmp_path):
   a = _records(os.path.join(straight, run, "metrics.jsonl"))
   b = _records(os.path.join(resumed, run, "metrics.jsonl"))
   assert a == b, "a resumed run's metrics differ from an uninterrupted run's"
+
+
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(compare_run, tmp_path):
+  # Killed (SIGKILL: no handler runs) after logging step 2 (nothing saved yet), in the
+  # middle of a checkpoint write, after step 6 of the second run and in the middle of its
+  # last (waited-for) save; each time --resume continues from the last complete
+  # checkpoint, and the logs and final metrics equal the uninterrupted compare_run's.
+  straight, _ = compare_run
+  runs = ["bf16", "tetrajet+qema+qramp"]
+  wd = str(tmp_path / "killed")
+  last, kills = kill_resume.run_with_kills(
+      "experiments.vit_tetrajet", wd, [f"--compare={','.join(runs)}", *TINY],
+      [("step", runs[0], 2), ("saving", runs[0]), ("step", runs[1], 6),
+       ("saving", runs[1])])
+  assert last.returncode == 0, last.stderr[-3000:]
+  assert sum("tmp" in k for k in kills) >= 2, f"no kill landed mid-write: {kills}"
+  for run in runs:
+    assert _records(os.path.join(straight, run, "metrics.jsonl")) == \
+        _records(os.path.join(wd, run, "metrics.jsonl")), f"{run}: {kills}"
+    a = json.load(open(os.path.join(straight, run, "final.json")))
+    b = json.load(open(os.path.join(wd, run, "final.json")))
+    assert {k: v for k, v in a.items() if k != "seconds"} == \
+        {k: v for k, v in b.items() if k != "seconds"}, run
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):

@@ -1,0 +1,78 @@
+"""SIGKILL a training script at chosen points, then ``--resume`` it to the end (issue 20's
+faults): what the experiment tests use to show that a killed run loses nothing.
+
+A kill point is ``("step", run, n)``: once ``run``'s metrics log holds a train record at
+step >= n; or ``("saving", run)``: as soon as a checkpoint write of ``run`` is under way
+(a new orbax temporary directory appears in its ``checkpoints/``), i.e. mid-write. Each
+point kills a fresh ``--resume`` process; a last one runs to the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLL_SECONDS = 0.001   # orbax's writes of the tiny states take tens of milliseconds
+
+
+def _tmp_entries(ckpt_dir: str) -> set[str]:
+  if not os.path.isdir(ckpt_dir):
+    return set()
+  return {n for n in os.listdir(ckpt_dir) if "tmp" in n}
+
+
+def _max_train_step(path: str) -> int:
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().split("\n")[:-1]   # complete lines only
+  steps = [json.loads(l)["step"] for l in lines if l.strip() and '"train"' in l]
+  return max(steps, default=0)
+
+
+def run_with_kills(module: str, workdir: str, args: list[str], kills: list[tuple],
+                   timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[str]]:
+  """Runs ``python -m module --workdir=workdir --resume *args`` once per kill point,
+  SIGKILLing it there, then once to the end. Returns (the last process, a description of
+  each kill: the point and what was in the run's checkpoint directory at that moment)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", module, f"--workdir={workdir}", "--resume", *args]
+  done = []
+  for point in kills:
+    run = point[1]
+    ckpt = os.path.join(workdir, run, "checkpoints")
+    before = _tmp_entries(ckpt)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+      while True:
+        if proc.poll() is not None:
+          raise AssertionError(f"{module} ended (status {proc.returncode}) before the kill "
+                               f"point {point}: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+          raise AssertionError(f"{module}: kill point {point} not reached in {timeout} s")
+        if point[0] == "saving":
+          hit = bool(_tmp_entries(ckpt) - before)
+        else:
+          hit = _max_train_step(os.path.join(workdir, run, "metrics.jsonl")) >= point[2]
+        if hit:
+          proc.send_signal(signal.SIGKILL)
+          contents = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
+          break
+        time.sleep(POLL_SECONDS)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()
+      proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode)
+    done.append(f"{point}: checkpoints {contents}")
+  last = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  return last, done
