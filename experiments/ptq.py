@@ -126,6 +126,9 @@ def main(argv):
       p, w, d, h, m = MODELS[FLAGS.model]
       model = ViT(len(ds.classes), p, w, d, h, m)
       params = None
+    if FLAGS.calibration > len(ds.train_y):   # before any training: a usage error
+      raise ValueError(f"--calibration={FLAGS.calibration} is more than the "
+                       f"{len(ds.train_y)} training images; pass at most that many")
   except ValueError as e:
     raise app.UsageError(str(e))
   common.write_config(FLAGS.workdir, common.script_flag_values())
@@ -147,9 +150,6 @@ def main(argv):
   base, ref_logits = scores(params)
   rows = [{"format": "float", "method": "-", **base, "output_mse": 0.0,
            "weight_bytes": ptq.nbytes(params)}]
-  if FLAGS.calibration > len(ds.train_y):
-    raise app.UsageError(f"--calibration={FLAGS.calibration} is more than the "
-                         f"{len(ds.train_y)} training images; pass at most that many")
   cal_idx = np.random.default_rng(FLAGS.seed).choice(len(ds.train_y), FLAGS.calibration, False)
   cal = ptq.collect_linen_inputs(model, {"params": params}, jnp.asarray(ds.train_x[cal_idx]))
   for fmt in FLAGS.formats:

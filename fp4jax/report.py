@@ -37,7 +37,16 @@ def define_flags() -> None:
 
 def print_report(rows: int = 2048, cols: int = 256, seed: int = 0,
                  markdown: bool = False) -> None:
-  """The report of ``python -m fp4jax.report``, callable from code."""
+  """The report of ``python -m fp4jax.report``, callable from code.
+
+  Raises:
+    ValueError: ``rows`` or ``cols`` is not a positive int (an empty input has no
+      quantization error to report).
+  """
+  for name, v in (("rows", rows), ("cols", cols)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"print_report: {name} must be a positive int (the synthetic inputs' "
+                       f"shape), got {v!r}")
   start = time.perf_counter()
   data = datasets(rows, cols, seed)
   names = list(data)

@@ -69,6 +69,12 @@ class Rule:
   fullmatch: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.module_path, str):
+      raise TypeError(f"Rule.module_path must be a regular expression string, got "
+                      f"{type(self.module_path).__name__} {self.module_path!r}")
+    for name in ("fullmatch", "honor_keep_high_precision"):
+      if not isinstance(getattr(self, name), bool):   # "no" would be truthy
+        raise TypeError(f"Rule.{name} must be True or False, got {getattr(self, name)!r}")
     try:
       re.compile(self.module_path)
     except re.error as e:

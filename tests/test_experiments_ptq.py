@@ -57,6 +57,7 @@ def test_quantizes_a_vit_tetrajet_run(tmp_path):
     (["--formats=fp5"], "fp5"),
     (["--from_workdir=/nonexistent/run"], "has no config.json"),
     (["--model=vit_giant"], "is unknown"),
+    (["--calibration=100000"], "--calibration=100000 is more than the 1438 training images"),
 ])
 def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   p = _run("experiments.ptq", f"--workdir={tmp_path}", *args, timeout=120)

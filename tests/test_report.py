@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,10 @@ def test_importing_the_report_defines_no_flags_and_it_runs_from_code(capsys):
   report.print_report(rows=8, cols=32, seed=1, markdown=True)
   out = capsys.readouterr().out
   assert "| mxfp4 " in out and "SNR dB" in out
+
+
+@pytest.mark.parametrize("kwargs", [{"rows": 0}, {"cols": -1}, {"rows": 2.5}])
+def test_report_shape_must_be_positive(kwargs):
+  import fp4jax.report as report
+  with pytest.raises(ValueError, match=f"print_report: {next(iter(kwargs))} must be a positive int"):
+    report.print_report(**kwargs)

@@ -101,6 +101,12 @@ def test_bad_rules():
     Rule("blocks_(", "mxfp4")
   with pytest.raises(ValueError, match="unknown kinds"):
     Rule(".*", "mxfp4", layers=("lstm",))
+  with pytest.raises(TypeError, match="Rule.fullmatch must be True or False, got 'yes'"):
+    Rule(".*", "mxfp4", fullmatch="yes")
+  with pytest.raises(TypeError, match="honor_keep_high_precision must be True or False"):
+    Rule(".*", "mxfp4", honor_keep_high_precision=None)
+  with pytest.raises(TypeError, match="module_path must be a regular expression string"):
+    Rule(3, "mxfp4")
   with pytest.raises(ValueError, match="rules is empty"):
     quantize_model(Net(), [])
   with pytest.raises(TypeError, match="linen or flax.nnx Module"):
