@@ -81,6 +81,16 @@ def test_quantized_copy_shares_parameters_and_kernel_references(rng):
     qnnx.quantized_copy(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), "mxfp4")
 
 
+def test_nvfp4_layer_whose_rngs_lack_a_quant_stream_says_how_to_add_it(rng):
+  # Issue 20: this raised KeyError "No RngStream named 'quant'" from inside flax.
+  layer = qnnx.QLinear(64, 32, recipe="nvfp4", rngs=nnx.Rngs(params=0))
+  x = jnp.asarray(rng.standard_normal((32, 64)).astype(np.float32))
+  with pytest.raises(ValueError, match=r"recipe 'nvfp4' rounds stochastically.*"
+                                       r"rngs=nnx.Rngs\(\.\.\., quant=\.\.\.\)"):
+    layer(x)
+  assert layer(x, key=jax.random.key(0)).shape == (32, 32)   # or a key per call
+
+
 def test_stochastic_recipe_without_rngs_is_an_error(rng):
   lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
   q = qnnx.quantized_copy(lin, "tetrajet")  # no rngs given
