@@ -34,7 +34,7 @@ _LAZY = {"quantize_model": ("fp4jax.rules", "quantize_model"), "Rule": ("fp4jax.
          "linen": ("fp4jax.linen", None), "nnx": ("fp4jax.nnx", None),
          "rules": ("fp4jax.rules", None), "optim": ("fp4jax.optim", None),
          "ptq": ("fp4jax.ptq", None), "checkpoint": ("fp4jax.checkpoint", None),
-         "models": ("fp4jax.models", None)}
+         "models": ("fp4jax.models", None), "interop": ("fp4jax.interop", None)}
 
 
 def __getattr__(name):
@@ -53,5 +53,5 @@ __all__ = [
     "estimators", "exmy", "fake_quant", "formats", "fp4_matmul", "gemm_impl", "get_spec", "recipe_override",
     "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "quantize",
     "recipes", "round_to_format", "scales", "weight_only_matmul", "quantize_model", "Rule",
-    "linen", "nnx", "rules", "optim", "ptq", "checkpoint", "models",
+    "linen", "nnx", "rules", "optim", "ptq", "checkpoint", "models", "interop",
 ]

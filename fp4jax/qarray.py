@@ -121,6 +121,29 @@ class QArray:
     """:meth:`transpose`."""
     return self.transpose()
 
+  def matrix_transpose(self) -> "QArray":
+    """The QArray with its last two axes swapped (leading axes, e.g. experts, kept), as
+    ``jnp.matrix_transpose``: codes and scales swapped, the blocked axis following them.
+    No element is re-encoded. A (E, N, K) weight blocked along K (the gpt-oss / PyTorch
+    layout) becomes a (E, K, N) Flax-style kernel blocked along axis -2."""
+    if self.ndim < 2:
+      raise ValueError(f"QArray.matrix_transpose needs at least 2 axes, got shape {self.shape}")
+    n = self.ndim
+    swap = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
+    axis = self.axis % n
+    axis = {n - 1: n - 2, n - 2: n - 1}.get(axis, axis) - n
+    spec = self.spec
+    if spec.granularity == "tile":
+      spec = spec.replace(tile=tuple(reversed(spec.tile)))
+    padding = self.padding[:-2] + (self.padding[-1], self.padding[-2])
+    return QArray(swap(self.codes), swap(self.scales), swap(self.tensor_scale), spec, axis,
+                  padding, self.orig_dtype)
+
+  @property
+  def mT(self) -> "QArray":  # noqa: N802 (the array API's name)
+    """:meth:`matrix_transpose`."""
+    return self.matrix_transpose()
+
   def __repr__(self) -> str:
     ts = "" if self.tensor_scale is None else ", tensor_scale=f32"
     return (f"QArray(shape={self.shape}, spec={self.spec.name or 'custom'}, "
