@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax import decode, packing
+from fp4jax import bits, decode, packing
+from fp4jax import rounding as rounding_lib
 from fp4jax.spec import QuantSpec
 
 
@@ -138,6 +139,43 @@ class QArray:
     padding = self.padding[:-2] + (self.padding[-1], self.padding[-2])
     return QArray(swap(self.codes), swap(self.scales), swap(self.tensor_scale), spec, axis,
                   padding, self.orig_dtype)
+
+  def scaled_matmul_operand(self) -> tuple[jax.Array, jax.Array]:
+    """``(values, scales)`` as :func:`jax.nn.scaled_matmul` takes an operand: the blocked
+    (contraction) axis moved last, element codes as their float dtype (``float4_e2m1fn``
+    for E2M1, ``float8_e4m3fn`` / ``float8_e5m2`` for MXFP8) and block scales as stored
+    (``float8_e8m0fnu`` for E8M0, ``float8_e4m3fn`` for NVFP4's UE4M3).
+
+    For ``a @ b`` with ``a`` (M, K) blocked along K and ``b`` (K, N) blocked along K,
+    ``scaled_matmul(lhs[None], rhs[None], ls[None], rs[None])`` with ``lhs, ls =
+    a.scaled_matmul_operand()`` and ``rhs, rs = b.scaled_matmul_operand()`` (N, K) is the
+    product without the tensor scales, which the caller multiplies in (two-level specs).
+    Shapes are the padded ones (padding is zeros, which add nothing to a product).
+
+    Raises:
+      ValueError: the spec is not one cuDNN's block-scaled GEMM takes (E2M1 or 8-bit float
+        elements, blocks of 16 or 32, E8M0 or UE4M3 scales), or it is not 2D/3D.
+    """
+    s = self.spec
+    floats = {"e2m1": jnp.float4_e2m1fn, "e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+    why = None
+    if s.granularity != "block" or s.block_size not in (16, 32):
+      why = f"{s.granularity} scales with blocks of {s.block_size} (needs blocks of 16 or 32)"
+    elif s.element.name not in floats:
+      why = f"{s.element.name} elements (needs E2M1, E4M3 or E5M2)"
+    elif s.scale_format.name not in ("e8m0", "ue4m3"):
+      why = f"{s.scale_format.name} scales (needs E8M0 or UE4M3)"
+    elif self.ndim not in (2, 3):
+      why = f"rank {self.ndim} (needs (M, K) or (batch, M, K))"
+    if why:
+      raise ValueError(f"QArray.scaled_matmul_operand: {s.name or 'this spec'} has {why}")
+    axis = self.axis % self.ndim
+    if s.element.name == "e2m1":
+      c = packing.unpack(self.codes, 4, self.axis, s.packed).astype(jnp.uint32)
+      values = bits.bits_f32(rounding_lib.e2m1_f32_bits(c)).astype(jnp.float4_e2m1fn)
+    else:   # 8-bit float codes are the float8 bit patterns themselves
+      values = jax.lax.bitcast_convert_type(self.codes.astype(jnp.uint8), floats[s.element.name])
+    return jnp.moveaxis(values, axis, -1), jnp.moveaxis(self.scales, axis, -1)
 
   @property
   def mT(self) -> "QArray":  # noqa: N802 (the array API's name)

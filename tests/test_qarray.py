@@ -88,3 +88,39 @@ def test_transpose_is_the_quantization_of_the_transpose(name, rng):
     assert t.spec.tile == (32, 16)
   with pytest.raises(ValueError, match="2D arrays"):
     fp4jax.quantize(jnp.ones((2, 4, 32)), "mxfp4").transpose()
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "mxfp8_e4m3", "mxfp8_e5m2"])
+def test_scaled_matmul_operands_give_the_dequantized_product(name, rng):
+  # jax.nn.scaled_matmul runs as XLA ops on CPU (cuDNN's block-scaled GEMM on sm_100):
+  # the operands' product times the tensor scales is the product of the dequantized ones.
+  a = fp4jax.quantize(jnp.asarray(rng.standard_normal((32, 128)).astype(np.float32)), name)
+  b = fp4jax.quantize(jnp.asarray(rng.standard_normal((128, 48)).astype(np.float32)), name,
+                      axis=-2)
+  lhs, ls = a.scaled_matmul_operand()
+  rhs, rs = b.scaled_matmul_operand()
+  bs = a.spec.block_size
+  assert lhs.shape == (32, 128) and rhs.shape == (48, 128)
+  assert ls.shape == (32, 128 // bs) and rs.shape == (48, 128 // bs)
+  assert lhs.dtype == {"mxfp4": jnp.float4_e2m1fn, "nvfp4": jnp.float4_e2m1fn,
+                       "mxfp8_e4m3": jnp.float8_e4m3fn, "mxfp8_e5m2": jnp.float8_e5m2}[name]
+  # Element values times their block scales are the dequantized values (exactly for MX;
+  # NVFP4's dequantize multiplies the tensor scale in another order: one rounding).
+  ts = 1.0 if a.tensor_scale is None else float(np.asarray(a.tensor_scale).reshape(()))
+  vals = lhs.astype(jnp.float32) * jnp.repeat(ls.astype(jnp.float32), bs, axis=-1)
+  np.testing.assert_allclose(np.asarray(vals) * np.float32(ts),
+                             np.asarray(fp4jax.dequantize(a, jnp.float32)),
+                             rtol=0 if a.tensor_scale is None else 2.0**-23, atol=0)
+  y = jax.nn.scaled_matmul(lhs[None], rhs[None], ls[None], rs[None],
+                           preferred_element_type=jnp.float32)[0]
+  if a.tensor_scale is not None:
+    y = y * a.tensor_scale.reshape(()) * b.tensor_scale.reshape(())
+  want = fp4jax.dequantize(a, jnp.float32) @ fp4jax.dequantize(b, jnp.float32)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+def test_scaled_matmul_operand_names_what_cudnn_cannot_take():
+  with pytest.raises(ValueError, match="int4_g32 has .*int4 elements|int4_g32 has .*blocks"):
+    fp4jax.quantize(jnp.ones((4, 64)), "int4_g32").scaled_matmul_operand()
+  with pytest.raises(ValueError, match="rank 4"):
+    fp4jax.quantize(jnp.ones((2, 2, 4, 64)), "mxfp4").scaled_matmul_operand()

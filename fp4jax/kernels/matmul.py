@@ -207,14 +207,9 @@ def blackwell_operands(a: QArray, b: QArray):
   :func:`jax.nn.scaled_matmul`: codes as float4_e2m1fn values, scales as their float8
   dtypes, ``b`` transposed to K-major. Tensor scales are applied by the caller."""
   check_operands(a, b)
-
-  def values(q, axis):
-    c = packing.unpack(q.codes, 4, axis, True)
-    return bits.bits_f32(rounding_lib.e2m1_f32_bits(c.astype(U32))).astype(jnp.float4_e2m1fn)
-
-  lhs = values(a, -1)[None]
-  rhs = values(b, -2).T[None]
-  return lhs, rhs, a.scales[None], b.scales.T[None]
+  lhs, ls = a.scaled_matmul_operand()      # (M, K), (M, K/bs)
+  rhs, rs = b.scaled_matmul_operand()      # (N, K), (N, K/bs)
+  return lhs[None], rhs[None], ls[None], rs[None]
 
 
 def _blackwell_matmul(a, b, out_dtype):
