@@ -52,6 +52,7 @@ from fp4jax.kernels import matmul as kernel_matmul
 from fp4jax.kernels import operand as kernel_operand
 from fp4jax.kernels import operand_tuning
 from fp4jax.kernels import quantize as kernel_quantize
+from fp4jax.kernels import weight_only as kernel_weight_only
 from fp4jax.qarray import QArray
 from fp4jax.spec import QuantSpec
 
@@ -440,12 +441,61 @@ def choose_gemm(xq: QArray | None, yq: QArray | None, policy: str, *,
   return choice
 
 
+# ------------------------------------------------------------------------ weight-only
+
+
+class WeightOnlyImpl(enum.Enum):
+  """What runs for ``x @ w`` with float activations and stored FP4 weights (evaluation,
+  decoding: :func:`fp4jax.gemm.weight_only_dot`)."""
+
+  DEQUANTIZE = "dequantize"
+  """``x @ dequantize(w)``: the weights decoded to ``x``'s dtype by XLA (fused into the
+  GEMM's operand read where XLA can), then XLA's GEMM. Any spec, any shape."""
+
+  KERNEL = "kernel"
+  """:func:`fp4jax.kernels.weight_only.weight_only_matmul`: the packed weights read by
+  the kernel and decoded in registers (Triton on a GPU, interpret mode elsewhere)."""
+
+
+def choose_weight_only(x_shape, w: QArray, policy: str | None = None, *, strict: bool = True,
+                       facts: DeviceFacts | None = None) -> Choice:
+  """What runs for a weight-only GEMM of ``x`` (M, K) and the QArray ``w`` (K, N).
+
+  ``policy`` None means the :func:`gemm_impl` context's. ``"xla"`` / ``"fused"`` dequantize. ``"pallas"`` takes the kernel wherever it can take
+  the shapes and spec (raising where it cannot, unless ``strict=False``). ``"auto"``
+  dequantizes, on GPUs too: on the H200 the kernel measured 0.67x of XLA's BF16 GEMM at
+  M = 16 and 0.42x at M = 64 (K = N = 8192; decode-instruction bound, kernels/NOTES.md),
+  so it is taken by name only until a faster one is measured.
+
+  Raises:
+    ValueError: ``policy="pallas"``, ``strict`` and the kernel cannot take the GEMM.
+  """
+  policy = current_policy() if policy is None else check_policy(policy, "weight-only GEMM")
+  facts = facts or device_facts()
+  detail = f"{w.spec.name or 'custom'} {tuple(x_shape)} x {w.shape}"
+  if policy in ("xla", "fused"):
+    choice = Choice(WeightOnlyImpl.DEQUANTIZE, reason=f"the {policy} policy")
+  elif policy == "auto":
+    choice = Choice(WeightOnlyImpl.DEQUANTIZE, reason=(
+        "the kernel measured slower than XLA's BF16 GEMM (H200)" if facts.on_gpu
+        else "not on a GPU"))
+  else:
+    why = kernel_weight_only.unsupported_reason(tuple(x_shape), w)
+    if why is not None and strict:
+      raise ValueError(f"weight-only GEMM with impl='pallas': {why}; use impl='auto' to "
+                       "dequantize instead")
+    choice = (Choice(WeightOnlyImpl.DEQUANTIZE, reason=why) if why is not None
+              else Choice(WeightOnlyImpl.KERNEL, interpret=not facts.on_gpu))
+  _log_once("weight-only GEMM", detail, choice)
+  return choice
+
+
 def interpret_mode(facts: DeviceFacts | None = None) -> bool:
   """Whether a Pallas kernel asked for by name runs in interpret mode (off a GPU)."""
   return not (facts or device_facts()).on_gpu
 
 
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
-           "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl", "check_policy",
-           "choose_gemm", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
+           "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl",
+           "WeightOnlyImpl", "check_policy", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
            "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

@@ -121,5 +121,33 @@ def weight_only_matmul(x: jax.Array, w: QArray, **kwargs) -> jax.Array:
   return kernel_weight_only.weight_only_matmul(x, w, **kwargs)
 
 
+def weight_only_dot(x: jax.Array, w: QArray, *, impl: str | None = None,
+                    out_dtype: Any = None, strict: bool = True) -> jax.Array:
+  """``x @ w`` for float activations ``x`` (..., K) and stored FP4 weights ``w`` (K, N)
+  blocked along K (a Flax kernel as :func:`fp4jax.ptq.quantize_params` stores it): the
+  path :func:`fp4jax.dispatch.choose_weight_only` picks, the weight-only kernel or
+  ``x @ dequantize(w)``. Returns (..., N) in ``out_dtype`` (default ``x.dtype``).
+  ``strict=False``: ``impl="pallas"`` dequantizes where the kernel cannot take the GEMM
+  instead of raising (a whole model's layers, :func:`fp4jax.ptq.weight_only_apply`)."""
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  if not isinstance(w, QArray) or w.ndim != 2:
+    raise TypeError(f"weight_only_dot: w must be a 2D QArray (K, N), got "
+                    f"{type(w).__name__} {getattr(w, 'shape', '')}")
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(f"weight_only_dot: x {x.shape} and w {w.shape} do not contract "
+                     "(x's last axis is K, w's first)")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  choice = dispatch.choose_weight_only(x2.shape, w, impl, strict=strict)
+  if choice.impl is dispatch.WeightOnlyImpl.KERNEL:
+    tile = kernel_weight_only.weight_only_tile(*x2.shape, w.shape[1], w.spec.block_size)
+    y = kernel_weight_only.weight_only_matmul(x2, w, out_dtype=jnp.float32, tile=tile,
+                                              interpret=choice.interpret)
+  else:
+    wd = decode.dequantize(w, x2.dtype)
+    y = jnp.dot(x2, wd, preferred_element_type=jnp.float32)
+  return y.astype(out_dtype).reshape(*lead, w.shape[1])
+
+
 __all__ = ["einsum_bf16_exact", "einsum_f32", "fp4_matmul", "quantized_einsum",
-           "weight_only_matmul"]
+           "weight_only_dot", "weight_only_matmul"]

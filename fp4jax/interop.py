@@ -22,9 +22,13 @@ last two axes swapped, blocks then along axis -2, still no re-encoding), e.g.
 
 **safetensors files.** :func:`save_safetensors` flattens a pytree of dicts (keys joined by
 ``.``, as checkpoint names are) whose leaves are arrays or MXFP4 QArrays; every QArray
-becomes a ``.blocks`` / ``.scales`` pair. :func:`load_safetensors` is the inverse: each
-pair becomes a QArray, every other tensor (BF16, F32, ...) an array, nested by the dots of
-the names. It needs the ``safetensors`` package (``pip install "fp4jax[interop]"``).
+becomes a ``.blocks`` / ``.scales`` pair. A QArray blocked along axis -2 (a Flax kernel
+quantized along its input axis, as :func:`fp4jax.ptq.quantize_params` makes them) is
+written transposed, in the gpt-oss orientation, and named in the file's metadata
+(``fp4jax.transposed``) so that :func:`load_safetensors` returns it as it was; files from
+elsewhere have no such entry and load as stored. :func:`load_safetensors` is the inverse:
+each pair becomes a QArray, every other tensor (BF16, F32, ...) an array, nested by the
+dots of the names. It needs the ``safetensors`` package (``pip install "fp4jax[interop]"``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ from fp4jax.spec import QuantSpec, get_spec
 BLOCK = 32                     # elements per MXFP4 block (OCP MX)
 BYTES_PER_BLOCK = BLOCK // 2   # two E2M1 codes per byte
 BLOCKS_SUFFIX, SCALES_SUFFIX = ".blocks", ".scales"
+# safetensors metadata key: the QArrays save_safetensors stored transposed (Flax kernels
+# (..., in, out) blocked along axis -2, written as (..., out, in) blocked along the last
+# axis, the gpt-oss orientation); load_safetensors turns them back. A comma-joined list.
+TRANSPOSED_KEY = "fp4jax.transposed"
 
 
 def _mxfp4_spec() -> QuantSpec:
@@ -154,6 +162,7 @@ def save_safetensors(path: str | os.PathLike, tree: Mapping[str, Any],
   flat: dict[str, Any] = {}
   _flatten(tree, "", flat)
   tensors: dict[str, np.ndarray] = {}
+  transposed: list[str] = []
 
   def put(name, value):
     if name in tensors:
@@ -162,6 +171,9 @@ def save_safetensors(path: str | os.PathLike, tree: Mapping[str, Any],
 
   for name, leaf in flat.items():
     if isinstance(leaf, QArray):
+      if leaf.ndim >= 2 and leaf.axis % leaf.ndim == leaf.ndim - 2:
+        leaf = leaf.mT            # a kernel (in, out) blocked along `in`: stored (out, in)
+        transposed.append(name)
       why = mxfp4_layout_reason(leaf)
       if why:
         raise ValueError(f"save_safetensors: {name!r} cannot be stored in the MXFP4 layout: "
@@ -177,7 +189,12 @@ def save_safetensors(path: str | os.PathLike, tree: Mapping[str, Any],
     else:
       raise TypeError(f"save_safetensors: {name!r} is a {type(leaf).__name__}; leaves must be "
                       "arrays or MXFP4 QArrays")
-  st.save_file(tensors, os.fspath(path), metadata=dict(metadata) if metadata else None)
+  meta = dict(metadata or {})
+  if TRANSPOSED_KEY in meta:
+    raise ValueError(f"save_safetensors: metadata key {TRANSPOSED_KEY!r} is fp4jax's own")
+  if transposed:
+    meta[TRANSPOSED_KEY] = ",".join(transposed)
+  st.save_file(tensors, os.fspath(path), metadata=meta or None)
 
 
 def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
@@ -197,6 +214,9 @@ def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   if not os.path.isfile(path):
     raise FileNotFoundError(f"load_safetensors: no file {path!r}")
   raw = st.load_file(path)
+  with st.safe_open(path, "np") as f:
+    meta = f.metadata() or {}
+  transposed = set(filter(None, meta.get(TRANSPOSED_KEY, "").split(",")))
   flat: dict[str, Any] = {}
   for name in sorted(raw):
     if name.endswith(BLOCKS_SUFFIX):
@@ -207,6 +227,8 @@ def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
         flat[base] = mxfp4_from_blocks(raw[name], raw[base + SCALES_SUFFIX], dtype=dtype)
       except (TypeError, ValueError) as e:
         raise ValueError(f"load_safetensors: {path}: {base!r}: {e}") from None
+      if base in transposed:
+        flat[base] = flat[base].mT
     elif name.endswith(SCALES_SUFFIX):
       if name[:-len(SCALES_SUFFIX)] + BLOCKS_SUFFIX not in raw:
         raise ValueError(f"load_safetensors: {path}: {name!r} has no "
@@ -232,5 +254,5 @@ def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   return tree
 
 
-__all__ = ["BLOCK", "load_safetensors", "mxfp4_from_blocks", "mxfp4_layout_reason",
+__all__ = ["BLOCK", "TRANSPOSED_KEY", "load_safetensors", "mxfp4_from_blocks", "mxfp4_layout_reason",
            "mxfp4_to_blocks", "save_safetensors"]

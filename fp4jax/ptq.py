@@ -266,5 +266,53 @@ def collect_linen_inputs(model, variables, *args, **kwargs) -> dict[str, jax.Arr
   return seen
 
 
+def _is_dense_kernel(path, leaf) -> bool:
+  return (isinstance(leaf, QArray) and leaf.ndim == 2 and leaf.axis == -2
+          and path_str(path).endswith("kernel"))
+
+
+def weight_only_apply(model, variables: dict, *args, impl: str | None = None, **kwargs):
+  """``model.apply(variables, *args, **kwargs)`` for a linen model whose parameters hold
+  quantized weights (:func:`quantize_params`, or a file read by
+  :func:`fp4jax.interop.load_safetensors`), with every ``nn.Dense`` whose kernel is a QArray
+  (K, N) blocked along K computed by :func:`fp4jax.gemm.weight_only_dot`: the packed
+  weights go to the weight-only GEMM that :func:`fp4jax.dispatch.choose_weight_only` picks
+  for ``impl`` (None: the :func:`fp4jax.gemm_impl` context's), the kernel or ``x @
+  dequantize(w)``. Every other quantized leaf (Hadamard-rotated, DenseGeneral, conv) is
+  dequantized first. Equals ``model.apply`` on :func:`dequantize_params` within the
+  GEMMs' accumulation order (the kernel rounds activations to bf16)."""
+  import flax.linen as nn
+  from fp4jax import gemm
+
+  def prepare(path, leaf):
+    if _is_dense_kernel(path, leaf):
+      return leaf
+    if isinstance(leaf, QArray):
+      return dequantize(leaf)
+    if isinstance(leaf, RotatedQArray):
+      return leaf.dequantize()
+    return leaf
+
+  variables = jax.tree_util.tree_map_with_path(prepare, dict(variables), is_leaf=_is_q)
+
+  def dense(next_fun, a, kw, context):
+    m = context.module
+    if context.method_name == "__call__" and type(m) is nn.Dense:
+      kernel = m.get_variable("params", "kernel")
+      if isinstance(kernel, QArray):
+        x = a[0]
+        dtype = m.dtype or jnp.result_type(x.dtype, jnp.float32 if m.param_dtype is None
+                                           else m.param_dtype)
+        y = gemm.weight_only_dot(x.astype(dtype), kernel, impl=impl, out_dtype=dtype,
+                                 strict=False)
+        if m.use_bias:
+          y = y + m.get_variable("params", "bias").astype(dtype)
+        return y
+    return next_fun(*a, **kw)
+
+  with nn.intercept_methods(dense):
+    return model.apply(variables, *args, **kwargs)
+
+
 __all__ = ["METHODS", "RotatedQArray", "collect_linen_inputs", "dequantize_params",
-           "gptq_quantize", "module_path", "nbytes", "quantize_params"]
+           "gptq_quantize", "module_path", "nbytes", "quantize_params", "weight_only_apply"]

@@ -136,3 +136,22 @@ def test_quantize_through_the_dispatch_equals_the_reference(rng):
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(ref.codes))
     np.testing.assert_array_equal(np.asarray(q.scales.astype(jnp.float32)),
                                   np.asarray(ref.scales.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("facts,policy,shape,n,want,why", [
+    (CPU, "auto", (16, 256), 64, "DEQUANTIZE", "not on a GPU"),
+    (HOPPER, "auto", (16, 256), 64, "DEQUANTIZE", "measured slower than XLA's BF16"),
+    (HOPPER, "xla", (16, 256), 64, "DEQUANTIZE", "the xla policy"),
+    (HOPPER, "pallas", (16, 256), 64, "KERNEL", None),
+    (CPU, "pallas", (16, 256), 64, "KERNEL", None),
+    (HOPPER, "pallas", (16, 256), 10, "DEQUANTIZE", "no tile divides"),
+])
+def test_choose_weight_only(facts, policy, shape, n, want, why):
+  w = fp4jax.quantize(jnp.ones((256, n)), "mxfp4", axis=-2)
+  c = dispatch.choose_weight_only(shape, w, policy, strict=False, facts=facts)
+  assert c.impl is dispatch.WeightOnlyImpl[want]
+  assert (c.reason is None) if why is None else why in c.reason
+  assert c.interpret == (want == "KERNEL" and facts is CPU)
+  if why == "no tile divides":
+    with pytest.raises(ValueError, match="impl='pallas': no tile divides"):
+      dispatch.choose_weight_only(shape, w, policy, facts=facts)

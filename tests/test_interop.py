@@ -141,8 +141,35 @@ def test_what_the_layout_cannot_hold_is_named(make, match, tmp_path):
   q = make(jnp.ones((64, 64), jnp.float32))
   with pytest.raises(ValueError, match=f"mxfp4_to_blocks: .*{match}"):
     interop.mxfp4_to_blocks(q)
+  if q.axis == -2:   # a Flax kernel: save_safetensors stores it transposed instead
+    return
   with pytest.raises(ValueError, match=f"'model.w' cannot be stored in the MXFP4 layout: .*{match}"):
     interop.save_safetensors(tmp_path / "x.safetensors", {"model": {"w": q}})
+
+
+def test_flax_kernels_are_stored_in_the_gpt_oss_orientation_and_come_back(tmp_path, rng):
+  # ptq.quantize_params quantizes Dense kernels (in, out) along `in` (axis -2): the file
+  # holds (out, in) blocked along `in`, as gpt-oss does, and says so in its metadata.
+  k = fp4jax.quantize(jnp.asarray(rng.standard_normal((128, 64)).astype(np.float32)),
+                      "mxfp4", axis=-2)
+  experts = fp4jax.quantize(jnp.asarray(rng.standard_normal((3, 64, 32)).astype(np.float32)),
+                            "mxfp4", axis=-2)
+  path = tmp_path / "kernels.safetensors"
+  interop.save_safetensors(path, {"dense": {"kernel": k}, "moe": {"w": experts}})
+  with st.safe_open(str(path), "np") as f:
+    assert f.get_tensor("dense.kernel.blocks").shape == (64, 4, 16)      # (out, in/32, 16)
+    assert f.get_tensor("moe.w.blocks").shape == (3, 32, 2, 16)
+    assert f.metadata() == {interop.TRANSPOSED_KEY: "dense.kernel,moe.w"}
+  back = interop.load_safetensors(path, dtype=jnp.float32)
+  for got, want in ((back["dense"]["kernel"], k), (back["moe"]["w"], experts)):
+    assert got.shape == want.shape and got.axis == -2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      _same_bytes(a, b)
+  # A reader that knows only the gpt-oss layout decodes (out, in) from the raw tensors.
+  raw = st.load_file(str(path))
+  np.testing.assert_array_equal(
+      numpy_decode(raw["dense.kernel.blocks"], raw["dense.kernel.scales"]).astype(np.float32),
+      np.asarray(k.dequantize(jnp.float32)).T)
 
 
 def test_bad_files_and_arguments_are_named(tmp_path, rng):

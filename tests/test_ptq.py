@@ -102,3 +102,41 @@ def test_gptq_calibration_inputs_are_checked_per_layer(calibration, match):
   params = {"fc": {"kernel": jnp.ones((64, 32))}}
   with pytest.raises(ValueError, match=match):
     ptq.quantize_params(params, "mxfp4", "gptq", calibration={"fc": jnp.asarray(calibration)})
+
+
+def test_weight_only_apply_runs_the_kernel_where_it_can_and_equals_the_dequantized_model(
+    monkeypatch):
+  from fp4jax.kernels import weight_only as kernel_weight_only
+  m, v, _, x_test, y_test = _trained_digits_mlp()
+  q = ptq.quantize_params(v, "mxfp4", "rtn")
+  x = jnp.asarray(x_test[:64])
+  ref = np.asarray(m.apply(ptq.dequantize_params(q), x))
+  # Dequantizing (XLA) is the reference's own arithmetic.
+  np.testing.assert_allclose(np.asarray(ptq.weight_only_apply(m, q, x, impl="xla")), ref,
+                             rtol=1e-5, atol=1e-5)
+  launched = []
+  real = kernel_weight_only.weight_only_matmul
+  monkeypatch.setattr(kernel_weight_only, "weight_only_matmul",
+                      lambda xx, w, **kw: launched.append(w.shape) or real(xx, w, **kw))
+  got = np.asarray(ptq.weight_only_apply(m, q, x, impl="pallas"))
+  # fc1 (64 x 256) and fc2 (256 x 128) through the kernel; the head's N = 10 has no tile,
+  # so the dispatch dequantizes it.
+  assert launched == [(64, 256), (256, 128)], launched
+  # The kernel rounds activations to bf16 (one rounding per layer input).
+  assert np.abs(got - ref).max() <= 2e-2 * np.abs(ref).max()
+  assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.95
+
+
+def test_weight_only_dot_names_what_the_kernel_cannot_take(rng):
+  from fp4jax import gemm
+  w = fp4jax.quantize(jnp.asarray(rng.standard_normal((128, 10)).astype(np.float32)),
+                      "mxfp4", axis=-2)
+  x = jnp.ones((4, 128))
+  with pytest.raises(ValueError, match="impl='pallas': no tile divides K=128, N=10"):
+    gemm.weight_only_dot(x, w, impl="pallas")
+  np.testing.assert_allclose(np.asarray(gemm.weight_only_dot(x, w, impl="pallas", strict=False)),
+                             np.asarray(x @ fp4jax.dequantize(w, jnp.float32)), rtol=1e-6)
+  with pytest.raises(ValueError, match="do not contract"):
+    gemm.weight_only_dot(jnp.ones((4, 64)), w)
+  with pytest.raises(TypeError, match="must be a 2D QArray"):
+    gemm.weight_only_dot(x, jnp.ones((128, 10)))

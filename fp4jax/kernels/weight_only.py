@@ -126,6 +126,49 @@ def weight_only_reference(x: jax.Array, w: QArray, out_dtype: Any = jnp.float32)
                  preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+# Tile bounds of :func:`weight_only_tile`: the defaults, and the smallest tiles Triton's
+# dot takes (16 on each side).
+DEFAULT_BN, DEFAULT_BK, MIN_TILE = 64, 256, 16
+
+
+def weight_only_tile(m: int, k: int, n: int, block: int) -> tuple[int, int, int] | None:
+  """The (bm, bn, bk) tile for an (M, K) x (K, N) weight-only GEMM: the default where it
+  divides, else the largest power of two below it that divides N (bn) or K (bk, a multiple
+  of the quantization block); None where none does (then the weights are dequantized and
+  XLA's GEMM runs, see :func:`fp4jax.dispatch.choose_weight_only`). M is padded."""
+  def largest(length, top, floor):
+    t = top
+    while t >= floor:
+      if length % t == 0:
+        return t
+      t //= 2
+    return None
+  bn = largest(n, DEFAULT_BN, MIN_TILE)
+  bk = largest(k, DEFAULT_BK, max(MIN_TILE, block))
+  if bn is None or bk is None:
+    return None
+  return weight_only_rows_tile(m), bn, bk
+
+
+def unsupported_reason(x_shape, w: Any) -> str | None:
+  """Why :func:`weight_only_matmul` cannot take ``x @ w`` (None: it can, with
+  :func:`weight_only_tile`)."""
+  if not isinstance(w, QArray) or w.ndim != 2 or w.axis % 2 != 0:
+    return "the weight is not a 2D QArray blocked along K (axis -2)"
+  if len(x_shape) != 2 or x_shape[1] != w.shape[0]:
+    return f"x {tuple(x_shape)} and w {w.shape} do not contract"
+  s = w.spec
+  if not (rounding_lib.is_e2m1(s.element) and s.packed and not any(w.padding)
+          and s.scale_format.storage_bits == 8 and s.block_size in BLOCK_SIZES
+          and s.granularity == "block"):
+    return (f"{s.name or 'the spec'} is not packed E2M1 with 8-bit scales in blocks of "
+            f"{'/'.join(map(str, BLOCK_SIZES))} (unpadded)")
+  if weight_only_tile(x_shape[0], x_shape[1], w.shape[1], s.block_size) is None:
+    return (f"no tile divides K={x_shape[1]}, N={w.shape[1]} (powers of two >= {MIN_TILE}, "
+            f"K's a multiple of the block {s.block_size})")
+  return None
+
+
 def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
                        tile: tuple[int, int, int] | None = None,
                        splits: int | None = None, interpret: bool = False,
@@ -162,5 +205,5 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
                            num_warps=num_warps, num_stages=num_stages)
 
 
-__all__ = ["halves", "weight_only_matmul", "weight_only_reference", "weight_only_rows_tile",
+__all__ = ["halves", "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
            "weight_only_splits"]
