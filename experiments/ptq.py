@@ -11,6 +11,18 @@ the patch embedding and the head stay in high precision. GPTQ calibrates on
 accuracy and loss of the weight-quantized model, the output MSE against the BF16 model and
 the measured bytes of the weights (``fp4jax.ptq.nbytes``: codes + scales), and writes
 ``results.json``, ``summary.md`` and ``ptq.png`` to ``--workdir``.
+
+FP4 weights in and out (the gpt-oss MXFP4 layout, ``fp4jax.interop``):
+
+    python -m experiments.ptq --export=runs/ptq/files     # also writes <format>_<method>.safetensors
+    python -m experiments.ptq --evaluate_file=runs/ptq/files/mxfp4_gptq.safetensors
+
+``--export`` writes each MXFP4 result of a plain method (rtn, gptq) as a safetensors file:
+the quantized kernels as ``.blocks`` / ``.scales`` pairs, the rest in float, and the model
+and data in the file's metadata. ``--evaluate_file`` reads one in a fresh process, rebuilds
+the model and evaluates it with the packed weights through the weight-only GEMM path
+(``fp4jax.ptq.weight_only_apply``; ``--impl=pallas`` for the kernel, ``auto`` lets the
+dispatch choose), writing ``evaluate.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +63,15 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "seed of training, data split and calibration sample")
   flags.DEFINE_string("workdir", "runs/ptq", "output directory")
   common.register_directory_validator("workdir")
+  flags.DEFINE_string("export", None, "also write each MXFP4 rtn/gptq result to this "
+                      "directory as <format>_<method>.safetensors (gpt-oss layout)")
+  flags.register_validator("export", lambda v: v is None or
+                           common.writable_directory_problem(v) is None,
+                           "--export must be a directory this process can write")
+  flags.DEFINE_string("evaluate_file", None, "evaluate one --export file (a fresh process: "
+                      "no training, no quantization) through the weight-only GEMM path")
+  flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "--evaluate_file's "
+                    "weight-only GEMM: the dispatch's choice, dequantize, or the kernel")
 
 
 def encoder_kernels(spec):
@@ -83,6 +104,53 @@ def train_bf16(model: ViT, ds: data.ImageData, steps: int, seed: int):
   return params
 
 
+# What a file --export writes needs to rebuild its model and data (its metadata).
+_SOURCE: dict[str, str] = {}
+METADATA_PREFIX = "experiments.ptq."
+EXPORTABLE_METHODS = ("rtn", "gptq")   # plain QArrays; the *_hadamard ones are rotated
+
+
+def _source_metadata() -> dict[str, str]:
+  src = _SOURCE or {"model": FLAGS.model, "dataset": "digits", "data_dir": "None",
+                    "image_size": "None", "seed": str(FLAGS.seed)}
+  return {METADATA_PREFIX + k: v for k, v in src.items()}
+
+
+def evaluate_file(path: str) -> dict:
+  """Reads an --export file, rebuilds its ViT and data, evaluates through the weight-only
+  GEMM path; returns the scores."""
+  from safetensors import safe_open
+  from fp4jax import interop
+  if not os.path.isfile(path):
+    raise ValueError(f"--evaluate_file={path!r} does not exist")
+  try:
+    with safe_open(path, "np") as f:
+      meta = f.metadata() or {}
+  except Exception as e:   # safetensors raises its own SafetensorError for a bad header
+    raise ValueError(f"--evaluate_file={path!r} is not a safetensors file ({e})") from None
+  src = {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
+  if "model" not in src or src["model"] not in MODELS:
+    raise ValueError(f"--evaluate_file={path!r} has no {METADATA_PREFIX}model metadata naming "
+                     f"one of {', '.join(MODELS)}: write it with --export")
+  none = lambda v: None if v in (None, "None") else v
+  if src.get("dataset", "digits") == "digits":
+    ds = data.load_digits(int(src.get("seed", 0)))
+  else:
+    size = none(src.get("image_size"))
+    ds = data.load_images(src["dataset"], none(src.get("data_dir")),
+                          int(size) if size else None, int(src.get("seed", 0)))
+  p, w, d, h, m = MODELS[src["model"]]
+  model = ViT(len(ds.classes), p, w, d, h, m)
+  params = interop.load_safetensors(path, dtype=jnp.float32)
+  x, y = jnp.asarray(ds.test_x), jnp.asarray(ds.test_y)
+  logits = jax.jit(lambda p, x: ptq.weight_only_apply(model, {"params": p}, x,
+                                                      impl=FLAGS.impl))(params, x)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return {"file": path, "model": src["model"], "impl": FLAGS.impl,
+          "test_accuracy": float(jnp.mean(logits.argmax(-1) == y)), "test_loss": float(loss),
+          "weight_bytes": ptq.nbytes(params)}
+
+
 def load_run(workdir: str, run: str):
   """(model, params, dataset) of a vit_tetrajet run, rebuilt from its config.json."""
   cfg_path = os.path.join(workdir, "config.json")
@@ -90,6 +158,8 @@ def load_run(workdir: str, run: str):
     raise ValueError(f"--from_workdir={workdir!r} has no config.json: point it at a "
                      "python -m experiments.vit_tetrajet --workdir")
   cfg = json.load(open(cfg_path))["flags"]
+  global _SOURCE
+  _SOURCE = {k: str(cfg.get(k)) for k in ("model", "dataset", "data_dir", "image_size", "seed")}
   if cfg.get("scan_layers"):
     raise ValueError(f"--from_workdir={workdir!r} was trained with scanned layers; GPTQ needs "
                      "each layer's inputs: train it with --noscan_layers")
@@ -111,6 +181,18 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.evaluate_file:
+    try:
+      scores = evaluate_file(FLAGS.evaluate_file)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e))
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, "evaluate.json"), "w") as f:
+      json.dump(scores, f, indent=1)
+    print(f"ptq: {FLAGS.evaluate_file}: accuracy {scores['test_accuracy']:.4f}, loss "
+          f"{scores['test_loss']:.4f} ({scores['weight_bytes']} bytes of weights, "
+          f"impl={FLAGS.impl})", flush=True)
+    return
   try:
     for f in FLAGS.formats:
       fp4jax.get_spec(f)
@@ -158,6 +240,8 @@ def main(argv):
                               calibration=cal, hadamard_block=FLAGS.hadamard_block)
       sc, _ = scores(q, ref_logits)
       rows.append({"format": fmt, "method": method, **sc, "weight_bytes": ptq.nbytes(q)})
+      if FLAGS.export:
+        _export(q, fmt, method, rows[-1])
       print(f"{fmt:6} {method:14} accuracy {sc['test_accuracy']:.4f}  loss "
             f"{sc['test_loss']:.4f}  output MSE {sc['output_mse']:.5f}  "
             f"{rows[-1]['weight_bytes']} bytes", flush=True)
@@ -174,6 +258,23 @@ def main(argv):
       notes="Weights of the encoder blocks in packed FP4 (codes + scales, measured bytes of "
       "the whole parameter tree); embedding and head in float32. accuracy_gap: minus the "
       "float model. Plot: ptq.png.")
+
+
+def _export(q, fmt: str, method: str, row: dict) -> None:
+  """Writes ``q`` to ``--export`` in the gpt-oss MXFP4 layout (MXFP4, plain methods)."""
+  from fp4jax import interop
+  spec = fp4jax.get_spec(fmt)
+  mxfp4 = (spec.element.name, spec.scale_format.name, spec.block_size) == ("e2m1", "e8m0",
+                                                                          interop.BLOCK)
+  if method not in EXPORTABLE_METHODS or not mxfp4:
+    print(f"ptq: --export: {fmt} {method} not written (the gpt-oss layout holds MXFP4 "
+          f"weights quantized by {'/'.join(EXPORTABLE_METHODS)})", flush=True)
+    return
+  os.makedirs(FLAGS.export, exist_ok=True)
+  path = os.path.join(FLAGS.export, f"{fmt}_{method}.safetensors")
+  interop.save_safetensors(path, q, metadata=_source_metadata())
+  row["file"] = path
+  print(f"ptq: wrote {path}", flush=True)
 
 
 def _plot(rows, path):
