@@ -76,3 +76,20 @@ def run_with_kills(module: str, workdir: str, args: list[str], kills: list[tuple
   last = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
   return last, done
+
+
+def assert_same_runs(straight: str, killed: str, runs, kills: list[str]) -> None:
+  """Each run's metrics log and final metrics (all but the wall-clock seconds) in the
+  killed-and-resumed workdir equal the uninterrupted one's."""
+  def records(path):
+    with open(path) as f:
+      return [json.loads(line) for line in f]
+
+  for run in runs:
+    assert records(os.path.join(straight, run, "metrics.jsonl")) == \
+        records(os.path.join(killed, run, "metrics.jsonl")), f"{run}: {kills}"
+    finals = []
+    for wd in (straight, killed):
+      with open(os.path.join(wd, run, "final.json")) as f:
+        finals.append({k: v for k, v in json.load(f).items() if k != "seconds"})
+    assert finals[0] == finals[1], (run, finals)

@@ -71,13 +71,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(straight, tmp_
       [("saving", "bf16"), ("step", "bf16", 4), ("saving", "mxfp4")])
   assert last.returncode == 0, last.stderr[-3000:]
   assert sum("tmp" in k for k in kills) >= 1, f"no kill landed mid-write: {kills}"
-  for run in RUNS.split(","):
-    assert _records(os.path.join(straight, run, "metrics.jsonl")) == \
-        _records(os.path.join(wd, run, "metrics.jsonl")), f"{run}: {kills}"
-    a = json.load(open(os.path.join(straight, run, "final.json")))
-    b = json.load(open(os.path.join(wd, run, "final.json")))
-    assert {k: v for k, v in a.items() if k != "seconds"} == \
-        {k: v for k, v in b.items() if k != "seconds"}, run
+  kill_resume.assert_same_runs(straight, wd, RUNS.split(","), kills)
 
 
 @pytest.mark.parametrize("args,message", [

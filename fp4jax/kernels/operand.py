@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax import bits, operand, prng
-from fp4jax.kernels.quantize import round_up, tile_counters
+from fp4jax.kernels.quantize import largest_dividing, round_up, tile_counters
 from fp4jax.spec import QuantSpec
 
 U32, I32 = jnp.uint32, jnp.int32
@@ -103,15 +103,6 @@ def unsupported_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | Non
   return None
 
 
-def _largest_dividing(n: int, cap: int, floor: int) -> int | None:
-  t = cap
-  while t >= floor:
-    if n % t == 0:
-      return t
-    t //= 2
-  return None
-
-
 def _tile_for(m: int, k: int, orient: str, bs: int, config: OperandKernelConfig | None):
   """The launch's tile: the config's (grown to one block along a blocked axis), shrunk to
   a power of two that divides the operand, else the config's with padding."""
@@ -120,8 +111,8 @@ def _tile_for(m: int, k: int, orient: str, bs: int, config: OperandKernelConfig 
   row_floor = bs if orient in ("cols", "both") else min(8, cfg.block_rows)
   col_floor = bs if orient in ("rows", "both") else 16
   rows_cap, cols_cap = max(cfg.block_rows, row_floor), max(cfg.block_cols, col_floor)
-  bm = _largest_dividing(m, rows_cap, row_floor) or rows_cap
-  bk = _largest_dividing(k, cols_cap, col_floor) or cols_cap
+  bm = largest_dividing(m, rows_cap, row_floor) or rows_cap
+  bk = largest_dividing(k, cols_cap, col_floor) or cols_cap
   return bm, bk, cfg
 
 

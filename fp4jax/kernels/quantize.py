@@ -409,6 +409,17 @@ def round_up(n, m):
   return -(-n // m) * m
 
 
+def largest_dividing(n: int, cap: int, floor: int) -> int | None:
+  """The largest power of two in [floor, cap] dividing ``n`` (cap and floor powers of
+  two), or None: the tile a kernel takes along an axis of length ``n``."""
+  t = cap
+  while t >= floor:
+    if n % t == 0:
+      return t
+    t //= 2
+  return None
+
+
 def _tensor_scale(b_abs_max, spec):
   return scales.tensor_scale_from_amax(bits.bits_f32(b_abs_max.astype(U32)), spec.element,
                                        spec.scale_format)

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from fp4jax import bits, decode, rounding as rounding_lib
 from fp4jax.kernels import unpack as fu
 from fp4jax.kernels.matmul import apply_tensor_scales
+from fp4jax.kernels.quantize import largest_dividing
 from fp4jax.qarray import QArray
 
 U32 = jnp.uint32
@@ -136,15 +137,8 @@ def weight_only_tile(m: int, k: int, n: int, block: int) -> tuple[int, int, int]
   divides, else the largest power of two below it that divides N (bn) or K (bk, a multiple
   of the quantization block); None where none does (then the weights are dequantized and
   XLA's GEMM runs, see :func:`fp4jax.dispatch.choose_weight_only`). M is padded."""
-  def largest(length, top, floor):
-    t = top
-    while t >= floor:
-      if length % t == 0:
-        return t
-      t //= 2
-    return None
-  bn = largest(n, DEFAULT_BN, MIN_TILE)
-  bk = largest(k, DEFAULT_BK, max(MIN_TILE, block))
+  bn = largest_dividing(n, DEFAULT_BN, MIN_TILE)
+  bk = largest_dividing(k, DEFAULT_BK, max(MIN_TILE, block))
   if bn is None or bk is None:
     return None
   return weight_only_rows_tile(m), bn, bk
