@@ -403,8 +403,8 @@ class LoopConfig(NamedTuple):
 
 
 class NonFiniteLoss(FloatingPointError):
-  """A run's training loss became NaN or Inf; the message names the run, the first such
-  step and the last checkpoint (written from parameters before it)."""
+  """A run's training loss (or, before a save, its state) became NaN or Inf; the message
+  names the run, the first such step and the last checkpoint (from before it)."""
 
 
 class NonFiniteWatch:
@@ -429,6 +429,26 @@ class NonFiniteWatch:
 
   def update(self, loss, step: int) -> None:
     self._first = self._track(self._first, loss, jnp.int32(step))
+
+  @staticmethod
+  @jax.jit
+  def _all_finite(state):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+  def check_state(self, state: Any, step: int) -> None:
+    """Before a save: a finite loss can still come with non-finite gradients, whose update
+    makes the parameters NaN/Inf; such a state is not saved either."""
+    self.check(step)
+    if bool(self._all_finite(state)):
+      return
+    kept = (f"the last checkpoint is step {self.last_saved}" if self.last_saved is not None
+            else "no checkpoint was written")
+    raise NonFiniteLoss(
+        f"[{self.name}] the training state (parameters or optimizer state) is not finite at "
+        f"step {step} although the loss was; stopped before saving it: {kept}. Lower --lr, "
+        "clip gradients harder or train this recipe in higher precision")
 
   def check(self, step: int) -> None:
     first_step = int(self._first[0])
@@ -506,8 +526,9 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
               flush=True)
       at_stop = stop.requested or done == cfg.stop_at
       if done % cfg.checkpoint_every == 0 or done == cfg.steps or at_stop:
-        # Never a checkpoint of parameters that followed a non-finite loss.
-        watch.check(done)
+        # Never a checkpoint of parameters that followed a non-finite loss (or are not
+        # finite themselves).
+        watch.check_state(state, done)
         # Periodic saves write in the background (orbax copies the arrays to host before
         # returning, so the next step may reuse their buffers); the last one and a stop
         # wait, and close() waits for any still pending.

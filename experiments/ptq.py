@@ -133,12 +133,9 @@ def evaluate_file(path: str) -> dict:
     raise ValueError(f"--evaluate_file={path!r} has no {METADATA_PREFIX}model metadata naming "
                      f"one of {', '.join(MODELS)}: write it with --export")
   none = lambda v: None if v in (None, "None") else v
-  if src.get("dataset", "digits") == "digits":
-    ds = data.load_digits(int(src.get("seed", 0)))
-  else:
-    size = none(src.get("image_size"))
-    ds = data.load_images(src["dataset"], none(src.get("data_dir")),
-                          int(size) if size else None, int(src.get("seed", 0)))
+  size = none(src.get("image_size"))   # the data the model was trained on, resized alike
+  ds = data.load_images(src.get("dataset", "digits"), none(src.get("data_dir")),
+                        int(size) if size else None, int(src.get("seed", 0)))
   p, w, d, h, m = MODELS[src["model"]]
   model = ViT(len(ds.classes), p, w, d, h, m)
   params = interop.load_safetensors(path, dtype=jnp.float32)

@@ -24,15 +24,17 @@ last two axes swapped, blocks then along axis -2, still no re-encoding), e.g.
 ``.``, as checkpoint names are) whose leaves are arrays or MXFP4 QArrays; every QArray
 becomes a ``.blocks`` / ``.scales`` pair. A QArray blocked along axis -2 (a Flax kernel
 quantized along its input axis, as :func:`fp4jax.ptq.quantize_params` makes them) is
-written transposed, in the gpt-oss orientation, and named in the file's metadata
-(``fp4jax.transposed``) so that :func:`load_safetensors` returns it as it was; files from
-elsewhere have no such entry and load as stored. :func:`load_safetensors` is the inverse:
+written transposed, in the gpt-oss orientation. The file's metadata (``fp4jax.qarrays``,
+JSON) records each QArray's original dtype and orientation, so that
+:func:`load_safetensors` returns it as it was; files from elsewhere have no such entry and
+load as stored, dequantizing to the ``dtype`` asked for. :func:`load_safetensors` is the inverse:
 each pair becomes a QArray, every other tensor (BF16, F32, ...) an array, nested by the
 dots of the names. It needs the ``safetensors`` package (``pip install "fp4jax[interop]"``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -46,10 +48,11 @@ from fp4jax.spec import QuantSpec, get_spec
 BLOCK = 32                     # elements per MXFP4 block (OCP MX)
 BYTES_PER_BLOCK = BLOCK // 2   # two E2M1 codes per byte
 BLOCKS_SUFFIX, SCALES_SUFFIX = ".blocks", ".scales"
-# safetensors metadata key: the QArrays save_safetensors stored transposed (Flax kernels
-# (..., in, out) blocked along axis -2, written as (..., out, in) blocked along the last
-# axis, the gpt-oss orientation); load_safetensors turns them back. A comma-joined list.
-TRANSPOSED_KEY = "fp4jax.transposed"
+# safetensors metadata key: JSON {name: {"dtype": original dtype, "transposed": bool}} for
+# the QArrays save_safetensors wrote (transposed: a Flax kernel (..., in, out) blocked along
+# axis -2, stored as (..., out, in) blocked along the last axis, the gpt-oss orientation);
+# load_safetensors restores both.
+QARRAYS_KEY = "fp4jax.qarrays"
 
 
 def _mxfp4_spec() -> QuantSpec:
@@ -162,7 +165,7 @@ def save_safetensors(path: str | os.PathLike, tree: Mapping[str, Any],
   flat: dict[str, Any] = {}
   _flatten(tree, "", flat)
   tensors: dict[str, np.ndarray] = {}
-  transposed: list[str] = []
+  qarrays: dict[str, dict[str, Any]] = {}
 
   def put(name, value):
     if name in tensors:
@@ -171,9 +174,10 @@ def save_safetensors(path: str | os.PathLike, tree: Mapping[str, Any],
 
   for name, leaf in flat.items():
     if isinstance(leaf, QArray):
-      if leaf.ndim >= 2 and leaf.axis % leaf.ndim == leaf.ndim - 2:
+      transposed = leaf.ndim >= 2 and leaf.axis % leaf.ndim == leaf.ndim - 2
+      if transposed:
         leaf = leaf.mT            # a kernel (in, out) blocked along `in`: stored (out, in)
-        transposed.append(name)
+      qarrays[name] = {"dtype": jnp.dtype(leaf.orig_dtype).name, "transposed": transposed}
       why = mxfp4_layout_reason(leaf)
       if why:
         raise ValueError(f"save_safetensors: {name!r} cannot be stored in the MXFP4 layout: "
@@ -190,18 +194,18 @@ def save_safetensors(path: str | os.PathLike, tree: Mapping[str, Any],
       raise TypeError(f"save_safetensors: {name!r} is a {type(leaf).__name__}; leaves must be "
                       "arrays or MXFP4 QArrays")
   meta = dict(metadata or {})
-  if TRANSPOSED_KEY in meta:
-    raise ValueError(f"save_safetensors: metadata key {TRANSPOSED_KEY!r} is fp4jax's own")
-  if transposed:
-    meta[TRANSPOSED_KEY] = ",".join(transposed)
+  if QARRAYS_KEY in meta:
+    raise ValueError(f"save_safetensors: metadata key {QARRAYS_KEY!r} is fp4jax's own")
+  if qarrays:
+    meta[QARRAYS_KEY] = json.dumps(qarrays, sort_keys=True)
   st.save_file(tensors, os.fspath(path), metadata=meta or None)
 
 
 def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
                      nested: bool = True) -> dict[str, Any]:
   """Reads a safetensors file: each ``<name>.blocks`` / ``<name>.scales`` pair becomes an
-  MXFP4 QArray (:func:`mxfp4_from_blocks`, dequantizing to ``dtype``), every other tensor
-  a ``jax.Array``.
+  MXFP4 QArray (:func:`mxfp4_from_blocks`, dequantizing to ``dtype``, or to the dtype this
+  module's :func:`save_safetensors` recorded), every other tensor a ``jax.Array``.
 
   Returns:
     A dict nested by the dots of the names (``nested=False``: flat, keyed by name).
@@ -216,18 +220,27 @@ def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   raw = st.load_file(path)
   with st.safe_open(path, "np") as f:
     meta = f.metadata() or {}
-  transposed = set(filter(None, meta.get(TRANSPOSED_KEY, "").split(",")))
+  try:
+    qarrays = json.loads(meta.get(QARRAYS_KEY, "{}"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"load_safetensors: {path}: metadata {QARRAYS_KEY!r} is not JSON ({e})"
+                     ) from None
   flat: dict[str, Any] = {}
   for name in sorted(raw):
     if name.endswith(BLOCKS_SUFFIX):
       base = name[:-len(BLOCKS_SUFFIX)]
       if base + SCALES_SUFFIX not in raw:
         raise ValueError(f"load_safetensors: {path}: {name!r} has no {base + SCALES_SUFFIX!r}")
+      if base in raw:
+        raise ValueError(f"load_safetensors: {path}: {base!r} is both a tensor and an "
+                         f"MXFP4 pair ({name!r})")
+      info = qarrays.get(base, {})
       try:
-        flat[base] = mxfp4_from_blocks(raw[name], raw[base + SCALES_SUFFIX], dtype=dtype)
+        flat[base] = mxfp4_from_blocks(raw[name], raw[base + SCALES_SUFFIX],
+                                       dtype=info.get("dtype", dtype))
       except (TypeError, ValueError) as e:
         raise ValueError(f"load_safetensors: {path}: {base!r}: {e}") from None
-      if base in transposed:
+      if info.get("transposed"):
         flat[base] = flat[base].mT
     elif name.endswith(SCALES_SUFFIX):
       if name[:-len(SCALES_SUFFIX)] + BLOCKS_SUFFIX not in raw:
@@ -254,5 +267,5 @@ def load_safetensors(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   return tree
 
 
-__all__ = ["BLOCK", "TRANSPOSED_KEY", "load_safetensors", "mxfp4_from_blocks", "mxfp4_layout_reason",
+__all__ = ["BLOCK", "QARRAYS_KEY", "load_safetensors", "mxfp4_from_blocks", "mxfp4_layout_reason",
            "mxfp4_to_blocks", "save_safetensors"]

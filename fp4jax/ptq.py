@@ -266,26 +266,45 @@ def collect_linen_inputs(model, variables, *args, **kwargs) -> dict[str, jax.Arr
   return seen
 
 
-def _is_dense_kernel(path, leaf) -> bool:
-  return (isinstance(leaf, QArray) and leaf.ndim == 2 and leaf.axis == -2
-          and path_str(path).endswith("kernel"))
+def _plain_dense(m) -> bool:
+  """An ``nn.Dense`` itself (no subclass, no injected dot_general: fp4jax.linen layers and
+  QAT models compute otherwise), i.e. one whose product weight_only_apply may replace."""
+  import flax.linen as nn
+  return (type(m) is nn.Dense and getattr(m, "dot_general", None) is None
+          and getattr(m, "dot_general_cls", None) is None)
 
 
 def weight_only_apply(model, variables: dict, *args, impl: str | None = None, **kwargs):
   """``model.apply(variables, *args, **kwargs)`` for a linen model whose parameters hold
   quantized weights (:func:`quantize_params`, or a file read by
-  :func:`fp4jax.interop.load_safetensors`), with every ``nn.Dense`` whose kernel is a QArray
-  (K, N) blocked along K computed by :func:`fp4jax.gemm.weight_only_dot`: the packed
+  :func:`fp4jax.interop.load_safetensors`), with every plain ``nn.Dense`` whose kernel is a
+  QArray (K, N) blocked along K computed by :func:`fp4jax.gemm.weight_only_dot`: the packed
   weights go to the weight-only GEMM that :func:`fp4jax.dispatch.choose_weight_only` picks
   for ``impl`` (None: the :func:`fp4jax.gemm_impl` context's), the kernel or ``x @
-  dequantize(w)``. Every other quantized leaf (Hadamard-rotated, DenseGeneral, conv) is
-  dequantized first. Equals ``model.apply`` on :func:`dequantize_params` within the
-  GEMMs' accumulation order (the kernel rounds activations to bf16)."""
+  dequantize(w)``. Every other quantized leaf (Hadamard-rotated, ``DenseGeneral``, conv,
+  ``Dense`` subclasses or ``Dense`` with an injected ``dot_general``) is dequantized first.
+  Equals ``model.apply`` on :func:`dequantize_params` within the GEMMs' accumulation order
+  (the kernel rounds activations to bf16); ``nn.Dense``'s ``precision`` does not apply to
+  the weight-only GEMM."""
   import flax.linen as nn
   from fp4jax import gemm
 
+  # Which modules are plain Dense layers: one abstract trace of the dequantized model.
+  dense_paths: set[tuple[str, ...]] = set()
+
+  def record(next_fun, a, kw, context):
+    if context.method_name == "__call__" and _plain_dense(context.module):
+      dense_paths.add(tuple(context.module.path))
+    return next_fun(*a, **kw)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: model.apply(v, *args, **kwargs),
+                   dequantize_params(dict(variables)))
+
   def prepare(path, leaf):
-    if _is_dense_kernel(path, leaf):
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    if (isinstance(leaf, QArray) and leaf.ndim == 2 and leaf.axis == -2 and len(keys) >= 2
+        and keys[0] == "params" and keys[-1] == "kernel" and keys[1:-1] in dense_paths):
       return leaf
     if isinstance(leaf, QArray):
       return dequantize(leaf)
@@ -297,17 +316,17 @@ def weight_only_apply(model, variables: dict, *args, impl: str | None = None, **
 
   def dense(next_fun, a, kw, context):
     m = context.module
-    if context.method_name == "__call__" and type(m) is nn.Dense:
+    if context.method_name == "__call__" and _plain_dense(m):
       kernel = m.get_variable("params", "kernel")
       if isinstance(kernel, QArray):
-        x = a[0]
-        dtype = m.dtype or jnp.result_type(x.dtype, jnp.float32 if m.param_dtype is None
-                                           else m.param_dtype)
-        y = gemm.weight_only_dot(x.astype(dtype), kernel, impl=impl, out_dtype=dtype,
+        x = a[0] if a else kw["inputs"]
+        bias = m.get_variable("params", "bias") if m.use_bias else None
+        # flax's promote_dtype: the module's dtype, else that of inputs, kernel and bias.
+        dtype = m.dtype or jnp.result_type(x.dtype, kernel.orig_dtype,
+                                           *(() if bias is None else (bias.dtype,)))
+        y = gemm.weight_only_dot(jnp.asarray(x, dtype), kernel, impl=impl, out_dtype=dtype,
                                  strict=False)
-        if m.use_bias:
-          y = y + m.get_variable("params", "bias").astype(dtype)
-        return y
+        return y if bias is None else y + jnp.asarray(bias, dtype)
     return next_fun(*a, **kw)
 
   with nn.intercept_methods(dense):

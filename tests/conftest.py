@@ -49,9 +49,9 @@ _DEFAULT_SECONDS, _LONG_COMPILE_SECONDS = 10.0, 120.0
 
 def pytest_collection_modifyitems(config, items):
   """Longest tests first (seconds measured on the GPU machine, ``gpu_test_seconds.json``):
-  with the GPU test command's ``--dist load --maxschedchunk=1`` each worker takes the next
-  longest test when it is free, so the run ends when the total work does (about the sum
-  over the workers) rather than when an unlucky worker's queue does.
+  under the GPU test command's ``--dist load --maxschedchunk=1`` xdist hands out the first
+  quarter of the tests round-robin and then one at a time as workers free up (each keeps
+  one queued), so the long compiles start early and the short tests fill the end.
 
   Only for the GPU test command (``FP4JAX_FULL_SWEEPS=1``): elsewhere the collection order
   stays (module-scoped fixtures, such as the experiment tests' shared tiny runs, are set

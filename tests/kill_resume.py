@@ -39,42 +39,56 @@ def run_with_kills(module: str, workdir: str, args: list[str], kills: list[tuple
                    timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[str]]:
   """Runs ``python -m module --workdir=workdir --resume *args`` once per kill point,
   SIGKILLing it there, then once to the end. Returns (the last process, a description of
-  each kill: the point and what was in the run's checkpoint directory at that moment)."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  each kill; a kill that landed during a checkpoint write says ``mid-write``).
+
+  A ``"saving"`` point is checked with the process stopped (SIGSTOP): the kill lands
+  mid-write only if the new temporary directory is still there; if the write finished
+  first, the process continues and the next write is tried."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             # Killed processes only read the session's compilation cache: a kill during a
+             # cache write would leave a truncated entry for every later process.
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9")
   cmd = [sys.executable, "-m", module, f"--workdir={workdir}", "--resume", *args]
   done = []
   for point in kills:
     run = point[1]
     ckpt = os.path.join(workdir, run, "checkpoints")
     before = _tmp_entries(ckpt)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    try:
-      while True:
-        if proc.poll() is not None:
-          raise AssertionError(f"{module} ended (status {proc.returncode}) before the kill "
-                               f"point {point}: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-          raise AssertionError(f"{module}: kill point {point} not reached in {timeout} s")
-        if point[0] == "saving":
-          hit = bool(_tmp_entries(ckpt) - before)
-        else:
-          hit = _max_train_step(os.path.join(workdir, run, "metrics.jsonl")) >= point[2]
-        if hit:
-          proc.send_signal(signal.SIGKILL)
-          contents = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
-          break
-        time.sleep(POLL_SECONDS)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-      proc.wait()
-      proc.stderr.close()
+    err_path = os.path.join(workdir, f"stderr_{len(done)}.txt")
+    os.makedirs(workdir, exist_ok=True)
+    with open(err_path, "w") as err:
+      proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+      deadline, what = time.time() + timeout, None
+      try:
+        while what is None:
+          if proc.poll() is not None:
+            raise AssertionError(f"{module} ended (status {proc.returncode}) before the kill "
+                                 f"point {point}: {open(err_path).read()[-2000:]}")
+          if time.time() > deadline:
+            raise AssertionError(f"{module}: kill point {point} not reached in {timeout} s")
+          if point[0] == "saving":
+            if _tmp_entries(ckpt) - before:
+              proc.send_signal(signal.SIGSTOP)
+              if _tmp_entries(ckpt) - before:       # still being written: kill it there
+                what = "mid-write"
+              else:                                 # finished meanwhile: try the next one
+                before = _tmp_entries(ckpt)
+                proc.send_signal(signal.SIGCONT)
+          elif _max_train_step(os.path.join(workdir, run, "metrics.jsonl")) >= point[2]:
+            what = "after a logged step"
+          if what is None:
+            time.sleep(POLL_SECONDS)
+        proc.send_signal(signal.SIGKILL)
+        contents = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, (point, proc.returncode)
-    done.append(f"{point}: checkpoints {contents}")
-  last = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+    done.append(f"{point}: killed {what}; checkpoints {contents}")
+  last = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT,
+                                                 JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=timeout)
   return last, done
 
 

@@ -68,12 +68,14 @@ class _State(NamedTuple):
   w: jnp.ndarray
 
 
-def _loop(tmp_path, bad_at, *, log_every=100, checkpoint_every=2, steps=10):
-  """train_loop on a one-number 'model' whose loss is NaN from step ``bad_at`` on."""
+def _loop(tmp_path, bad_at, *, log_every=100, checkpoint_every=2, steps=10, bad_w_at=10**6):
+  """train_loop on a one-number 'model' whose loss is NaN from step ``bad_at`` on (and
+  whose weight becomes Inf at step ``bad_w_at`` while the loss stays finite)."""
   def train_step(state, x):
     step = state.step + 1
     loss = jnp.where(step >= bad_at, jnp.nan, 1.0 / step)
-    return _State(step, state.w + x), {"loss": loss}
+    w = jnp.where(step >= bad_w_at, jnp.inf, state.w + x)
+    return _State(step, w), {"loss": loss}
 
   cfg = common.LoopConfig(steps=steps, log_every=log_every, eval_every=100,
                           checkpoint_every=checkpoint_every)
@@ -109,6 +111,13 @@ def test_a_non_finite_loss_before_any_save_says_none_was_written(tmp_path):
   with pytest.raises(common.NonFiniteLoss, match="at step 1 .*no checkpoint was written"):
     _loop(tmp_path, bad_at=1, checkpoint_every=3)
   assert _saved_steps(tmp_path) == []
+
+
+def test_a_non_finite_state_behind_a_finite_loss_is_not_saved(tmp_path):
+  with pytest.raises(common.NonFiniteLoss, match="state .* is not finite at step 4 although "
+                     "the loss was; stopped before saving it: the last checkpoint is step 2"):
+    _loop(tmp_path, bad_at=10**6, bad_w_at=3)
+  assert _saved_steps(tmp_path) == [2]
 
 
 def test_finite_losses_train_to_the_end(tmp_path):

@@ -1,6 +1,8 @@
 """fp4jax.interop: the gpt-oss / OCP MX MXFP4 layout and safetensors files, checked bit for
 bit both ways and against an independent numpy decoder written here."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -105,9 +107,9 @@ def test_save_then_load_is_the_same_tree(tmp_path, rng):
   with st.safe_open(str(path), "np") as f:
     assert sorted(f.keys()) == ["embed", "layers.0.norm", "layers.0.w.blocks",
                                 "layers.0.w.scales"]
-    assert f.metadata() == {"format": "mxfp4"}
+    assert f.metadata()["format"] == "mxfp4"
     assert f.get_tensor("layers.0.w.blocks").shape == (3, 64, 4, 16)
-  back = interop.load_safetensors(path, dtype=jnp.float32)
+  back = interop.load_safetensors(path)       # float32: recorded in the metadata
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
     _same_bytes(a, b)
@@ -159,8 +161,10 @@ def test_flax_kernels_are_stored_in_the_gpt_oss_orientation_and_come_back(tmp_pa
   with st.safe_open(str(path), "np") as f:
     assert f.get_tensor("dense.kernel.blocks").shape == (64, 4, 16)      # (out, in/32, 16)
     assert f.get_tensor("moe.w.blocks").shape == (3, 32, 2, 16)
-    assert f.metadata() == {interop.TRANSPOSED_KEY: "dense.kernel,moe.w"}
-  back = interop.load_safetensors(path, dtype=jnp.float32)
+    assert json.loads(f.metadata()[interop.QARRAYS_KEY]) == {
+        "dense.kernel": {"dtype": "float32", "transposed": True},
+        "moe.w": {"dtype": "float32", "transposed": True}}
+  back = interop.load_safetensors(path)      # the recorded dtype, not the bf16 default
   for got, want in ((back["dense"]["kernel"], k), (back["moe"]["w"], experts)):
     assert got.shape == want.shape and got.axis == -2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -183,6 +187,9 @@ def test_bad_files_and_arguments_are_named(tmp_path, rng):
   path = str(tmp_path / "half.safetensors")
   st.save_file({"w.blocks": blocks}, path)
   with pytest.raises(ValueError, match="'w.blocks' has no 'w.scales'"):
+    interop.load_safetensors(path)
+  st.save_file({"w": blocks, "w.blocks": blocks, "w.scales": scales}, path)
+  with pytest.raises(ValueError, match="'w' is both a tensor and an MXFP4 pair"):
     interop.load_safetensors(path)
   with pytest.raises(FileNotFoundError, match="no file"):
     interop.load_safetensors(tmp_path / "missing.safetensors")

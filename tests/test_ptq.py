@@ -140,3 +140,35 @@ def test_weight_only_dot_names_what_the_kernel_cannot_take(rng):
     gemm.weight_only_dot(jnp.ones((4, 64)), w)
   with pytest.raises(TypeError, match="must be a 2D QArray"):
     gemm.weight_only_dot(x, jnp.ones((128, 10)))
+
+
+def test_weight_only_apply_dequantizes_what_is_not_a_plain_dense(rng, monkeypatch):
+  # A 2D DenseGeneral kernel and a Dense subclass look like Dense kernels in the tree;
+  # they are dequantized, not given to the weight-only GEMM (which would not match them).
+  import flax.linen as nn
+
+  class MyDense(nn.Dense):
+    pass
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.DenseGeneral(64, name="general")(x)
+      x = MyDense(64, name="sub")(x)
+      return nn.Dense(32, name="plain")(inputs=x)
+
+  x = jnp.asarray(rng.standard_normal((8, 64)).astype(np.float32))
+  v = Net().init(jax.random.key(0), x)
+  q = {"params": {k: {**p, "kernel": fp4jax.quantize(p["kernel"], "mxfp4", axis=-2)}
+                  for k, p in v["params"].items()}}
+  ref = Net().apply(ptq.dequantize_params(q), x)
+  got = ptq.weight_only_apply(Net(), q, x, impl="xla")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  from fp4jax.kernels import weight_only as kernel_weight_only
+  launched = []
+  real = kernel_weight_only.weight_only_matmul
+  monkeypatch.setattr(kernel_weight_only, "weight_only_matmul",
+                      lambda xx, w, **kw: launched.append(w.shape) or real(xx, w, **kw))
+  got = ptq.weight_only_apply(Net(), q, x, impl="pallas")
+  assert launched == [(64, 32)], launched       # the plain Dense only (inputs= by keyword)
+  assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= 2e-2 * np.abs(np.asarray(ref)).max()

@@ -18,7 +18,7 @@ import sys
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                     "gpu_test_seconds.json")
-LINE = re.compile(r"^([0-9.]+)s (call|setup|teardown)\s+(\S+)$")
+LINE = re.compile(r"^([0-9.]+)s (call|setup|teardown)\s+(.+?)\s*$")
 MIN_SECONDS = 1.0   # shorter tests sort with the default; listing them would only add noise
 
 

@@ -43,11 +43,12 @@ if [ -z "${GPU_TESTS:-}" ]; then
     tests/test_distributed.py > "$DIST_LOG" 2>&1 &
   dist_pid=$!
 fi
-# Longest first, one at a time: tests/conftest.py sorts the tests by their seconds in the
-# last GPU run (tests/gpu_test_seconds.json) and --maxschedchunk=1 hands each free worker
-# the next one. With xdist's default chunks, 51 tests (including quick ones) were still
-# queued behind busy workers at the 578 s limit while the 16 workers' total was ~5,100 s,
-# i.e. the run was half idle (kernels/results/test_gpu_nvidia_h200.log, 2026-12-03).
+# Longest first: tests/conftest.py sorts the tests by their seconds in the last GPU run
+# (tests/gpu_test_seconds.json); after xdist's first round-robin quarter,
+# --maxschedchunk=1 hands free workers one test at a time. The tests' own seconds sum to
+# ~5,100-5,900 worker-seconds, ~370 s over 16 workers (H200, 2026-12-03); two runs that
+# ended at 578 s with 729 of 731 passed were held up by one kernel compile (see
+# fp4jax.kernels.quantize.MAX_COMPILED_COLUMN_PHASES), not by the order.
 # SIGINT at the time limit still prints the failures so far and the durations.
 JAX_PLATFORMS=cuda,cpu timeout -s INT "${GPU_TIME_LIMIT:-560}" "$PY" -m pytest -q \
   -n "${WORKERS:-16}" --dist load --maxschedchunk=1 -p no:cacheprovider -p no:benchmark -rf --tb=short \

@@ -303,8 +303,10 @@ def column_hadamard_compile_reason(hadamard_block: int, spec: QuantSpec) -> str 
   rounding = "stochastic rounding" if spec.rounding == "stochastic" else spec.rounding
   return (f"hadamard_block={hadamard_block} along columns with {spec.name or 'this spec'} "
           f"({rounding}, {spec.scale_format.name} scales) needs {phases} row phases in one "
-          f"program, whose Triton compile takes over 9 minutes; use {smaller}the transpose "
-          "along rows, or the pure-JAX path (fp4jax.hadamard.rht, then fp4jax.quantize)")
+          "program; compiled, such launches are refused (NVFP4 with stochastic rounding "
+          "did not finish compiling in 9 minutes on an H200; the other non-MX-nearest "
+          f"specs are untried); use {smaller}the transpose along rows, or the pure-JAX path "
+          "(fp4jax.hadamard.rht, then fp4jax.quantize)")
 
 
 def _fast_e2m1(spec: QuantSpec) -> bool:
