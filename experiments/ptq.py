@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,16 +105,16 @@ def train_bf16(model: ViT, ds: data.ImageData, steps: int, seed: int):
   return params
 
 
-# What a file --export writes needs to rebuild its model and data (its metadata).
-_SOURCE: dict[str, str] = {}
 METADATA_PREFIX = "experiments.ptq."
 EXPORTABLE_METHODS = ("rtn", "gptq")   # plain QArrays; the *_hadamard ones are rotated
 
 
-def _source_metadata() -> dict[str, str]:
-  src = _SOURCE or {"model": FLAGS.model, "dataset": "digits", "data_dir": "None",
-                    "image_size": "None", "seed": str(FLAGS.seed)}
-  return {METADATA_PREFIX + k: v for k, v in src.items()}
+SOURCE_KEYS = ("model", "dataset", "data_dir", "image_size", "seed")
+
+
+def _source_metadata(source: dict[str, Any]) -> dict[str, str]:
+  """What a file --export writes needs to rebuild its model and data (its metadata)."""
+  return {METADATA_PREFIX + k: str(source.get(k)) for k in SOURCE_KEYS}
 
 
 def evaluate_file(path: str) -> dict:
@@ -149,14 +150,13 @@ def evaluate_file(path: str) -> dict:
 
 
 def load_run(workdir: str, run: str):
-  """(model, params, dataset) of a vit_tetrajet run, rebuilt from its config.json."""
+  """(model, params, dataset, source) of a vit_tetrajet run, rebuilt from its config.json
+  (source: the flags that rebuild model and data, :data:`SOURCE_KEYS`)."""
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path):
     raise ValueError(f"--from_workdir={workdir!r} has no config.json: point it at a "
                      "python -m experiments.vit_tetrajet --workdir")
   cfg = json.load(open(cfg_path))["flags"]
-  global _SOURCE
-  _SOURCE = {k: str(cfg.get(k)) for k in ("model", "dataset", "data_dir", "image_size", "seed")}
   if cfg.get("scan_layers"):
     raise ValueError(f"--from_workdir={workdir!r} was trained with scanned layers; GPTQ needs "
                      "each layer's inputs: train it with --noscan_layers")
@@ -171,7 +171,7 @@ def load_run(workdir: str, run: str):
   restored = ckpt.restore(None)
   ckpt.close()
   params = jax.tree.map(lambda t, r: jnp.asarray(r, t.dtype), params, restored["params"])
-  return model, params, ds
+  return model, params, ds, {k: cfg.get(k) for k in SOURCE_KEYS}
 
 
 def main(argv):
@@ -197,7 +197,7 @@ def main(argv):
     if bad:
       raise ValueError(f"--methods has unknown {bad}; choose from {', '.join(ptq.METHODS)}")
     if FLAGS.from_workdir:
-      model, params, ds = load_run(FLAGS.from_workdir, FLAGS.run)
+      model, params, ds, source = load_run(FLAGS.from_workdir, FLAGS.run)
     else:
       if FLAGS.model not in MODELS:
         raise ValueError(f"--model={FLAGS.model!r} is unknown; choose one of {', '.join(MODELS)}")
@@ -205,6 +205,7 @@ def main(argv):
       p, w, d, h, m = MODELS[FLAGS.model]
       model = ViT(len(ds.classes), p, w, d, h, m)
       params = None
+      source = {"model": FLAGS.model, "dataset": "digits", "seed": FLAGS.seed}
     if FLAGS.calibration > len(ds.train_y):   # before any training: a usage error
       raise ValueError(f"--calibration={FLAGS.calibration} is more than the "
                        f"{len(ds.train_y)} training images; pass at most that many")
@@ -238,7 +239,7 @@ def main(argv):
       sc, _ = scores(q, ref_logits)
       rows.append({"format": fmt, "method": method, **sc, "weight_bytes": ptq.nbytes(q)})
       if FLAGS.export:
-        _export(q, fmt, method, rows[-1])
+        _export(q, fmt, method, rows[-1], source)
       print(f"{fmt:6} {method:14} accuracy {sc['test_accuracy']:.4f}  loss "
             f"{sc['test_loss']:.4f}  output MSE {sc['output_mse']:.5f}  "
             f"{rows[-1]['weight_bytes']} bytes", flush=True)
@@ -257,7 +258,7 @@ def main(argv):
       "float model. Plot: ptq.png.")
 
 
-def _export(q, fmt: str, method: str, row: dict) -> None:
+def _export(q, fmt: str, method: str, row: dict, source: dict[str, Any]) -> None:
   """Writes ``q`` to ``--export`` in the gpt-oss MXFP4 layout (MXFP4, plain methods)."""
   from fp4jax import interop
   spec = fp4jax.get_spec(fmt)
@@ -269,7 +270,7 @@ def _export(q, fmt: str, method: str, row: dict) -> None:
     return
   os.makedirs(FLAGS.export, exist_ok=True)
   path = os.path.join(FLAGS.export, f"{fmt}_{method}.safetensors")
-  interop.save_safetensors(path, q, metadata=_source_metadata())
+  interop.save_safetensors(path, q, metadata=_source_metadata(source))
   row["file"] = path
   print(f"ptq: wrote {path}", flush=True)
 

@@ -109,13 +109,8 @@ class QArray:
     ``axis=-2``). No element is re-encoded, so it is exact and free of rounding."""
     if self.ndim != 2:
       raise ValueError(f"QArray.transpose takes 2D arrays, got shape {self.shape}; use "
-                       "dequantize and jnp.transpose for other ranks")
-    ts = None if self.tensor_scale is None else self.tensor_scale.reshape(1, 1)
-    spec = self.spec
-    if spec.granularity == "tile":
-      spec = spec.replace(tile=tuple(reversed(spec.tile)))
-    return QArray(self.codes.T, self.scales.T, ts, spec, -1 if self.axis % 2 == 0 else -2,
-                  tuple(reversed(self.padding)), self.orig_dtype)
+                       "matrix_transpose (.mT) to swap the last two axes of a batch")
+    return self.matrix_transpose()
 
   @property
   def T(self) -> "QArray":  # noqa: N802 (numpy's name)

@@ -124,3 +124,10 @@ def test_scaled_matmul_operand_names_what_cudnn_cannot_take():
     fp4jax.quantize(jnp.ones((4, 64)), "int4_g32").scaled_matmul_operand()
   with pytest.raises(ValueError, match="rank 4"):
     fp4jax.quantize(jnp.ones((2, 2, 4, 64)), "mxfp4").scaled_matmul_operand()
+
+
+def test_matrix_transpose_needs_two_axes_and_transpose_names_it_for_batches():
+  with pytest.raises(ValueError, match="matrix_transpose needs at least 2 axes"):
+    fp4jax.quantize(jnp.ones((64,)), "mxfp4").mT
+  with pytest.raises(ValueError, match=r"QArray.transpose takes 2D arrays.*\.mT"):
+    fp4jax.quantize(jnp.ones((2, 4, 64)), "mxfp4").T

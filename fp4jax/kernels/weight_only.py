@@ -144,6 +144,14 @@ def weight_only_tile(m: int, k: int, n: int, block: int) -> tuple[int, int, int]
   return weight_only_rows_tile(m), bn, bk
 
 
+def _takes_weights(w: QArray) -> bool:
+  """Packed E2M1 codes with 8-bit scales in 1D blocks of 16/32, unpadded."""
+  s = w.spec
+  return (rounding_lib.is_e2m1(s.element) and s.packed and not any(w.padding)
+          and s.scale_format.storage_bits == 8 and s.block_size in BLOCK_SIZES
+          and s.granularity == "block")
+
+
 def unsupported_reason(x_shape, w: Any) -> str | None:
   """Why :func:`weight_only_matmul` cannot take ``x @ w`` (None: it can, with
   :func:`weight_only_tile`)."""
@@ -152,9 +160,7 @@ def unsupported_reason(x_shape, w: Any) -> str | None:
   if len(x_shape) != 2 or x_shape[1] != w.shape[0]:
     return f"x {tuple(x_shape)} and w {w.shape} do not contract"
   s = w.spec
-  if not (rounding_lib.is_e2m1(s.element) and s.packed and not any(w.padding)
-          and s.scale_format.storage_bits == 8 and s.block_size in BLOCK_SIZES
-          and s.granularity == "block"):
+  if not _takes_weights(w):
     return (f"{s.name or 'the spec'} is not packed E2M1 with 8-bit scales in blocks of "
             f"{'/'.join(map(str, BLOCK_SIZES))} (unpadded)")
   if weight_only_tile(x_shape[0], x_shape[1], w.shape[1], s.block_size) is None:
@@ -180,8 +186,7 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
     raise ValueError("weight_only_matmul: w must be a 2D QArray blocked along K (axis=-2)")
   if x.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"weight_only_matmul: x {x.shape} and w {w.shape} do not contract")
-  if not (rounding_lib.is_e2m1(w.spec.element) and w.spec.packed and not any(w.padding)
-          and w.spec.scale_format.storage_bits == 8 and w.spec.block_size in BLOCK_SIZES and w.spec.granularity == "block"):
+  if not _takes_weights(w):
     raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
                      f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
   m, k, n = x.shape[0], x.shape[1], w.shape[1]
