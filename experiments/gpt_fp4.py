@@ -53,7 +53,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("bf16_last_blocks", 1, "NVFP4 runs keep this many last blocks in BF16 "
                        "(0: the ablation 'no BF16 last layers')")
   flags.DEFINE_integer("block_size", None, "override every block size (tiles: block x block)")
-  flags.DEFINE_string("model", "gpt_tiny", f"one of {', '.join(GPT_CONFIGS)}")
+  flags.DEFINE_string("model", "gpt_tiny", f"one of {', '.join(GPT_CONFIGS)} (*_moe: "
+                      "mixture-of-experts MLPs, expert GEMMs quantized per expert)")
+  flags.DEFINE_float("moe_aux_weight", 0.01, "MoE models: weight of the load-balancing loss "
+                     "(Switch Transformer's; mean over blocks) in the training loss",
+                     lower_bound=0.0)
   flags.DEFINE_enum("dataset", "stdlib", list(data.TEXT_DATASETS), "training text")
   flags.DEFINE_string("data_dir", None, "text files for --dataset=text (file, folder or list)")
   flags.DEFINE_integer("max_bytes", 4_000_000, "bytes of text to read", lower_bound=1)
@@ -118,11 +122,14 @@ def parse_run(name: str, *, no_hadamard: bool = False, no_sr: bool = False,
 
 
 def check_model_fits(run: RunSpec, model: str, context: int, batch: int) -> None:
-  width, depth, _, mlp, _ = GPT_CONFIGS[model]
+  cfg = GPT_CONFIGS[model]
+  width, depth, mlp = cfg.width, cfg.depth, cfg.mlp
   if run.bf16_last_blocks > depth:
     raise ValueError(f"--bf16_last_blocks={run.bf16_last_blocks} exceeds the depth {depth}")
   common.check_widths_fit(run.recipe, {"width": width, "MLP width": mlp,
                                        "tokens per batch": batch * context}, model)
+  # An MoE's expert GEMMs contract the width (forward) and the MLP width (dgrad) per
+  # expert; their tokens (wgrad) are padded per expert, so any batch fits.
 
 
 def split_text(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +152,17 @@ def make_steps(model: GPT, tx, par: common.Parallel, state: common.TrainState):
     logits = model.apply({"params": params}, x, rngs={"quant": key})
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  grad_fn = par.value_and_grad(loss_fn, batch_argnums=(0, 1), key_argnum=2)
+  def train_loss(params, x, y, key):
+    if not model.experts:
+      return loss_fn(params, x, y, key)
+    # Mixture of experts: + the Switch load-balancing loss of every MoE block.
+    logits, inter = model.apply({"params": params}, x, rngs={"quant": key},
+                                mutable=["intermediates"])
+    aux = sum(jnp.sum(v) for v in jax.tree.leaves(inter))
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            + FLAGS.moe_aux_weight * aux / model.depth)
+
+  grad_fn = par.value_and_grad(train_loss, batch_argnums=(0, 1), key_argnum=2)
 
   def train_step(state: common.TrainState, x, y):
     key = jax.random.fold_in(state.key, state.step)

@@ -490,12 +490,50 @@ def choose_weight_only(x_shape, w: QArray, policy: str | None = None, *, strict:
   return choice
 
 
+# ---------------------------------------------------------------------- grouped GEMM
+
+
+class GroupedGemmImpl(enum.Enum):
+  """What multiplies the quantized operands of a grouped (mixture-of-experts) GEMM
+  (:func:`fp4jax.qragged.qragged_dot`); every path quantizes them bit for bit alike."""
+
+  REFERENCE = "reference"
+  """``lax.ragged_dot`` of the float32 quantized values at ``Precision.HIGHEST``."""
+
+  BF16 = "bf16"
+  """``lax.ragged_dot`` of the quantized values in BF16 (exact: :func:`fp4jax.spec.bf16_exact`) with
+  float32 accumulation, two-level tensor scales multiplying the float32 results; what
+  runs on a GPU, on its BF16 tensor cores."""
+
+
+def choose_grouped_gemm(recipe, policy: str | None = None,
+                        facts: DeviceFacts | None = None) -> Choice:
+  """The GEMM of :func:`fp4jax.qragged.qragged_dot` for ``recipe`` under ``policy``
+  (None: the :func:`gemm_impl` context's): ``"xla"`` the float32 reference; otherwise BF16
+  where the backend has a BF16 dot and every quantized operand is exact in BF16."""
+  policy = current_policy() if policy is None else check_policy(policy, "grouped GEMM")
+  facts = facts or device_facts()
+  specs = [getattr(recipe, op) for op in ("fwd_lhs", "fwd_rhs", "dgrad_grad", "dgrad_rhs",
+                                          "wgrad_lhs", "wgrad_grad")]
+  if policy == "xla":
+    choice = Choice(GroupedGemmImpl.REFERENCE, reason="the xla policy")
+  elif not facts.bf16_dot:
+    choice = Choice(GroupedGemmImpl.REFERENCE, reason="no BF16 dot on this backend")
+  elif not all(sp is not None and spec_lib.bf16_exact(sp) for sp in specs):
+    choice = Choice(GroupedGemmImpl.REFERENCE, reason="an operand's values are not exact "
+                    "in BF16")
+  else:
+    choice = Choice(GroupedGemmImpl.BF16)
+  _log_once("grouped GEMM", recipe.name, choice)
+  return choice
+
+
 def interpret_mode(facts: DeviceFacts | None = None) -> bool:
   """Whether a Pallas kernel asked for by name runs in interpret mode (off a GPU)."""
   return not (facts or device_facts()).on_gpu
 
 
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
-           "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl",
-           "WeightOnlyImpl", "check_policy", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
+           "GroupedGemmImpl", "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl",
+           "WeightOnlyImpl", "check_policy", "choose_grouped_gemm", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
            "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

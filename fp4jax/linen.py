@@ -36,6 +36,7 @@ from flax.linen import linear as flax_linear
 from fp4jax import recipes as recipes_lib
 from fp4jax.qconv import qconv_general_dilated
 from fp4jax.qdot import qdot_general, qeinsum
+from fp4jax.qragged import qragged_dot
 
 QUANT_RNG = "quant"
 Q_EMA_COLLECTION = "q_ema"
@@ -203,9 +204,52 @@ class QEinsum(nn.Einsum):
                        einsum_str)
 
 
+class GroupedDense(nn.Module):
+  """The expert GEMM of a mixture-of-experts layer: ``x`` (M, in) tokens sorted by expert
+  times ``kernel`` (experts, in, features), ``group_sizes`` (experts,) rows per expert, as
+  ``jax.lax.ragged_dot``; quantized per expert by ``recipe`` through
+  :func:`fp4jax.qragged.qragged_dot` (forward, dgrad and wgrad), or in high precision for
+  ``recipe=None``, where :func:`fp4jax.quantize_model`'s rules may pick one (layer kind
+  ``"grouped"``; e.g. ``RULE_SETS["moe_experts_mxfp4"]`` matches a parent named
+  ``experts``). Randomness from the ``"quant"`` stream, as the other layers.
+
+  Attributes:
+    experts: number of experts G.
+    features: output width N of each expert.
+    recipe: a recipe name or :class:`~fp4jax.recipes.Recipe`, or None.
+    dtype: computation dtype (default: inferred from the input and the kernel).
+    param_dtype: the kernel's dtype.
+    kernel_init: initializer of the (experts, in, features) kernel (LeCun normal per
+      expert by default).
+  """
+
+  experts: int
+  features: int
+  recipe: RecipeLike | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+  def __post_init__(self):
+    if self.recipe is not None:
+      recipes_lib.get(self.recipe)  # fail early on an unknown recipe
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (self.experts, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if self.recipe is None:
+      return jax.lax.ragged_dot(x, kernel, group_sizes)
+    recipe = recipes_lib.effective(recipes_lib.get(self.recipe))
+    return qragged_dot(x, kernel, group_sizes, recipe, quant_key(self, recipe),
+                       preferred_element_type=x.dtype)
+
+
 LAYERS = {nn.Dense: QDense, nn.DenseGeneral: QDenseGeneral, nn.Conv: QConv,
           nn.Einsum: QEinsum}
 
-__all__ = ["QConv", "QDense", "QDenseGeneral", "QEinsum", "QuantConvGeneralDilated",
+__all__ = ["GroupedDense", "QConv", "QDense", "QDenseGeneral", "QEinsum", "QuantConvGeneralDilated",
            "QuantDotGeneral", "QUANT_RNG", "Q_EMA_COLLECTION", "kernel_reference",
            "quant_key"]

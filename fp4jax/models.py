@@ -9,13 +9,17 @@ Every linear layer is ``fp4jax.linen.QDense`` with the model's ``recipe`` (plain
 ``flax.linen.Dense`` when the recipe is None or "bf16"), except the classifier head,
 which stays in high precision as in NVIDIA's NVFP4 recipe and TetraJet. The attention
 products (QK^T, AV) are not quantized: the recipes quantize the linear layers' GEMMs.
+A mixture-of-experts GPT (``experts > 0``, e.g. ``"gpt_tiny_moe"``) runs each block's MLP as
+a :class:`MoEMLP`, its experts' GEMMs quantized per expert
+(:class:`fp4jax.linen.GroupedDense`); its router stays in high precision.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 import fp4jax.linen as qnn
@@ -39,14 +43,82 @@ def dense(features: int, recipe: Any, dtype: Any, name: str) -> nn.Module:
   return qnn.QDense(features, recipe=recipe, dtype=dtype, name=name)
 
 
+MOE_AUX_LOSS = "moe_aux_loss"   # the name MoEMLP sows its load-balancing loss under
+
+
+class _Experts(nn.Module):
+  """The experts' two grouped GEMMs (a parent named ``experts``, so that rules such as
+  ``RULE_SETS["moe_experts_mxfp4"]`` can target them)."""
+  experts: int
+  width: int
+  mlp: int
+  recipe: Any = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, group_sizes):
+    recipe = None if self.recipe is None or self.recipe == "bf16" else self.recipe
+    h = qnn.GroupedDense(self.experts, self.mlp, recipe, self.dtype, name="fc1")(x, group_sizes)
+    return qnn.GroupedDense(self.experts, self.width, recipe, self.dtype,
+                            name="fc2")(nn.gelu(h), group_sizes)
+
+
+class MoEMLP(nn.Module):
+  """Top-k mixture-of-experts MLP (Shazeer et al. 2017; Switch, Fedus et al. 2021; gpt-oss
+  routes each token to 4 of 32 or 128 experts): tokens (..., width) -> (..., width).
+
+  A high-precision linear router scores the experts; each token goes to its ``top_k``
+  best, weighted by the softmax of the selected scores (gpt-oss's routing). The
+  ``tokens * top_k`` assignments are sorted by expert, so each expert's rows are
+  contiguous, and the experts' GELU MLPs run as two grouped GEMMs
+  (:class:`fp4jax.linen.GroupedDense`, quantized per expert by ``recipe``); the results
+  are weighted and summed back per token. The Switch load-balancing loss
+  ``E * sum_e f_e p_e`` (``f_e`` the fraction of assignments to expert e, ``p_e`` its mean
+  router probability; 1 when balanced) is sown in ``"intermediates"`` under
+  :data:`MOE_AUX_LOSS`: apply with ``mutable=["intermediates"]`` to add it to the loss.
+  """
+  width: int
+  mlp: int
+  experts: int = 8
+  top_k: int = 2
+  recipe: Any = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if not 1 <= self.top_k <= self.experts:
+      raise ValueError(f"MoEMLP: top_k={self.top_k} must be in 1..experts={self.experts}")
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    logits = nn.Dense(self.experts, dtype=jnp.float32, name="router")(tokens)
+    top_logits, top_experts = jax.lax.top_k(logits, self.top_k)            # (T, k)
+    gate = jax.nn.softmax(top_logits, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    frac = jnp.mean(jax.nn.one_hot(top_experts, self.experts).sum(1), 0) / self.top_k
+    self.sow("intermediates", MOE_AUX_LOSS, self.experts * jnp.sum(frac * probs.mean(0)))
+    flat = top_experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)          # assignments sorted by expert
+    token_of = order // self.top_k
+    group_sizes = jnp.bincount(flat, length=self.experts).astype(jnp.int32)
+    y = _Experts(self.experts, shape[-1], self.mlp, self.recipe, self.dtype,
+                 name="experts")(tokens[token_of].astype(self.dtype), group_sizes)
+    y = y.astype(jnp.float32) * gate.reshape(-1)[order][:, None]
+    out = jnp.zeros(tokens.shape, jnp.float32).at[token_of].add(y)
+    return out.astype(x.dtype).reshape(shape)
+
+
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block; ``causal`` masks attention to earlier positions (GPT)."""
+  """Pre-LN transformer block; ``causal`` masks attention to earlier positions (GPT);
+  ``experts > 0`` replaces the MLP by a :class:`MoEMLP` of that many experts (``mlp``
+  wide each, ``top_k`` per token)."""
   width: int
   heads: int
   mlp: int
   recipe: Any = None
   dtype: Any = jnp.float32
   causal: bool = False
+  experts: int = 0
+  top_k: int = 2
 
   @nn.compact
   def __call__(self, x):
@@ -62,6 +134,9 @@ class EncoderBlock(nn.Module):
     y = jnp.einsum("bhqk,bkhd->bqhd", att, v[:, :, 0]).reshape(b, t, self.width)
     x = x + dense(self.width, self.recipe, self.dtype, "proj")(y)
     y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+    if self.experts:
+      return x + MoEMLP(self.width, self.mlp, self.experts, self.top_k, self.recipe,
+                        self.dtype, name="moe")(y)
     y = nn.gelu(dense(self.mlp, self.recipe, self.dtype, "fc1")(y))
     return x + dense(self.width, self.recipe, self.dtype, "fc2")(y)
 
@@ -128,9 +203,22 @@ class ViT(nn.Module):
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
 
 
-GPT_CONFIGS = {  # name -> (width, depth, heads, mlp, context)
-    "gpt_tiny": (128, 4, 4, 512, 64),
-    "gpt_small": (768, 12, 12, 3072, 1024),
+class GPTConfig(NamedTuple):
+  """A GPT's shape; ``experts > 0``: every block's MLP is a top-``top_k`` MoE of
+  ``experts`` experts, each ``mlp`` wide."""
+  width: int
+  depth: int
+  heads: int
+  mlp: int
+  context: int
+  experts: int = 0
+  top_k: int = 2
+
+
+GPT_CONFIGS = {
+    "gpt_tiny": GPTConfig(128, 4, 4, 512, 64),
+    "gpt_tiny_moe": GPTConfig(128, 4, 4, 128, 64, experts=8, top_k=2),
+    "gpt_small": GPTConfig(768, 12, 12, 3072, 1024),
 }
 
 
@@ -155,13 +243,16 @@ class GPT(nn.Module):
   dtype: Any = jnp.float32
   high_precision_last: int = 0
   scan_layers: bool = False  # as ViT's: the quantized blocks as one nn.scan (one compile)
+  experts: int = 0           # > 0: mixture-of-experts MLPs (MoEMLP)
+  top_k: int = 2
 
   @classmethod
   def from_name(cls, name: str, **kw) -> "GPT":
     if name not in GPT_CONFIGS:
       raise ValueError(f"unknown GPT {name!r}; choose one of {sorted(GPT_CONFIGS)}")
-    w, d, h, m, c = GPT_CONFIGS[name]
-    return cls(256, w, d, h, m, c, **kw)
+    c = GPT_CONFIGS[name]
+    return cls(256, c.width, c.depth, c.heads, c.mlp, c.context, experts=c.experts,
+               top_k=c.top_k, **kw)
 
   @nn.compact
   def __call__(self, tokens):
@@ -177,12 +268,12 @@ class GPT(nn.Module):
       blocks = nn.scan(_ScannedBlock, variable_axes={True: 0}, split_rngs={True: True},
                        length=n_quantized)
       x, _ = blocks(self.width, self.heads, self.mlp, self.recipe, self.dtype, causal=True,
-                    name="blocks")(x, None)
+                    experts=self.experts, top_k=self.top_k, name="blocks")(x, None)
       first = n_quantized
     for i in range(first, self.depth):
       recipe = None if i >= n_quantized else self.recipe
       x = EncoderBlock(self.width, self.heads, self.mlp, recipe, self.dtype, causal=True,
-                       name=f"block{i}")(x)
+                       experts=self.experts, top_k=self.top_k, name=f"block{i}")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln")(x)
     return nn.Dense(self.vocab, dtype=jnp.float32, name="head")(x)
 

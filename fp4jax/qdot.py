@@ -264,7 +264,7 @@ def _canonical(lhs, rhs, lc, rc, lb, rb) -> _Canonical:
   return _Canonical(a, w, (*bshape, *mshape, *nshape), rhs_perm, k)
 
 
-def _key_data(key, recipe: recipes_lib.Recipe) -> jax.Array:
+def step_key_data(key, recipe: recipes_lib.Recipe) -> jax.Array:
   """The step key as raw uint32 data (what the custom VJP carries)."""
   if recipe.needs_key and key is None:
     raise ValueError(f"recipe {recipe.name!r} uses stochastic rounding or a random Hadamard "
@@ -328,7 +328,7 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=out_dtype
                            if preferred_element_type is not None else None)
   canon = _canonical(lhs, rhs, *_check_dims(lhs, rhs, dimension_numbers))
-  key_data = _key_data(key, recipe)
+  key_data = step_key_data(key, recipe)
   if lhs.size == 0 or rhs.size == 0:
     # An empty operand (e.g. a batch of no tokens) has no blocks to scale: the product is
     # empty or, for K = 0, exact zeros, as are its gradients; lax gives exactly that.

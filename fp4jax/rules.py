@@ -2,7 +2,8 @@
 
 A :class:`Rule` maps module paths (a regex, searched in the ``/``-joined path such as
 ``"blocks_3/mlp/fc1"``) to a recipe. For each quantizable layer (Dense, DenseGeneral,
-Einsum, Conv in linen; Linear, LinearGeneral, Einsum, Conv in nnx) the **first**
+Einsum, Conv and fp4jax's mixture-of-experts ``GroupedDense`` in linen; Linear,
+LinearGeneral, Einsum, Conv in nnx) the **first**
 matching rule wins; ``recipe=None`` (or ``"bf16"``) keeps it in high precision, and a
 layer no rule matches is left alone. A recipe's own ``keep_high_precision`` patterns
 (e.g. NVFP4's BF16 output head) apply on top unless the rule sets
@@ -42,7 +43,8 @@ import numpy as np
 
 from fp4jax import recipes as recipes_lib
 
-LAYER_KINDS = ("dense", "dense_general", "einsum", "conv")
+# "grouped": fp4jax.linen.GroupedDense, a mixture-of-experts' expert GEMM (linen only).
+LAYER_KINDS = ("dense", "dense_general", "einsum", "conv", "grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +201,18 @@ def _kind(module, classes) -> str | None:
 
 def _linen_kind(module) -> str | None:
   import flax.linen as nn
+
+  from fp4jax import linen as qlinen
   return _kind(module, ((nn.DenseGeneral, "dense_general"), (nn.Dense, "dense"),
-                        (nn.Einsum, "einsum"), (nn.Conv, "conv")))
+                        (nn.Einsum, "einsum"), (nn.Conv, "conv"),
+                        (qlinen.GroupedDense, "grouped")))
+
+
+def _explicitly_quantized(module) -> bool:
+  """An fp4jax layer given its own recipe: rules leave it alone. (A GroupedDense with
+  ``recipe=None`` is a high-precision layer that rules may quantize.)"""
+  return hasattr(module, "recipe") and not (getattr(module, "recipe") is None
+                                            and _linen_kind(module) == "grouped")
 
 
 # Set while QuantizedLinenModel.dry_run traces: the interceptor appends a PlanEntry per layer.
@@ -214,7 +226,7 @@ def _linen_interceptor(rules: tuple[Rule, ...]):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     kind = _linen_kind(module)
-    if context.method_name != "__call__" or kind is None or hasattr(module, "recipe"):
+    if context.method_name != "__call__" or kind is None or _explicitly_quantized(module):
       return next_fun(*args, **kwargs)  # not a layer, or an explicit fp4jax layer
     path = "/".join(str(p) for p in module.path)
     recipe, rule = resolve(rules, path, kind)
@@ -222,6 +234,12 @@ def _linen_interceptor(rules: tuple[Rule, ...]):
       out = next_fun(*args, **kwargs)
     elif kind == "einsum":
       out = qlinen.einsum_call(module, next_fun, recipe, *args, **kwargs)
+    elif kind == "grouped":
+      object.__setattr__(module, "recipe", recipe)
+      try:
+        out = next_fun(*args, **kwargs)
+      finally:
+        object.__setattr__(module, "recipe", None)
     else:
       attr, cls = (("conv_general_dilated_cls", qlinen.QuantConvGeneralDilated)
                    if kind == "conv" else ("dot_general_cls", qlinen.QuantDotGeneral))

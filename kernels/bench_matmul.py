@@ -60,7 +60,7 @@ SHAPES = {  # name -> (M, K, N)
     # GPT-small (width 768, MLP 3072) at 8 x 1024 tokens
     "gpt_qkv": (8192, 768, 2304), "gpt_fc1": (8192, 768, 3072), "gpt_fc2": (8192, 3072, 768),
     # skinny: decoding / evaluation with 8192 x 8192 weights
-    "skinny16": (16, 8192, 8192), "skinny64": (64, 8192, 8192), "skinny256": (256, 8192, 8192),
+    "skinny1": (1, 8192, 8192), "skinny16": (16, 8192, 8192), "skinny64": (64, 8192, 8192), "skinny256": (256, 8192, 8192),
 }
 SMOKE_SHAPES = {"smoke": (1024, 256, 256), "smoke_skinny": (16, 1024, 512)}  # CPU smoke runs
 flags.DEFINE_list("shapes", list(SHAPES), f"shapes to time: {', '.join(SHAPES)} "
@@ -70,6 +70,8 @@ flags.DEFINE_integer("reps", 10, "timed calls per run (median of 5 runs)")
 flags.DEFINE_bool("check", True, "run the correctness checks first")
 flags.DEFINE_bool("sweep", False, "try several tiles / warps for the in-kernel-decoding "
                   "FP8 and BF16 GEMMs at 8192^3")
+flags.DEFINE_bool("weight_only_tiles", True, "skinny shapes: also time the weight-only "
+                  "kernel at a few other tiles than its default")
 flags.DEFINE_bool("inkernel", False, "also check and time the in-kernel-decoding Triton GEMMs "
                   "(impl fp8 / bf16: slow, and long to compile)")
 
@@ -171,8 +173,12 @@ def _variants(m, k, n, rng, tile):
       wq = fp4jax.quantize(w, spec, -2)
       v[f"weight_only_{name}"] = (jax.jit(lambda x, wq: wo.weight_only_matmul(
           x, wq, interpret=INTERPRET)), (x, wq))
+      # What the library runs for it (fp4jax.dispatch.choose_weight_only under "auto").
+      v[f"weight_only_{name}_dispatch"] = (jax.jit(lambda x, wq: fp4jax.gemm.weight_only_dot(
+          x, wq, impl="auto", out_dtype=jnp.bfloat16)), (x, wq))
       bm = wo.weight_only_rows_tile(m)
-      for bn, splits, warps in ((128, None, 4), (64, 8, 4), (64, None, 8), (32, None, 4)):
+      tiles = ((128, None, 4), (64, 8, 4), (64, None, 8), (32, None, 4))
+      for bn, splits, warps in (tiles if FLAGS.weight_only_tiles else ()):
         v[f"weight_only_{name}/bn{bn}_s{splits}_w{warps}"] = (jax.jit(
             lambda x, wq, bn=bn, splits=splits, warps=warps, bm=bm: wo.weight_only_matmul(
                 x, wq, tile=(bm, bn, 256), splits=splits, num_warps=warps,

@@ -1,6 +1,6 @@
 """The baseline every fp4jax speed claim is measured against: MXFP4 fake quantization as
-a researcher writes it by hand in plain JAX (no fp4jax), for ``kernels.bench_step`` and
-``kernels.bench_operand``.
+a researcher writes it by hand in plain JAX (no fp4jax), for ``kernels.bench_step``,
+``kernels.bench_operand`` and ``kernels.bench_grouped``.
 
 For each GEMM operand: blocks of 32 along its contraction axis, the block amax, an E8M0
 floor scale ``2^(floor(log2 amax) - 2)``, ``x / s`` cast to ``float4_e2m1fn`` and back,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 NAIVE_BLOCK = 32
@@ -64,3 +65,35 @@ def naive_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   dt = jnp.result_type(lhs, rhs)
   y = _naive_matmul(lhs.reshape(-1, lhs.shape[-1]).astype(dt), rhs.astype(dt))
   return y.reshape(*lead, rhs.shape[-1])
+
+
+@jax.custom_vjp
+def naive_ragged_dot(a: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """A mixture-of-experts grouped GEMM (``jax.lax.ragged_dot``: a (M, K), w (G, K, N)) with
+  every operand of its three GEMMs through :func:`naive_fake_quant`, as one writes it by
+  hand: the whole grouped operand quantized at once (wgrad's token blocks straddle
+  experts), a straight-through gradient, BF16 ``ragged_dot`` with float32 accumulation."""
+  return jax.lax.ragged_dot(naive_fake_quant(a, -1), naive_fake_quant(w, 1), group_sizes,
+                            preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _naive_ragged_fwd(a, w, group_sizes):
+  return naive_ragged_dot(a, w, group_sizes), (a, w, group_sizes)
+
+
+def _naive_ragged_bwd(res, g):
+  a, w, group_sizes = res
+  da = jax.lax.ragged_dot(naive_fake_quant(g, -1),
+                          jnp.swapaxes(naive_fake_quant(w, -1), -1, -2), group_sizes,
+                          preferred_element_type=jnp.float32)
+  # dW_g = A_g^T dY_g: the transpose of ragged_dot in its rhs, on the quantized operands.
+  aq, gq = naive_fake_quant(a, 0), naive_fake_quant(g, 0)
+  _, vjp = jax.vjp(lambda w_: jax.lax.ragged_dot(aq, w_, group_sizes,
+                                                 preferred_element_type=jnp.float32),
+                   jnp.zeros(w.shape, aq.dtype))
+  (dw,) = vjp(gq.astype(jnp.float32))
+  zero_sizes = np.zeros(group_sizes.shape, jax.dtypes.float0)
+  return da.astype(a.dtype), dw.astype(w.dtype), zero_sizes
+
+
+naive_ragged_dot.defvjp(_naive_ragged_fwd, _naive_ragged_bwd)

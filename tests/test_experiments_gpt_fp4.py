@@ -117,3 +117,17 @@ def test_flag_ablations_apply_to_every_run():
                         bf16_last_blocks=2)
   assert r.recipe.hadamard_wgrad is None and r.recipe.wgrad_grad.rounding == "nearest"
   assert r.recipe.dgrad_rhs.granularity == "block" and r.bf16_last_blocks == 2
+
+
+def test_a_mixture_of_experts_gpt_trains_with_its_experts_quantized(tmp_path):
+  # gpt_tiny_moe: every block's MLP is 8 experts (top-2), their GEMMs quantized per expert
+  # by fp4jax.qragged_dot; the loss includes the load-balancing term.
+  wd = str(tmp_path / "moe")
+  p = _run("--model=gpt_tiny_moe", "--compare=mxfp4", f"--workdir={wd}", *TINY,
+           "--steps=4", "--eval_every=4", "--checkpoint_every=4")
+  assert p.returncode == 0, p.stderr[-3000:]
+  recs = _records(os.path.join(wd, "mxfp4", "metrics.jsonl"))
+  train = [r["loss"] for r in recs if r["kind"] == "train"]
+  assert len(train) == 2 and all(0 < l < 10 for l in train) and train[-1] < train[0], train
+  final = json.load(open(os.path.join(wd, "mxfp4", "final.json")))
+  assert 0 < final["val_loss"] < 10
