@@ -36,7 +36,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments import common, data
-from fp4jax.models import GPT, GPT_CONFIGS
+from fp4jax import qragged
+from fp4jax.models import GPT, GPT_CONFIGS, MOE_AUX_LOSS
 from fp4jax import recipes as recipes_lib
 
 FLAGS = flags.FLAGS
@@ -129,7 +130,14 @@ def check_model_fits(run: RunSpec, model: str, context: int, batch: int) -> None
   common.check_widths_fit(run.recipe, {"width": width, "MLP width": mlp,
                                        "tokens per batch": batch * context}, model)
   # An MoE's expert GEMMs contract the width (forward) and the MLP width (dgrad) per
-  # expert; their tokens (wgrad) are padded per expert, so any batch fits.
+  # expert; their tokens (wgrad) are padded per expert, so any batch fits. The recipe
+  # must be one qragged_dot can keep per expert.
+  why = None if not cfg.experts or run.recipe.is_identity else \
+      qragged.unsupported_reason(run.recipe)
+  if why is not None:
+    raise ValueError(f"run {run.name!r} on {model}: the experts' grouped GEMMs cannot use "
+                     f"recipe {run.recipe.name!r} ({why}); choose a block-scaled recipe "
+                     "(e.g. mxfp4, nvfp4)")
 
 
 def split_text(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +166,8 @@ def make_steps(model: GPT, tx, par: common.Parallel, state: common.TrainState):
     # Mixture of experts: + the Switch load-balancing loss of every MoE block.
     logits, inter = model.apply({"params": params}, x, rngs={"quant": key},
                                 mutable=["intermediates"])
-    aux = sum(jnp.sum(v) for v in jax.tree.leaves(inter))
+    aux = sum(jnp.sum(v) for path, v in jax.tree_util.tree_leaves_with_path(inter)
+              if MOE_AUX_LOSS in jax.tree_util.keystr(path))
     return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             + FLAGS.moe_aux_weight * aux / model.depth)
 

@@ -24,9 +24,10 @@ a dense layer whose operands are that expert's rows and weight:
 
 So for deterministic recipes every quantized operand equals, bit for bit, what a loop
 over experts calling ``qdot_general(lhs_g, rhs[g], ..., recipe, key)`` with the same key
-quantizes (the tests check it); the products differ only in float32 accumulation order
-and, on the BF16 path, in applying two-level tensor scales to the results instead of the
-operands (as :mod:`fp4jax.qdot_fused`). Stochastic rounding draws its bits for the whole
+quantizes; the products differ only in float32 accumulation order and in applying
+two-level tensor scales to the results instead of folding them into each block scale (as
+:mod:`fp4jax.qdot_fused`; the tests compare outputs and gradients with the loop's within
+float32 accumulation bounds). Stochastic rounding draws its bits for the whole
 grouped operand (``fold_in(key, operand)``, as qdot), reproducible and unbiased, but not
 the loop's bits.
 
@@ -106,21 +107,26 @@ def _rht(x, axis, key_data, block, which, transpose=False):
 
 class _Operand(NamedTuple):
   """A quantized GEMM operand: its values without the tensor scale (in the GEMM's dtype),
-  and the two-level tensor scales (None for one-level specs): per token row / chunk /
-  expert (``t``) and per group (``t_group``, (G,))."""
+  the two-level tensor scales (None for one-level specs): per token row / chunk / expert
+  (``t``) and per group (``t_group``, (G,)), and, when asked for, the quantized numbers
+  exactly as ``dequantize`` gives them (float32, ``q * (t * s)``: double quantization
+  re-quantizes these)."""
 
   values: jax.Array
   t: jax.Array | None = None
   t_group: jax.Array | None = None
+  numbers: jax.Array | None = None
 
 
-def _strip_tensor_scale(q, dtype):
-  """Exact values ``q * s`` of a QArray without its tensor scale, and the scale."""
+def _strip_tensor_scale(q, dtype, numbers: bool = False):
+  """Exact values ``q * s`` of a QArray without its tensor scale, the scale, and (if
+  ``numbers``) the float32 numbers ``dequantize(q)`` itself gives (else None)."""
+  full = dequantize(q, jnp.float32) if numbers else None
   t = q.tensor_scale
   if t is not None:
     q = dataclasses.replace(q, tensor_scale=None)
     t = t.reshape(())
-  return dequantize(q, dtype), t
+  return dequantize(q, dtype), t, full
 
 
 def _random_bits(spec: QuantSpec, key_data, op: str, shape):
@@ -145,7 +151,8 @@ def _group_tensor_scales(chunks, chunk_group, num_groups: int, spec: QuantSpec):
 
 
 def _token_operand(x, spec: QuantSpec | None, axis: int, chunk: int, chunk_group,
-                   num_groups: int, key_data, op: str, dtype) -> _Operand:
+                   num_groups: int, key_data, op: str, dtype, numbers: bool = False
+                   ) -> _Operand:
   """Quantizes a token-major operand ``x`` (T, F) per group: along the features
   (``axis=-1``, one row at a time, ``chunk=1``) or along the tokens (``axis=0``, in
   chunks of ``chunk`` rows, each inside one group). ``chunk_group``: (T/chunk,) group id
@@ -153,38 +160,42 @@ def _token_operand(x, spec: QuantSpec | None, axis: int, chunk: int, chunk_group
   per chunk as (T/chunk,)."""
   x = x.astype(jnp.float32)
   if spec is None:
-    return _Operand(x.astype(dtype))
+    return _Operand(x.astype(dtype), numbers=x if numbers else None)
   rbits = _random_bits(spec, key_data, op, x.shape)
   if spec.tensor_scale is None:  # every scale is per row / per chunk already
-    q = quantize(x, spec, axis, random_bits=rbits)
-    return _Operand(_strip_tensor_scale(q, dtype)[0])
+    values, _, full = _strip_tensor_scale(quantize(x, spec, axis, random_bits=rbits), dtype,
+                                          numbers)
+    return _Operand(values, numbers=full)
   t_rows, feat = x.shape
   xc = x.reshape(t_rows // chunk, chunk, feat)
   t_group, t_chunk = _group_tensor_scales(xc, chunk_group, num_groups, spec)
   inner_axis = 0 if axis == 0 else -1
 
   def one(xi, ti, ri):
-    return _strip_tensor_scale(quantize(xi, spec, inner_axis, tensor_scale=ti,
-                                        random_bits=ri), dtype)[0]
+    values, _, full = _strip_tensor_scale(quantize(xi, spec, inner_axis, tensor_scale=ti,
+                                                   random_bits=ri), dtype, numbers)
+    return values, full
 
   rc = None if rbits is None else rbits.reshape(xc.shape)
-  values = jax.vmap(one, in_axes=(0, 0, None if rc is None else 0))(xc, t_chunk, rc)
-  return _Operand(values.reshape(x.shape), t_chunk, t_group)
+  values, full = jax.vmap(one, in_axes=(0, 0, None if rc is None else 0))(xc, t_chunk, rc)
+  return _Operand(values.reshape(x.shape), t_chunk, t_group,
+                  None if full is None else full.reshape(x.shape))
 
 
-def _expert_operand(w, spec: QuantSpec | None, axis: int, key_data, op: str, dtype) -> _Operand:
+def _expert_operand(w, spec: QuantSpec | None, axis: int, key_data, op: str, dtype,
+                    numbers: bool = False) -> _Operand:
   """Quantizes each expert's weight ``w[g]`` (G, K, N) along ``axis`` (-2: K, -1: N) as
   ``quantize(w[g], spec, axis)`` would; two-level tensor scales per expert, (G,)."""
   w = w.astype(jnp.float32)
   if spec is None:
-    return _Operand(w.astype(dtype))
+    return _Operand(w.astype(dtype), numbers=w if numbers else None)
   rbits = _random_bits(spec, key_data, op, w.shape)
 
   def one(wg, rg):
-    return _strip_tensor_scale(quantize(wg, spec, axis, random_bits=rg), dtype)
+    return _strip_tensor_scale(quantize(wg, spec, axis, random_bits=rg), dtype, numbers)
 
-  values, t = jax.vmap(one, in_axes=(0, None if rbits is None else 0))(w, rbits)
-  return _Operand(values, t, t)
+  values, t, full = jax.vmap(one, in_axes=(0, None if rbits is None else 0))(w, rbits)
+  return _Operand(values, t, t, full)
 
 
 class _Groups(NamedTuple):
@@ -278,18 +289,13 @@ def _fwd(a, w, group_sizes, key_data, recipe, out_dtype, gemm_dtype):
   grp = _groups(group_sizes, m, 1)
   a1 = _rht(a, -1, key_data, r.hadamard_fwd, _H_FWD)
   w1 = _rht(w, -2, key_data, r.hadamard_fwd, _H_FWD)
+  dq = r.double_quant   # the backward GEMMs re-quantize the forward's quantized numbers
   aq = _token_operand(a1, r.fwd_lhs, -1, 1, grp.row_group, num_groups, key_data, "fwd_lhs",
-                      gemm_dtype)
-  wq = _expert_operand(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype)
+                      gemm_dtype, numbers=dq)
+  wq = _expert_operand(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype, numbers=dq)
   y = _mul_rows(_ragged(aq.values, wq.values, grp.sizes, gemm_dtype),
                 _row_scale(aq.t, wq.t, grp.row_group))
-  if r.double_quant:  # the backward GEMMs re-quantize the forward's quantized numbers
-    a_src = _mul_rows(aq.values.astype(jnp.float32), aq.t)
-    w_src = wq.values.astype(jnp.float32)
-    if wq.t is not None:
-      w_src = w_src * wq.t[:, None, None]
-  else:
-    a_src, w_src = a1, w1
+  a_src, w_src = (aq.numbers, wq.numbers) if dq else (a1, w1)
   res = _Residual(a_src, w_src, group_sizes, key_data, jnp.zeros((0,), a.dtype),
                   jnp.zeros((0,), w.dtype))
   return _poison(y, grp.bad).astype(out_dtype), res

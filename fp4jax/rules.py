@@ -43,7 +43,9 @@ import numpy as np
 
 from fp4jax import recipes as recipes_lib
 
-# "grouped": fp4jax.linen.GroupedDense, a mixture-of-experts' expert GEMM (linen only).
+# "grouped": fp4jax.linen.GroupedDense, a mixture-of-experts' expert GEMM (linen only). A
+# Rule takes every kind by default, so a catch-all rule quantizes experts too (and raises,
+# naming why, for a recipe qragged_dot cannot keep per expert, e.g. "fp8").
 LAYER_KINDS = ("dense", "dense_general", "einsum", "conv", "grouped")
 
 

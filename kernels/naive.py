@@ -72,7 +72,8 @@ def naive_ragged_dot(a: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.
   """A mixture-of-experts grouped GEMM (``jax.lax.ragged_dot``: a (M, K), w (G, K, N)) with
   every operand of its three GEMMs through :func:`naive_fake_quant`, as one writes it by
   hand: the whole grouped operand quantized at once (wgrad's token blocks straddle
-  experts), a straight-through gradient, BF16 ``ragged_dot`` with float32 accumulation."""
+  experts), a straight-through gradient, ``ragged_dot`` in the operands' dtype (BF16 in
+  the benchmark) with float32 accumulation."""
   return jax.lax.ragged_dot(naive_fake_quant(a, -1), naive_fake_quant(w, 1), group_sizes,
                             preferred_element_type=jnp.float32).astype(a.dtype)
 

@@ -81,6 +81,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(straight, tmp_
     (["--dataset=text"], "needs --data_dir"),
     (["--model=gpt_huge"], "is unknown"),
     (["--context=4096"], "exceeds"),
+    (["--model=gpt_tiny_moe", "--compare=mxfp4,fp8"], "cannot use recipe 'fp8'"),
 ])
 def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
   p = _run(f"--workdir={tmp_path}", *args, timeout=120)

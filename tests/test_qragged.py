@@ -10,10 +10,10 @@ import fp4jax
 from fp4jax import dispatch, qdot, qragged, recipes
 from fp4jax.qragged import qragged_dot
 
-M, K, N, G = 50, 64, 32, 4
-# An empty expert, sizes that are not block multiples (wgrad's padded-group layout), one
-# expert with a single row.
-SIZES = np.array([17, 0, 32, 1], np.int32)
+M, K, N, G = 50, 64, 32, 3
+# An empty expert and sizes that are not block multiples (wgrad's padded-group layout);
+# two distinct non-empty sizes keep the per-expert loop to two compiles.
+SIZES = np.array([17, 0, 33], np.int32)
 KEY = jax.random.key(3)
 DIMS = (((1,), (0,)), ((), ()))
 
@@ -80,20 +80,28 @@ def test_forward_and_both_gradients_match_a_per_expert_loop_of_qdot_general(name
 
 
 def test_two_level_scales_are_per_expert():
-  # One expert's rows 1000x larger than the others': with one tensor scale for the whole
-  # grouped operand the small experts would lose their precision; per expert they keep it.
+  # One expert's rows 1000x larger than the other's: with one tensor scale for the whole
+  # grouped operand the small expert's rows would be quantized on a 1000x coarser grid;
+  # per expert they match the loop, each within its own rows' bound.
   recipe = _nearest("nvfp4")
   a, w, _ = _data(1)
   a = a.at[:17].multiply(1000.0)
   sizes = jnp.asarray(SIZES)
   y = jax.jit(lambda a, w: qragged_dot(a, w, sizes, recipe, KEY, impl="xla"))(a, w)
-  _close(y, jax.jit(lambda a, w: _loop(a, w, recipe, KEY))(a, w), "forward")
+  ref = jax.jit(lambda a, w: _loop(a, w, recipe, KEY))(a, w)
+  _close(y[:17], ref[:17], "the large expert")
+  _close(y[17:], ref[17:], "the small expert")
+  # ... and one whole-tensor scale would not: the small expert's product moves.
+  whole = fp4jax.dequantize(fp4jax.quantize(a, recipe.fwd_lhs), jnp.float32)
+  assert float(jnp.max(jnp.abs(whole[17:] - fp4jax.dequantize(
+      fp4jax.quantize(a[17:], recipe.fwd_lhs), jnp.float32)))) > 0
 
 
-def test_bf16_gemm_path_equals_the_float32_reference():
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+def test_bf16_gemm_path_equals_the_float32_reference(name):
   # The GPU path (BF16 operands, FP32 accumulation, tensor scales on the products) on
   # this backend: the operands are exact in BF16, so only accumulation order may differ.
-  recipe = recipes.get("mxfp4")
+  recipe = recipes.get(name)
   a, w, cot = _data(2)
   sizes = jnp.asarray(SIZES)
   kd = qdot.step_key_data(KEY, recipe)
@@ -152,9 +160,9 @@ def test_stochastic_rounding_is_reproducible_and_unbiased():
 
 
 @pytest.mark.parametrize("sizes, message", [
-    ([17, -1, 33, 1], "non-negative"),
-    ([17, 0, 20, 1], "sum to 38"),
-    ([17, 0, 33], "shape (4,)"),
+    ([18, -1, 33], "non-negative"),
+    ([17, 0, 20], "sum to 37"),
+    ([17, 0, 33, 0], "shape (3,)"),
 ])
 def test_bad_group_sizes_raise_naming_the_problem(sizes, message):
   a, w, _ = _data()
@@ -170,7 +178,7 @@ def test_invalid_traced_group_sizes_give_nan_not_a_wrong_product():
       lambda a, w, s: jnp.sum(qragged_dot(a, w, s, "mxfp4") * cot), (0, 1)))
   ok = f(a, w, jnp.asarray(SIZES))
   assert np.isfinite(float(ok[0])) and np.all(np.isfinite(np.asarray(ok[1][1])))
-  for bad in ([17, 0, 34, 1], [18, -1, 32, 1]):
+  for bad in ([17, 0, 34], [18, -1, 33], [17, 0, 30]):   # sum > M, negative, sum < M
     v, (da, dw) = f(a, w, jnp.asarray(bad, jnp.int32))
     assert np.isnan(float(v)) and np.all(np.isnan(np.asarray(da)))
     assert np.all(np.isnan(np.asarray(dw)))
