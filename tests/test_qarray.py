@@ -32,13 +32,15 @@ def test_jit_roundtrip(rng):
 
 def test_vmap_quantize_and_dequantize(rng):
   x = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
-  q = jax.vmap(lambda v: fp4jax.quantize(v, "mxfp4"))(x)
+  # Under jit (one compile per function; op by op every primitive compiles alone).
+  q = jax.jit(jax.vmap(lambda v: fp4jax.quantize(v, "mxfp4")))(x)
   assert q.shape == (4, 8, 64) and q.scales.shape == (4, 8, 2)
-  y = jax.vmap(fp4jax.dequantize)(q)
-  np.testing.assert_array_equal(y, fp4jax.fake_quant(x, "mxfp4"))
-  np.testing.assert_array_equal(fp4jax.dequantize(q), y)  # batched QArray outside vmap
-  qn = jax.vmap(lambda v: fp4jax.quantize(v, "nvfp4"))(x)
-  np.testing.assert_array_equal(fp4jax.dequantize(qn), jax.vmap(fp4jax.dequantize)(qn))
+  y = jax.jit(jax.vmap(fp4jax.dequantize))(q)
+  np.testing.assert_array_equal(y, jax.jit(lambda x: fp4jax.fake_quant(x, "mxfp4"))(x))
+  np.testing.assert_array_equal(jax.jit(fp4jax.dequantize)(q), y)  # batched, outside vmap
+  qn = jax.jit(jax.vmap(lambda v: fp4jax.quantize(v, "nvfp4")))(x)
+  np.testing.assert_array_equal(jax.jit(fp4jax.dequantize)(qn),
+                                jax.jit(jax.vmap(fp4jax.dequantize))(qn))
 
 
 def test_tree_utilities_and_grad_as_data(rng):

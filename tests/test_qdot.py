@@ -152,8 +152,10 @@ def test_double_quantization_changes_the_backward_only():
   plain = recipes.get("tetrajet").replace(double_quant=False)
   outs = {}
   for r in (recipes.get("tetrajet"), plain):
-    y, vjp = jax.vjp(lambda a, w: fp4jax.qmatmul(a, w, r, key), a, w)
-    outs[r.double_quant] = (y, *vjp(g))
+    def fwd_bwd(a, w, g, r=r):
+      y, vjp = jax.vjp(lambda a, w: fp4jax.qmatmul(a, w, r, key), a, w)
+      return (y, *vjp(g))
+    outs[r.double_quant] = jax.jit(fwd_bwd)(a, w, g)
   np.testing.assert_array_equal(outs[True][0], outs[False][0])
   assert not np.array_equal(outs[True][2], outs[False][2])
 
@@ -273,9 +275,12 @@ def test_kernel_impl_matches_xla_forward_and_gradients(recipe, rng, caplog):
     y = fp4jax.qdot_general(x, w, (((1,), (0,)), ((), ())), recipe, key, impl=impl)
     return jnp.sum(y * c)
 
+  # jit: one compile per path (op-by-op dispatch compiles every primitive separately,
+  # ~10x slower on CPU); the dispatch logs its choices while tracing.
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
   with caplog.at_level(logging.DEBUG, logger="fp4jax"):
-    got, (gx, gw) = jax.value_and_grad(loss, argnums=(0, 1))(x, w, "pallas")
-  want, (wx, ww) = jax.value_and_grad(loss, argnums=(0, 1))(x, w, "xla")
+    got, (gx, gw) = vg(x, w, "pallas")
+  want, (wx, ww) = vg(x, w, "xla")
   for name, u, v in (("loss", got, want), ("dx", gx, wx), ("dw", gw, ww)):
     scale = float(jnp.max(jnp.abs(v)))
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-5 * scale,
@@ -324,9 +329,10 @@ def test_wgrad_pads_token_counts_that_are_not_block_multiples(recipe, impl, rng)
   # impl="pallas": the kernels (interpret mode on CPU) meet the padded wgrad contraction
   # (48 tokens for NVFP4), which the unpack kernel's 32-wide K tiles do not divide.
   f = lambda x, w, c: jnp.sum(fp4jax.qmatmul(x, w, recipe, key, impl=impl) * c)
-  gw = jax.grad(f, argnums=1)(x, w, c)
+  grad_w = jax.jit(jax.grad(f, argnums=1))
+  gw = grad_w(x, w, c)
   xp, cp = jnp.pad(x, ((0, 30), (0, 0))), jnp.pad(c, ((0, 30), (0, 0)))
-  gw_padded = jax.grad(f, argnums=1)(xp, w, cp)
+  gw_padded = grad_w(xp, w, cp)
   assert np.isfinite(np.asarray(gw)).all()
   # Same operands after padding to 64 rows, except rounding randomness tied to shapes:
   # deterministic recipes must agree exactly.
@@ -399,8 +405,8 @@ def test_default_impl_is_auto_and_off_gpu_equals_the_reference_bit_for_bit(recip
     y = fp4jax.qdot_general(x, w, (((1,), (0,)), ((), ())), recipe, key, impl=impl)
     return jnp.sum(jnp.sin(y))
 
-  got = jax.value_and_grad(f, argnums=(0, 1))(x, w, None)
-  want = jax.value_and_grad(f, argnums=(0, 1))(x, w, "xla")
+  vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
+  got, want = vg(x, w, None), vg(x, w, "xla")
   if jax.default_backend() != "gpu":
     for name, u, v in zip(("loss", "dx", "dw"), jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v),

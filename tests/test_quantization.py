@@ -87,12 +87,13 @@ def test_spec_overrides_for_sweeps(rng):
 
 def test_2d_tiles_share_one_scale_per_16x16(rng):
   w = rng.standard_normal((64, 48)).astype(np.float32)
-  q = fp4jax.quantize(w, "nvfp4_2d")
+  q = jax.jit(lambda w: fp4jax.quantize(w, "nvfp4_2d"))(w)
   assert q.scales.shape == (4, 3)
   # The same tile scale serves both orientations: quantizing w.T with axis -2 gives the
   # transposed values.
-  qt = fp4jax.quantize(w.T.copy(), "nvfp4_2d", axis=-2)
-  np.testing.assert_array_equal(np.asarray(fp4jax.dequantize(qt)).T, fp4jax.dequantize(q))
+  qt = jax.jit(lambda w: fp4jax.quantize(w, "nvfp4_2d", axis=-2))(w.T.copy())
+  deq = jax.jit(fp4jax.dequantize)
+  np.testing.assert_array_equal(np.asarray(deq(qt)).T, deq(q))
   tile_max = np.abs(w).reshape(4, 16, 3, 16).max((1, 3))
   t = np.abs(w).max() / 2688.0
   s = np.asarray(q.scales, np.float32) * np.float32(t)
@@ -137,10 +138,11 @@ def test_stochastic_rounding_through_quantize(rng):
   np.testing.assert_array_equal(a.codes, b.codes)
   assert (np.asarray(a.codes) != np.asarray(c.codes)).any()
   # Mean over keys approaches x far more closely than nearest rounding's error.
-  ys = jax.vmap(lambda kk: fp4jax.fake_quant(x, "nvfp4", rounding="stochastic", key=kk))(
+  ys = jax.jit(jax.vmap(lambda kk: fp4jax.fake_quant(x, "nvfp4", rounding="stochastic",
+                                                     key=kk)))(
       jax.random.split(jax.random.key(2), 512))
   err_sr = float(jnp.abs(ys.mean(0) - x).mean())
-  err_rn = float(jnp.abs(fp4jax.fake_quant(x, "nvfp4") - x).mean())
+  err_rn = float(jnp.abs(jax.jit(lambda x: fp4jax.fake_quant(x, "nvfp4"))(x) - x).mean())
   assert err_sr < err_rn / 4, (err_sr, err_rn)
 
 

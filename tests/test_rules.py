@@ -204,22 +204,25 @@ def test_quantized_linen_model_is_a_module_that_nests_and_trains(rng):
       return nn.Dense(4, name="readout")(self.body(v))
 
   outer = Outer(q)
-  v = outer.init(jax.random.key(0), x)
+  v = jax.jit(outer.init)(jax.random.key(0), x)
   # The same variable tree as with the unquantized model inside.
-  assert jax.tree.structure(v) == jax.tree.structure(Outer(Net()).init(jax.random.key(0), x))
+  assert jax.tree.structure(v) == jax.tree.structure(
+      jax.eval_shape(Outer(Net()).init, jax.random.key(0), x))
   # The inner layers are quantized: equal to the quantized model applied on its own, and
   # not to the unquantized one.
-  assert not np.allclose(np.asarray(outer.apply(v, x)), np.asarray(Outer(Net()).apply(v, x)))
+  y = jax.jit(outer.apply)(v, x)
+  assert not np.allclose(np.asarray(y), np.asarray(jax.jit(Outer(Net()).apply)(v, x)))
   inner = {"params": v["params"]["body"]}
   np.testing.assert_array_equal(
-      np.asarray(outer.apply(v, x)),
-      np.asarray(nn.Dense(4).apply({"params": v["params"]["readout"]}, q.apply(inner, x))))
+      np.asarray(y), np.asarray(jax.jit(lambda v, x: nn.Dense(4).apply(
+          {"params": v["params"]["readout"]}, q.apply(inner, x)))(v, x)))
   tx = optax.adam(1e-2)
   params, opt = v["params"], tx.init(v["params"])
-  loss = lambda p: jnp.mean(outer.apply({"params": p}, x) ** 2)
+  loss = jax.jit(lambda p: jnp.mean(outer.apply({"params": p}, x) ** 2))
+  grad = jax.jit(jax.grad(loss))
   first = float(loss(params))
   for _ in range(5):
-    g = jax.grad(loss)(params)
+    g = grad(params)
     upd, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, upd)
   assert float(loss(params)) < first
