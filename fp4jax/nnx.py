@@ -1,4 +1,5 @@
-"""Quantized Flax nnx layers: ``QLinear``, ``QLinearGeneral``, ``QEinsum``, ``QConv``.
+"""Quantized Flax nnx layers: ``QLinear``, ``QLinearGeneral``, ``QEinsum``, ``QConv``, and
+``GroupedLinear``, a mixture-of-experts' expert GEMM.
 
 Subclasses of ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` / ``nnx.Conv`` with
 one more argument, ``recipe``: parameters are created by nnx's own code (identical
@@ -27,6 +28,7 @@ from flax import nnx
 from fp4jax import recipes as recipes_lib
 from fp4jax.qconv import qconv_general_dilated
 from fp4jax.qdot import qdot_general, qeinsum
+from fp4jax.qragged import qragged_dot
 
 QUANT_RNG = "quant"
 
@@ -187,6 +189,45 @@ class QConv(_Quantized, nnx.Conv):
     return self._quant_call(super().__call__, inputs, key, out_sharding=out_sharding)
 
 
+class GroupedLinear(nnx.Module):
+  """The expert GEMM of a mixture-of-experts layer, as :class:`fp4jax.linen.GroupedDense`:
+  ``x`` (M, in) tokens sorted by expert times ``kernel`` (experts, in, out) with
+  ``group_sizes`` (experts,) rows per expert (``jax.lax.ragged_dot``), quantized per expert
+  by ``recipe`` (:func:`fp4jax.qragged_dot`) or in high precision for ``recipe=None``,
+  where :func:`fp4jax.quantize_model`'s rules may pick one (layer kind ``"grouped"``).
+  Randomness from ``rngs``' ``"quant"`` stream (forked), or ``key=`` per call."""
+
+  def __init__(self, experts: int, in_features: int, out_features: int, *, recipe=None,
+               kernel_init=nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1,
+                                                         batch_axis=(0,)),
+               param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
+    self.experts, self.in_features, self.out_features = experts, in_features, out_features
+    self.dtype = dtype
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (experts, in_features, out_features),
+                                        param_dtype))
+    self._set_recipe(recipe, rngs)
+
+  def _set_recipe(self, recipe, rngs):
+    self.recipe = None if recipe is None else recipes_lib.get(recipe)
+    stream = rngs[QUANT_RNG] if isinstance(rngs, nnx.Rngs) and QUANT_RNG in rngs else rngs
+    self.quant_rngs = stream.fork() if isinstance(stream, nnx.RngStream) else nnx.data(None)
+
+  def __call__(self, x: jax.Array, group_sizes: jax.Array, *, key=None) -> jax.Array:
+    kernel = self.kernel[...]
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.recipe is None:
+      return jax.lax.ragged_dot(x, kernel, group_sizes)
+    recipe = recipes_lib.effective(self.recipe)
+    if recipe.needs_key and key is None:
+      if self.quant_rngs is None:
+        raise ValueError(f"recipe {recipe.name!r} rounds stochastically or uses random "
+                         "Hadamard signs: construct the layer with rngs=nnx.Rngs(..., "
+                         "quant=...) or call it with key=")
+      key = self.quant_rngs()
+    return qragged_dot(x, kernel, group_sizes, recipe, key, preferred_element_type=dtype)
+
+
 QDense = QLinear
 QDenseGeneral = QLinearGeneral
 
@@ -196,7 +237,13 @@ LAYERS = {nnx.Linear: QLinear, nnx.LinearGeneral: QLinearGeneral, nnx.Einsum: QE
 
 def quantized_copy(layer: nnx.Module, recipe, rngs: nnx.Rngs | None = None) -> nnx.Module:
   """The quantized counterpart of an nnx ``Linear``/``LinearGeneral``/``Einsum``/``Conv``
-  that shares ``layer``'s attributes (its ``nnx.Param`` objects included)."""
+  (or a :class:`GroupedLinear` given a recipe) that shares ``layer``'s attributes (its
+  ``nnx.Param`` objects included)."""
+  if type(layer) is GroupedLinear:
+    new = object.__new__(GroupedLinear)
+    vars(new).update(vars(layer))
+    new._set_recipe(recipe, rngs)
+    return new
   for base, qcls in LAYERS.items():
     if type(layer) is base or type(layer) is qcls:
       break
@@ -233,5 +280,5 @@ def set_kernel_references(model: nnx.Module, references: Any) -> None:
       module.kernel_reference[...] = jnp.asarray(value)
 
 
-__all__ = ["KernelReference", "QConv", "QDense", "QDenseGeneral", "QEinsum", "QLinear",
+__all__ = ["GroupedLinear", "KernelReference", "QConv", "QDense", "QDenseGeneral", "QEinsum", "QLinear",
            "QLinearGeneral", "QUANT_RNG", "quantized_copy", "set_kernel_references"]

@@ -2,8 +2,8 @@
 
 A :class:`Rule` maps module paths (a regex, searched in the ``/``-joined path such as
 ``"blocks_3/mlp/fc1"``) to a recipe. For each quantizable layer (Dense, DenseGeneral,
-Einsum, Conv and fp4jax's mixture-of-experts ``GroupedDense`` in linen; Linear,
-LinearGeneral, Einsum, Conv in nnx) the **first**
+Einsum, Conv in linen; Linear, LinearGeneral, Einsum, Conv in nnx; fp4jax's
+mixture-of-experts ``linen.GroupedDense`` / ``nnx.GroupedLinear``) the **first**
 matching rule wins; ``recipe=None`` (or ``"bf16"``) keeps it in high precision, and a
 layer no rule matches is left alone. A recipe's own ``keep_high_precision`` patterns
 (e.g. NVFP4's BF16 output head) apply on top unless the rule sets
@@ -43,7 +43,8 @@ import numpy as np
 
 from fp4jax import recipes as recipes_lib
 
-# "grouped": fp4jax.linen.GroupedDense, a mixture-of-experts' expert GEMM (linen only). A
+# "grouped": fp4jax.linen.GroupedDense / fp4jax.nnx.GroupedLinear, a mixture-of-experts'
+# expert GEMM. A
 # Rule takes every kind by default, so a catch-all rule quantizes experts too (and raises,
 # naming why, for a recipe qragged_dot cannot keep per expert, e.g. "fp8").
 LAYER_KINDS = ("dense", "dense_general", "einsum", "conv", "grouped")
@@ -342,8 +343,11 @@ class QuantizedLinenModel(nn.Module):
 
 def _nnx_kind(module) -> str | None:
   from flax import nnx
+
+  from fp4jax import nnx as qnnx
   return _kind(module, ((nnx.LinearGeneral, "dense_general"), (nnx.Linear, "dense"),
-                        (nnx.Einsum, "einsum"), (nnx.Conv, "conv")))
+                        (nnx.Einsum, "einsum"), (nnx.Conv, "conv"),
+                        (qnnx.GroupedLinear, "grouped")))
 
 
 def _nnx_plan(model, rules) -> tuple[Plan, list]:
@@ -353,7 +357,8 @@ def _nnx_plan(model, rules) -> tuple[Plan, list]:
   entries, targets, matched = [], [], set()
   for path, module in qnnx.iter_modules(model):
     kind = _nnx_kind(module)
-    if kind is None or isinstance(module, qnnx._Quantized):
+    if kind is None or isinstance(module, qnnx._Quantized) or (
+        kind == "grouped" and module.recipe is not None):   # explicitly quantized layers
       continue
     p = "/".join(str(x) for x in path)
     recipe, rule = resolve(rules, p, kind)

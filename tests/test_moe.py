@@ -92,3 +92,34 @@ def test_rules_quantize_the_experts_only_and_gradients_flow():
   gplan = rules.plan(gpt, rules.RULE_SETS["moe_experts_mxfp4"], jax.random.key(0), tokens)
   quantized = sorted(e.path for e in gplan.entries if e.recipe != "bf16")
   assert quantized == sorted(f"block{i}/moe/experts/fc{j}" for i in range(4) for j in (1, 2))
+
+
+def test_nnx_grouped_linear_and_rules():
+  from flax import nnx
+  import fp4jax.nnx as qnnx
+  x = _tokens(3, shape=(20, D))
+  sizes = jnp.asarray([7, 0, 13, 0], jnp.int32)
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.router = nnx.Linear(D, E, rngs=rngs)
+      self.experts = qnnx.GroupedLinear(E, D, 32, rngs=rngs)
+
+    def __call__(self, x, sizes):
+      return self.experts(x, sizes)
+
+  model = Block(nnx.Rngs(0))
+  kernel = model.experts.kernel[...]
+  assert kernel.shape == (E, D, 32)
+  np.testing.assert_array_equal(np.asarray(model(x, sizes)),
+                                np.asarray(lax.ragged_dot(x, kernel, sizes)))
+  q = fp4jax.quantize_model(model, rules.RULE_SETS["moe_experts_mxfp4"])
+  plan = {e.path: (e.kind, e.recipe) for e in rules.plan(q, [rules.Rule(".*", None)]).entries}
+  assert plan == {"router": ("dense", "bf16")}, plan   # the quantized experts are explicit now
+  assert isinstance(q.experts, qnnx.GroupedLinear) and q.experts.recipe.name == "mxfp4"
+  np.testing.assert_array_equal(
+      np.asarray(nnx.jit(lambda m, x, s: m(x, s))(q, x, sizes)),
+      np.asarray(fp4jax.qragged_dot(x, kernel, sizes, "mxfp4")))
+  assert model.experts.recipe is None, "quantize_model copies; the original stays BF16"
+  with pytest.raises(ValueError, match="quant"):
+    qnnx.GroupedLinear(E, D, 32, recipe="nvfp4", rngs=nnx.Rngs(params=0))(x, sizes)
