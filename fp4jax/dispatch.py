@@ -45,6 +45,7 @@ import logging
 from typing import Any, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fp4jax import qdot_fused
 from fp4jax import spec as spec_lib
@@ -457,15 +458,25 @@ class WeightOnlyImpl(enum.Enum):
   the kernel and decoded in registers (Triton on a GPU, interpret mode elsewhere)."""
 
 
+# The largest M for which "auto" takes the weight-only kernel: on the H200 it beat
+# dequantize-then-GEMM at every M measured, 1 to 256 (K = N = 8192, kernels/NOTES.md); past
+# that the one dequantization per call is amortised over more rows and XLA's GEMM wins.
+WEIGHT_ONLY_AUTO_MAX_ROWS = 256
+
+
 def choose_weight_only(x_shape, w: QArray, policy: str | None = None, *, strict: bool = True,
-                       facts: DeviceFacts | None = None) -> Choice:
+                       x_dtype: Any = jnp.bfloat16, facts: DeviceFacts | None = None) -> Choice:
   """What runs for a weight-only GEMM of ``x`` (M, K) and the QArray ``w`` (K, N).
 
-  ``policy`` None means the :func:`gemm_impl` context's. ``"xla"`` / ``"fused"`` dequantize. ``"pallas"`` takes the kernel wherever it can take
-  the shapes and spec (raising where it cannot, unless ``strict=False``). ``"auto"``
-  dequantizes, on GPUs too: on the H200 the kernel measured 0.67x of XLA's BF16 GEMM at
-  M = 16 and 0.42x at M = 64 (K = N = 8192; decode-instruction bound, kernels/NOTES.md),
-  so it is taken by name only until a faster one is measured.
+  ``policy`` None means the :func:`gemm_impl` context's. ``"xla"`` / ``"fused"``
+  dequantize. ``"pallas"`` takes the kernel wherever it can take the shapes and spec
+  (raising where it cannot, unless ``strict=False``). ``"auto"`` takes the kernel on a GPU
+  for BF16 activations and M <= :data:`WEIGHT_ONLY_AUTO_MAX_ROWS` where a tile divides the
+  shape: the alternative with packed weights is decoding them every call, which measured
+  5-14x slower on the H200 (M = 1..256, K = N = 8192). Neither reaches a BF16 GEMM on
+  weights already stored in BF16 (the kernel: 0.74-0.97x at M <= 64); to run at BF16
+  speed, dequantize once outside the step (:func:`fp4jax.ptq.dequantize_params`). Float32
+  activations dequantize (the kernel rounds activations to BF16).
 
   Raises:
     ValueError: ``policy="pallas"``, ``strict`` and the kernel cannot take the GEMM.
@@ -476,9 +487,15 @@ def choose_weight_only(x_shape, w: QArray, policy: str | None = None, *, strict:
   if policy in ("xla", "fused"):
     choice = Choice(WeightOnlyImpl.DEQUANTIZE, reason=f"the {policy} policy")
   elif policy == "auto":
-    choice = Choice(WeightOnlyImpl.DEQUANTIZE, reason=(
-        "the kernel measured slower than XLA's BF16 GEMM (H200)" if facts.on_gpu
-        else "not on a GPU"))
+    why = None if facts.on_gpu else "not on a GPU"
+    if why is None and jnp.dtype(x_dtype) != jnp.bfloat16:
+      why = f"{jnp.dtype(x_dtype)} activations (the kernel rounds them to BF16)"
+    if why is None and x_shape[0] > WEIGHT_ONLY_AUTO_MAX_ROWS:
+      why = f"M = {x_shape[0]} > {WEIGHT_ONLY_AUTO_MAX_ROWS} rows (decoding once is amortised)"
+    if why is None:
+      why = kernel_weight_only.unsupported_reason(tuple(x_shape), w)
+    choice = (Choice(WeightOnlyImpl.KERNEL) if why is None
+              else Choice(WeightOnlyImpl.DEQUANTIZE, reason=why))
   else:
     why = kernel_weight_only.unsupported_reason(tuple(x_shape), w)
     if why is not None and strict:
@@ -535,5 +552,5 @@ def interpret_mode(facts: DeviceFacts | None = None) -> bool:
 
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
            "GroupedGemmImpl", "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl",
-           "WeightOnlyImpl", "check_policy", "choose_grouped_gemm", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
+           "WEIGHT_ONLY_AUTO_MAX_ROWS", "WeightOnlyImpl", "check_policy", "choose_grouped_gemm", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
            "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

@@ -138,20 +138,24 @@ def test_quantize_through_the_dispatch_equals_the_reference(rng):
                                   np.asarray(ref.scales.astype(jnp.float32)))
 
 
-@pytest.mark.parametrize("facts,policy,shape,n,want,why", [
-    (CPU, "auto", (16, 256), 64, "DEQUANTIZE", "not on a GPU"),
-    (HOPPER, "auto", (16, 256), 64, "DEQUANTIZE", "measured slower than XLA's BF16"),
-    (HOPPER, "xla", (16, 256), 64, "DEQUANTIZE", "the xla policy"),
-    (HOPPER, "pallas", (16, 256), 64, "KERNEL", None),
-    (CPU, "pallas", (16, 256), 64, "KERNEL", None),
-    (HOPPER, "pallas", (16, 256), 10, "DEQUANTIZE", "no tile divides"),
+@pytest.mark.parametrize("facts,policy,shape,n,dtype,want,why", [
+    (CPU, "auto", (16, 256), 64, jnp.bfloat16, "DEQUANTIZE", "not on a GPU"),
+    (HOPPER, "auto", (16, 256), 64, jnp.bfloat16, "KERNEL", None),
+    (HOPPER, "auto", (256, 256), 64, jnp.bfloat16, "KERNEL", None),
+    (HOPPER, "auto", (257, 256), 64, jnp.bfloat16, "DEQUANTIZE", "M = 257 > 256"),
+    (HOPPER, "auto", (16, 256), 64, jnp.float32, "DEQUANTIZE", "float32 activations"),
+    (HOPPER, "auto", (16, 256), 10, jnp.bfloat16, "DEQUANTIZE", "no tile divides"),
+    (HOPPER, "xla", (16, 256), 64, jnp.bfloat16, "DEQUANTIZE", "the xla policy"),
+    (HOPPER, "pallas", (16, 256), 64, jnp.bfloat16, "KERNEL", None),
+    (CPU, "pallas", (16, 256), 64, jnp.bfloat16, "KERNEL", None),
+    (HOPPER, "pallas", (16, 256), 10, jnp.bfloat16, "DEQUANTIZE", "no tile divides"),
 ])
-def test_choose_weight_only(facts, policy, shape, n, want, why):
+def test_choose_weight_only(facts, policy, shape, n, dtype, want, why):
   w = fp4jax.quantize(jnp.ones((256, n)), "mxfp4", axis=-2)
-  c = dispatch.choose_weight_only(shape, w, policy, strict=False, facts=facts)
+  c = dispatch.choose_weight_only(shape, w, policy, strict=False, x_dtype=dtype, facts=facts)
   assert c.impl is dispatch.WeightOnlyImpl[want]
   assert (c.reason is None) if why is None else why in c.reason
   assert c.interpret == (want == "KERNEL" and facts is CPU)
-  if why == "no tile divides":
+  if why == "no tile divides" and policy == "pallas":
     with pytest.raises(ValueError, match="impl='pallas': no tile divides"):
       dispatch.choose_weight_only(shape, w, policy, facts=facts)
