@@ -15,6 +15,10 @@ import pytest
 
 from experiments import common
 
+# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
+# fixture (the shared tiny runs) is set up once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("test_experiments_distributed")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT_TINY = ["--steps=6", "--log_every=1", "--eval_every=3", "--checkpoint_every=3",
             "--warmup=2", "--lr=3e-3", "--batch_size=16", "--context=32", "--eval_batches=1",

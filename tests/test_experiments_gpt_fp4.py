@@ -11,6 +11,10 @@ import pytest
 import kill_resume
 from experiments import gpt_fp4
 
+# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
+# fixture (the shared tiny runs) is set up once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("test_experiments_gpt_fp4")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=6", "--log_every=2", "--eval_every=3", "--checkpoint_every=3", "--warmup=2",
         "--lr=3e-3", "--batch_size=8", "--context=32", "--eval_batches=1",

@@ -15,6 +15,10 @@ import pytest
 import kill_resume
 from experiments import common, vit_tetrajet as vt
 
+# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
+# fixture (the shared tiny runs) is set up once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("test_experiments_vit_tetrajet")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--log_every=2", "--eval_every=4", "--checkpoint_every=4",
         "--warmup=2", "--lr=3e-3", "--batch_size=64"]
