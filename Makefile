@@ -12,7 +12,7 @@ report: setup
 	.venv/bin/python -m fp4jax.report
 
 test: setup
-	.venv/bin/python -m pytest -q -n auto --dist loadgroup --durations=25 tests
+	.venv/bin/python -m pytest -q -n auto --durations=25 tests
 
 # On a GPU machine with jax[cuda] installed (runs from the checkout, no venv): see the script.
 test-gpu:

@@ -333,6 +333,12 @@ class QuantizedLinenModel(nn.Module):
     variables = jax.eval_shape(traced, rngs)
     n_total = sum(int(np.prod(v.shape))
                   for v in jax.tree.leaves(variables.get("params", {})))
+    # nn.scan (and other lifted transforms) may trace a layer more than once: one entry
+    # per module path, with the parameters of the layer's first trace.
+    first: dict[str, PlanEntry] = {}
+    for e in record:
+      first.setdefault(e.path, e)
+    record = list(first.values())
     matched = {e.rule for e in record if e.rule is not None}
     return _finish_plan(record, n_total, self.rules, matched)
 

@@ -13,11 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+import shared_runs
 from experiments import common
-
-# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
-# fixture (the shared tiny runs) is set up once rather than once per worker.
-pytestmark = pytest.mark.xdist_group("test_experiments_distributed")
+from shared_runs import Completed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT_TINY = ["--steps=6", "--log_every=1", "--eval_every=3", "--checkpoint_every=3",
@@ -43,20 +41,26 @@ def _curve(workdir, run, kind="train", key="loss"):
 @pytest.fixture(scope="module")
 def gpt_runs(tmp_path_factory):
   """bf16 and mxfp4 on one device and on a data:2,fsdp:4 mesh (stopped at step 4, then
-  resumed in a one-device process without --mesh)."""
-  base = tmp_path_factory.mktemp("gpt_mesh")
-  one, eight = str(base / "one"), str(base / "eight")
-  p1 = _run("experiments.gpt_fp4", "--compare=bf16,mxfp4", "--mesh=data:1",
-            f"--workdir={one}", *GPT_TINY)
-  assert p1.returncode == 0, p1.stderr[-3000:]
-  p8 = _run("experiments.gpt_fp4", "--compare=bf16,mxfp4", "--mesh=data:2,fsdp:4",
-            "--stop_at=4", f"--workdir={eight}", *GPT_TINY)
-  assert p8.returncode == 0, p8.stderr[-3000:]
-  stopped = {r: _curve(eight, r) for r in ("bf16", "mxfp4")}
-  pr = _run("experiments.gpt_fp4", "--compare=bf16,mxfp4", "--resume", f"--workdir={eight}",
-            *GPT_TINY, devices=1)
-  assert pr.returncode == 0, pr.stderr[-3000:]
-  return one, eight, p8, pr, stopped
+  resumed in a one-device process without --mesh); computed once per session
+  (:func:`shared_runs.once`: xdist's other worker reuses it)."""
+  def make(base):
+    one, eight = str(base / "one"), str(base / "eight")
+    p1 = _run("experiments.gpt_fp4", "--compare=bf16,mxfp4", "--mesh=data:1",
+              f"--workdir={one}", *GPT_TINY)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p8 = _run("experiments.gpt_fp4", "--compare=bf16,mxfp4", "--mesh=data:2,fsdp:4",
+              "--stop_at=4", f"--workdir={eight}", *GPT_TINY)
+    assert p8.returncode == 0, p8.stderr[-3000:]
+    stopped = {r: _curve(eight, r) for r in ("bf16", "mxfp4")}
+    pr = _run("experiments.gpt_fp4", "--compare=bf16,mxfp4", "--resume", f"--workdir={eight}",
+              *GPT_TINY, devices=1)
+    assert pr.returncode == 0, pr.stderr[-3000:]
+    return {"p8": Completed.record(p8), "pr": Completed.record(pr), "stopped": stopped}
+
+  base, res = shared_runs.once(tmp_path_factory, "gpt_mesh", make)
+  stopped = {r: {int(k): v for k, v in c.items()} for r, c in res["stopped"].items()}
+  return (str(base / "one"), str(base / "eight"), Completed(res["p8"]), Completed(res["pr"]),
+          stopped)
 
 
 def test_one_and_eight_devices_give_the_same_loss_curve(gpt_runs):

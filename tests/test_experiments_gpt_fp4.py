@@ -9,11 +9,8 @@ import sys
 import pytest
 
 import kill_resume
+import shared_runs
 from experiments import gpt_fp4
-
-# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
-# fixture (the shared tiny runs) is set up once rather than once per worker.
-pytestmark = pytest.mark.xdist_group("test_experiments_gpt_fp4")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=6", "--log_every=2", "--eval_every=3", "--checkpoint_every=3", "--warmup=2",
@@ -37,11 +34,15 @@ RUNS = "bf16,mxfp4"
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-  """The uninterrupted tiny comparison (shared by the resume and kill tests)."""
-  wd = str(tmp_path_factory.mktemp("gpt") / "straight")
-  p = _run(f"--compare={RUNS}", f"--workdir={wd}", *TINY)
-  assert p.returncode == 0, p.stderr[-3000:]
-  return wd
+  """The uninterrupted tiny comparison (shared by the resume and kill tests; once per
+  session, :func:`shared_runs.once`)."""
+  def make(base):
+    p = _run(f"--compare={RUNS}", f"--workdir={base / 'straight'}", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return None
+
+  base, _ = shared_runs.once(tmp_path_factory, "gpt_straight", make)
+  return str(base / "straight")
 
 
 def test_compare_runs_end_to_end_and_resume_bit_exactly(straight, tmp_path):

@@ -13,11 +13,9 @@ import time
 import pytest
 
 import kill_resume
+import shared_runs
+from shared_runs import Completed
 from experiments import common, vit_tetrajet as vt
-
-# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
-# fixture (the shared tiny runs) is set up once rather than once per worker.
-pytestmark = pytest.mark.xdist_group("test_experiments_vit_tetrajet")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--log_every=2", "--eval_every=4", "--checkpoint_every=4",
@@ -37,10 +35,15 @@ def _records(path):
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("vit") / "wd")
-  p = _run("--compare=bf16,tetrajet+qema+qramp", f"--workdir={wd}", *TINY)
-  assert p.returncode == 0, p.stderr[-3000:]
-  return wd, p
+  """The tiny comparison the output, resume and kill tests share (once per session,
+  :func:`shared_runs.once`)."""
+  def make(base):
+    p = _run("--compare=bf16,tetrajet+qema+qramp", f"--workdir={base / 'wd'}", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return Completed.record(p)
+
+  base, p = shared_runs.once(tmp_path_factory, "vit_compare", make)
+  return str(base / "wd"), Completed(p)
 
 
 def test_outputs_exist_and_parse(compare_run):

@@ -123,3 +123,14 @@ def test_nnx_grouped_linear_and_rules():
   assert model.experts.recipe is None, "quantize_model copies; the original stays BF16"
   with pytest.raises(ValueError, match="quant"):
     qnnx.GroupedLinear(E, D, 32, recipe="nvfp4", rngs=nnx.Rngs(params=0))(x, sizes)
+
+
+def test_plan_lists_each_scanned_layer_once():
+  # nn.scan traces its body more than once; the plan has one entry per layer path.
+  gpt = GPT.from_name("gpt_tiny_moe", scan_layers=True)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  plan = rules.plan(gpt, rules.RULE_SETS["moe_experts_mxfp4"], jax.random.key(0), tokens)
+  paths = [e.path for e in plan.entries]
+  assert len(paths) == len(set(paths)), paths
+  assert sorted(p for p, e in zip(paths, plan.entries) if e.recipe != "bf16") == [
+      "blocks/moe/experts/fc1", "blocks/moe/experts/fc2"]

@@ -11,10 +11,6 @@ import zipfile
 
 import pytest
 
-# One xdist worker runs this module (make test: --dist loadgroup), so its module-scoped
-# fixture (the wheel) is built once rather than once per worker.
-pytestmark = pytest.mark.xdist_group("test_packaging")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
