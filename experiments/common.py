@@ -32,9 +32,11 @@ import numpy as np
 import fp4jax
 from fp4jax import blocks, dispatch, distributed
 from fp4jax import recipes as recipes_lib
+from experiments import seeds as seeds_lib
 
 
-TRAINING_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "eval_every",
+TRAINING_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "seeds",
+                  "switch_recipe", "switch_at", "report_only", "eval_every",
                   "log_every", "checkpoint_every", "workdir", "resume", "stop_at", "dtype",
                   "impl", "mesh", "grad_comm", "spmd", "coordinator_address", "num_processes",
                   "process_id", "tensorboard")
@@ -55,6 +57,19 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
   flags.DEFINE_float("weight_decay", weight_decay, "AdamW weight decay", lower_bound=0.0)
   flags.DEFINE_integer("warmup", warmup, "warmup steps", lower_bound=0)
   flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
+  flags.DEFINE_list("seeds", None, "repeat every run per seed: a count (--seeds=3: --seed to "
+                    "--seed+2) or a list (--seeds=0,4,7); each seed in <run>/seed_<s>/, the "
+                    "summary with mean ± std over seeds and gaps paired by seed")
+  flags.register_validator("seeds", _seeds_ok, "--seeds must be a count (--seeds=3) or a "
+                           "list of distinct integer seeds (--seeds=0,4,7)")
+  flags.DEFINE_bool("report_only", False, "train nothing: write the summary, final.json and "
+                    "plots from the runs' final.json files in --workdir (e.g. after training "
+                    "the runs in parallel processes, one --compare each)")
+  flags.DEFINE_string("switch_recipe", None, "precision schedule: every run not already in "
+                      "this recipe switches to it at --switch_at (e.g. bf16; per run: "
+                      "<run>+then_<recipe>@<at>)")
+  flags.DEFINE_string("switch_at", None, "where --switch_recipe starts: a fraction of the "
+                      "steps (0.8) or a step (480)")
   flags.DEFINE_integer("eval_every", eval_every, "evaluate every this many steps",
                        lower_bound=1)
   flags.DEFINE_integer("log_every", log_every, "log train metrics every this many steps",
@@ -89,6 +104,14 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
   flags.DEFINE_bool("tensorboard", False, "also write TensorBoard event files to "
                     "<run>/tensorboard (needs tensorboardX: pip install tensorboardX); the "
                     "JSONL log stays the record")
+
+
+def _seeds_ok(value) -> bool:
+  try:
+    seeds_lib.parse_seeds(value, 0)
+  except ValueError:
+    return False
+  return True
 
 
 def writable_directory_problem(path: str) -> str | None:
@@ -315,39 +338,102 @@ class StopRequested:
       signal.signal(signal.SIGINT, old)
 
 
-def train_runs(runs: Sequence[Any], train_one: Callable) -> tuple[list[dict], bool]:
-  """``train_one(run, stop)`` for each run in order, stopping after one that Ctrl-C
-  interrupted; returns (the finished runs' final metrics, whether Ctrl-C stopped us)."""
+def train_runs(runs: Sequence[Any], prepare: Callable,
+               seeds: Sequence[int] = (0,)) -> tuple[dict[str, list[dict]], bool]:
+  """Every run (anything with a ``name``) for every seed, run-major.
+
+  ``prepare(run)`` builds what a run's seeds share (its model, optimizer and jitted steps,
+  so a second seed reuses the first one's compilation) and returns
+  ``train_seed(seed, stop) -> final metrics``. Stops after a seed that Ctrl-C
+  interrupted. Returns ({run name: the finished seeds' final metrics}, whether Ctrl-C
+  stopped us)."""
   stop = StopRequested()
-  finals = []
+  finals: dict[str, list[dict]] = {}
+  total = len(runs) * len(seeds)
   with stop.installed():
     for i, r in enumerate(runs):
-      token = RUN_POSITION.set((i + 1, len(runs)))
-      try:
-        finals.append(train_one(r, stop))
-      finally:
-        RUN_POSITION.reset(token)
-      if stop.requested:
-        break
-  return finals, stop.requested
+      train_seed = prepare(r)
+      for j, seed in enumerate(seeds):
+        token = RUN_POSITION.set((i * len(seeds) + j + 1, total))
+        try:
+          finals.setdefault(r.name, []).append(train_seed(seed, stop))
+        finally:
+          RUN_POSITION.reset(token)
+        if stop.requested:
+          return finals, True
+  return finals, False
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], key: str, path: str, title: str,
-                kind: str = "eval", ylabel: str | None = None, logy: bool = False) -> str:
-  """One line per run of ``key`` against step, from the runs' ``kind`` records."""
+def read_finals(workdir: str, runs: Sequence[str], seeds: Sequence[int],
+                seeded: bool) -> dict[str, list[dict]]:
+  """{run: its seeds' final.json} as :func:`train_runs` returns them, read back from
+  ``workdir`` (``--report_only``); a missing file is an error naming it."""
+  finals: dict[str, list[dict]] = {}
+  for run in runs:
+    for seed in seeds:
+      path = os.path.join(seeds_lib.run_dir(workdir, run, seed, seeded), "final.json")
+      if not os.path.exists(path):
+        raise ValueError(f"--report_only: {path} does not exist (run {run!r}"
+                         f"{f' seed {seed}' if seeded else ''} has not been trained in "
+                         f"{workdir}); train it first, without --report_only")
+      with open(path) as f:
+        finals.setdefault(run, []).append(json.load(f))
+  return finals
+
+
+def run_label(run: str, seed: int, seeded: bool) -> str:
+  """A run's name in progress lines and messages: ``nvfp4``, or ``nvfp4/seed_1``."""
+  return f"{run}/{seeds_lib.SEED_DIR_PREFIX}{seed}" if seeded else run
+
+
+def read_histories(workdir: str, runs: Iterable[str]) -> dict[str, list[list[dict]]]:
+  """{run: one metrics log per seed} for the runs' directories under ``workdir``."""
+  return {r: [MetricsLog(os.path.join(d, "metrics.jsonl")).read()
+              for d in seeds_lib.seed_dirs(os.path.join(workdir, r))] for r in runs}
+
+
+def curve(histories: Sequence[list[dict[str, Any]]], key: str, kind: str = "eval"
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(steps, mean, std, seeds) of ``key`` over several seeds' logs: at each step the
+  seeds that logged it (an interrupted seed stops contributing where its log ends); std
+  is the sample standard deviation (0 where one seed has the step)."""
+  values: dict[int, list[float]] = {}
+  for records in histories:
+    for r in records:
+      if r.get("kind") == kind and r.get(key) is not None:
+        values.setdefault(int(r["step"]), []).append(float(r[key]))
+  steps = np.array(sorted(values), dtype=np.int64)
+  per = [np.array(values[s]) for s in steps]
+  mean = np.array([v.mean() for v in per])
+  std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in per])
+  return steps, mean, std, np.array([len(v) for v in per])
+
+
+def plot_curves(runs: dict[str, Sequence[list[dict[str, Any]]]], key: str, path: str,
+                title: str, kind: str = "eval", ylabel: str | None = None,
+                logy: bool = False) -> str:
+  """One line per run of ``key`` against step, from the runs' ``kind`` records.
+
+  ``runs``: {label: the metrics logs of its seeds}. With several seeds the line is the
+  mean and the band the mean ± one standard deviation over the seeds."""
   if not is_chief():
     return path
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-  for name, records in runs.items():
-    pts = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
-    if pts:
-      s, v = zip(*pts)
-      ax.plot(s, v, label=name, lw=1.4)
+  banded = False
+  for name, histories in runs.items():
+    steps, mean, std, n = curve(histories, key, kind)
+    if not len(steps):
+      continue
+    label = name if n.max() < 2 else f"{name} ({n.max()} seeds)"
+    line, = ax.plot(steps, mean, label=label, lw=1.4)
+    if n.max() > 1:
+      banded = True
+      ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
   ax.set_xlabel("step")
-  ax.set_ylabel(ylabel or key)
+  ax.set_ylabel((ylabel or key) + (" (mean ± std over seeds)" if banded else ""))
   if logy:
     ax.set_yscale("log")
   ax.set_title(title)
@@ -361,6 +447,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], key: str, path: str, titl
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
   def fmt(v):
+    if isinstance(v, seeds_lib.Stat):
+      return v.format()
     if isinstance(v, float):
       return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
     return "" if v is None else str(v)
@@ -387,6 +475,158 @@ def write_summary(workdir: str, title: str, rows: Sequence[dict[str, Any]],
   print(text, flush=True)
   print(f"summary: {path}", flush=True)
   return text
+
+
+def seed_rows(finals: dict[str, list[dict[str, Any]]], metrics: Sequence[str],
+              gaps: Sequence[tuple[str, str, Callable[[str], str | None]]] = ()
+              ) -> list[dict[str, Any]]:
+  """One summary row per run from its seeds' final metrics (:func:`seeds.aggregate`):
+  ``metrics`` become mean ± std over the seeds; each ``(column, metric, baseline)`` of
+  ``gaps`` adds ``column``, the run's ``metric`` minus that of the run
+  ``baseline(run name)`` (None: no such column for this run), paired by seed."""
+  rows = []
+  for name, per_seed in finals.items():
+    row = seeds_lib.aggregate(per_seed, metrics)
+    for column, metric, baseline in gaps:
+      base = baseline(name)
+      if base is not None and base in finals:
+        row[column] = seeds_lib.paired_gap(per_seed, finals[base], metric)
+    rows.append(row)
+  return rows
+
+
+def write_finals(workdir: str, finals: dict[str, list[dict[str, Any]]],
+                 rows: Sequence[dict[str, Any]]) -> str:
+  """``workdir/final.json``: every run's per-seed final metrics and its summary row
+  (means, standard deviations, paired gaps with their 95% intervals)."""
+  path = os.path.join(workdir, "final.json")
+  if is_chief():
+    out = {"runs": [{"run": name, "per_seed": per_seed, "summary": seeds_lib.to_json(row)}
+                    for (name, per_seed), row in zip(finals.items(), rows)]}
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1)
+  return path
+
+
+def seeds_phrase(seeds: Sequence[int], seeded: bool) -> str:
+  """``seed 0`` or ``3 seeds (0, 1, 2)``, for titles."""
+  if not seeded:
+    return f"seed {seeds[0]}"
+  return f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+
+
+def seeds_note(seeded: bool) -> str:
+  """The summary's sentence on what ± means (:mod:`experiments.seeds`)."""
+  if not seeded:
+    return "One seed: rerun with --seeds=3 for run-to-run noise."
+  return ("Cells are mean ± sample standard deviation over the seeds; gaps are paired by "
+          "seed, and * marks a gap whose 95% Student-t interval excludes zero (a "
+          "difference beyond the run-to-run noise).")
+
+
+def first_run_with_recipe(finals: dict[str, list[dict[str, Any]]], recipe: str) -> str | None:
+  """The name of the first run whose recipe is ``recipe`` (the baseline of the gaps)."""
+  return next((name for name, per_seed in finals.items()
+               if per_seed and per_seed[0].get("recipe") == recipe), None)
+
+
+def base_run(name: str, names: Iterable[str]) -> str | None:
+  """The run of ``names`` that ``name`` extends by ``+options`` (the longest such name),
+  or None: what an ablation or a precision switch is compared with
+  (``nvfp4+nohad`` -> ``nvfp4``; ``tetrajet+qema+then_bf16@0.8`` -> ``tetrajet+qema``
+  if that run is there, else ``tetrajet``)."""
+  parts, present = name.split("+"), set(names)
+  for n in range(len(parts) - 1, 0, -1):
+    candidate = "+".join(parts[:n])
+    if candidate in present:
+      return candidate
+  return None
+
+
+class SwitchSpec(NamedTuple):
+  """A precision schedule: train with the run's recipe, then from step ``at`` to the end
+  with ``recipe`` (NVIDIA, "Pretraining Large Language Models with NVFP4", arXiv
+  2509.25149, Sec. 5: switching the last part of training to higher precision recovers
+  most of the remaining loss gap). ``at`` as written: a fraction of the steps (``0.8``) or
+  a step (``480``). In a run name: ``<run>+then_<recipe>@<at>``."""
+  recipe: str
+  at: str
+
+  @property
+  def option(self) -> str:
+    return f"{SWITCH_OPTION}{self.recipe}@{self.at}"
+
+  def step(self, steps: int) -> int:
+    """The number of steps trained before the switch, validated against ``steps``."""
+    text = self.at.strip()
+    try:
+      if any(c in text for c in ".eE"):
+        frac = float(text)
+        if not 0.0 < frac < 1.0:
+          raise ValueError
+        at = round(frac * steps)
+      else:
+        at = int(text)
+    except ValueError:
+      raise ValueError(f"switch at {self.at!r}: give a fraction of the steps strictly "
+                       "between 0 and 1 (0.8) or a step (480)") from None
+    if not 1 <= at < steps:
+      raise ValueError(f"switch at {self.at!r} is step {at} of {steps}: the switch must "
+                       f"leave steps on both sides (1 <= step <= {steps - 1})")
+    return at
+
+
+SWITCH_OPTION = "then_"
+
+
+def split_switch(options: Sequence[str]) -> tuple[list[str], SwitchSpec | None]:
+  """A run name's ``+options`` -> (the options that are not a switch, the switch)."""
+  rest, found = [], []
+  for o in options:
+    if o.startswith(SWITCH_OPTION):
+      recipe, sep, at = o[len(SWITCH_OPTION):].partition("@")
+      if not sep or not recipe or not at:
+        raise ValueError(f"run option {o!r}: a precision switch is "
+                         f"+{SWITCH_OPTION}<recipe>@<fraction or step>, e.g. "
+                         f"+{SWITCH_OPTION}bf16@0.8")
+      found.append(SwitchSpec(recipe, at))
+    else:
+      rest.append(o)
+  if len(found) > 1:
+    raise ValueError(f"run options {list(options)} hold {len(found)} precision switches; "
+                     "give one")
+  return rest, (found[0] if found else None)
+
+
+def with_switch_flags(names: Sequence[str], recipe: str | None, at: str | None) -> list[str]:
+  """``--switch_recipe`` / ``--switch_at`` applied to run names: every quantized run
+  whose recipe is not already ``recipe`` and which has no switch of its own gets
+  ``+then_<recipe>@<at>`` (a BF16 run stays as it is: it is the baseline)."""
+  if (recipe is None) != (at is None):
+    raise ValueError("--switch_recipe and --switch_at go together, e.g. "
+                     "--switch_recipe=bf16 --switch_at=0.8")
+  if recipe is None:
+    return list(names)
+  out = []
+  for n in names:
+    parts = [p.strip() for p in n.split("+") if p.strip()]
+    keep = not parts or parts[0] == recipe or split_switch(parts[1:])[1] is not None
+    if not keep:
+      try:
+        keep = build_recipe(parts[0]).is_identity
+      except ValueError:
+        pass    # an unknown recipe: the run's parser names it
+    out.append(n if keep else f"{n}+{SwitchSpec(recipe, at).option}")
+  return out
+
+
+class Phase(NamedTuple):
+  """The second phase of a precision schedule (:class:`SwitchSpec`): once ``start`` steps
+  are done, ``train_step`` and ``evaluate`` (of ``recipe``) replace the run's."""
+  start: int
+  recipe: str
+  train_step: Callable
+  evaluate: Callable
 
 
 class LoopConfig(NamedTuple):
@@ -463,8 +703,37 @@ class NonFiniteWatch:
         "--warmup, or train this recipe in higher precision")
 
 
+SECONDS_FILE = "train_seconds.json"   # {step: training seconds up to that checkpoint}
+
+
+def _read_seconds(rdir: str, step: int) -> float:
+  """The training seconds a resumed run had spent up to its checkpoint ``step`` (0 if
+  unknown), so a run's ``seconds`` add up over the sessions that trained it."""
+  try:
+    with open(os.path.join(rdir, SECONDS_FILE)) as f:
+      return float(json.load(f).get(str(step), 0.0))
+  except (OSError, ValueError):
+    return 0.0
+
+
+def _write_seconds(rdir: str, step: int, seconds: float) -> None:
+  if not is_chief():
+    return
+  path = os.path.join(rdir, SECONDS_FILE)
+  try:
+    with open(path) as f:
+      table = {k: v for k, v in json.load(f).items() if int(k) < step}
+  except (OSError, ValueError):
+    table = {}
+  table[str(step)] = seconds
+  with open(path + ".tmp", "w") as f:
+    json.dump(table, f)
+  os.replace(path + ".tmp", path)
+
+
 def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch: Callable,
-               evaluate: Callable, cfg: LoopConfig, stop: StopRequested) -> dict[str, Any]:
+               evaluate: Callable, cfg: LoopConfig, stop: StopRequested,
+               switch: Phase | None = None) -> dict[str, Any]:
   """The training loop every experiment shares.
 
   Args:
@@ -476,9 +745,15 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     get_batch: ``step -> tuple of arrays``, a pure function of the step (so a resumed run
       sees the same data).
     evaluate: ``state -> {metric: float}``.
+    switch: a precision schedule's second phase: from ``switch.start`` steps done on, its
+      train step and evaluation are used (the state, optimizer and keys carry over). The
+      switch is logged as ``{"kind": "switch", "step", "recipe"}``; a resumed run picks
+      the phase from its step, so resuming on either side of the switch equals an
+      uninterrupted run.
   Returns:
     ``{"state", "records", "interrupted", "seconds"}``. ``--resume`` restores the last
-    checkpoint and truncates the log to it, so the log equals an uninterrupted run's.
+    checkpoint and truncates the log to it, so the log equals an uninterrupted run's;
+    ``seconds`` counts the training time of every session up to the end.
   """
   log = MetricsLog(os.path.join(rdir, "metrics.jsonl"))
   ckpt_dir = os.path.join(rdir, "checkpoints")
@@ -502,14 +777,24 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
     os.remove(log.path)  # a fresh run: no stale history
   if cfg.tensorboard:
     log = MetricsLog(log.path, os.path.join(rdir, "tensorboard"), purge_step=start)
+  if not start and is_chief() and os.path.exists(os.path.join(rdir, SECONDS_FILE)):
+    os.remove(os.path.join(rdir, SECONDS_FILE))
+  earlier = _read_seconds(rdir, start) if start else 0.0
+  switch_logged = switch is not None and any(r.get("kind") == "switch" for r in log.read())
   progress = Progress(cfg.steps, cfg.examples_per_step, f"[{name}]")
   t0, interrupted = time.perf_counter(), False
   watch = NonFiniteWatch(name, last_saved=start if start else None)
   try:
     for step in range(start, cfg.steps):
       batch = get_batch(step)
+      switched = switch is not None and step >= switch.start
+      if switched and not switch_logged:
+        log.write({"kind": "switch", "step": switch.start, "recipe": switch.recipe})
+        print(f"[{name}] step {switch.start}: switching to {switch.recipe} for the last "
+              f"{cfg.steps - switch.start} steps", flush=True)
+        switch_logged = True
       with fp4jax.gemm_impl(cfg.impl):
-        state, m = train_step(state, *batch)
+        state, m = (switch.train_step if switched else train_step)(state, *batch)
       done = step + 1
       watch.update(m["loss"], done)      # on device: no host sync per step
       if done % cfg.log_every == 0 or done == cfg.steps:
@@ -520,7 +805,7 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
       if done % cfg.eval_every == 0 or done == cfg.steps:
         watch.check(done)
         with fp4jax.gemm_impl(cfg.impl):
-          ev = evaluate(state)
+          ev = (switch.evaluate if switched else evaluate)(state)
         log.write({"kind": "eval", "step": done, **ev})
         print(f"[{name}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
               flush=True)
@@ -533,6 +818,7 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
         # returning, so the next step may reuse their buffers); the last one and a stop
         # wait, and close() waits for any still pending.
         ckpt.save(done, state._asdict(), wait=at_stop or done == cfg.steps)
+        _write_seconds(rdir, done, earlier + time.perf_counter() - t0)
         watch.last_saved = done
       if at_stop:
         interrupted = True
@@ -542,8 +828,9 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
   finally:
     ckpt.close()      # pending background saves (all of good steps) finish; none is lost
     log.close()
+  seconds = earlier + time.perf_counter() - t0   # a finished run restored: its own time
   return {"state": state, "records": log.read(), "interrupted": interrupted,
-          "seconds": time.perf_counter() - t0}
+          "seconds": seconds}
 
 
 def last(records: Sequence[dict[str, Any]], kind: str, key: str) -> Any:

@@ -5,8 +5,10 @@ NVFP4 and any other recipe or format, on real data that ships with scikit-learn.
     python -m experiments.vit_tetrajet --compare=bf16,mxfp4,tetrajet,tetrajet+qema+qramp,nvfp4
     python -m experiments.vit_tetrajet --format=nvfp4 --block_size=32 --workdir=/tmp/nv32
     python -m experiments.vit_tetrajet --workdir=/tmp/run --resume          # continue a run
+    python -m experiments.vit_tetrajet --compare=bf16,nvfp4,nvfp4+then_bf16@0.8 --seeds=3
 
-A *run* is named ``<recipe>[+qema][+qramp]``: a recipe of :mod:`fp4jax.recipes` (or a
+A *run* is named ``<recipe>[+qema][+qramp][+then_<recipe>@<at>]``: a recipe of
+:mod:`fp4jax.recipes` (or a
 format preset of :mod:`fp4jax.spec`, used for all six GEMM operands), optionally with
 TetraJet's Q-EMA (Chen et al. 2025, arXiv 2502.20853, Sec. 4.2: round each weight toward
 its EMA) and Q-Ramping (Sec. 4.3: longer update intervals for oscillating weights). Every
@@ -15,9 +17,19 @@ channels, 4 on digits) and the classifier head stay in high precision, as in Tet
 NVIDIA's recipe. Each run logs train loss, test loss / accuracy and, for quantized runs,
 the weight oscillation metrics of :func:`fp4jax.optim.track_oscillation` (fraction of
 weights whose quantized value flipped in the last step, fraction oscillating in a window).
+``+then_bf16@0.8`` switches the run to BF16 GEMMs for the last 20% of the steps (NVIDIA's
+precision schedule, arXiv 2509.25149 Sec. 5; ``--switch_recipe=bf16 --switch_at=0.8`` adds
+it to every quantized run); the optimizer, its Q-EMA / Q-Ramping state and the
+oscillation tracking carry on.
+
+``--seeds=3`` repeats every run for seeds ``--seed`` .. ``--seed+2`` (initialisation, batch
+order, rounding keys; the train/test split stays ``--seed``'s, so every seed is scored on
+the same images): ``<run>/seed_<s>/`` per seed and a summary of mean ± std with gaps
+paired by seed (:mod:`experiments.seeds`).
 
 Outputs (``--workdir``): ``config.json``, ``<run>/metrics.jsonl``, ``<run>/checkpoints``,
-``<run>/final.json``, ``accuracy.png``, ``loss.png``, ``oscillation.png``, ``summary.md``.
+``<run>/final.json``, ``accuracy.png``, ``loss.png``, ``oscillation.png``, ``summary.md``,
+``final.json`` (every seed).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from absl import logging as absl_logging
 
 import fp4jax
 from experiments import common, data
+from experiments import seeds as seeds_lib
 from fp4jax.models import VIT_CONFIGS, ViT
 from fp4jax import optim, recipes as recipes_lib
 from fp4jax.optim.weights import path_str
@@ -80,21 +93,39 @@ class RunSpec(NamedTuple):
   recipe: recipes_lib.Recipe
   q_ema: bool
   q_ramping: bool
+  switch: common.SwitchSpec | None = None
 
 
 def parse_run(name: str, block_size=None, scale_mode=None) -> RunSpec:
-  """``<recipe>[+qema][+qramp]`` -> RunSpec."""
+  """``<recipe>[+qema][+qramp][+then_<recipe>@<at>]`` -> RunSpec."""
   parts = [p.strip() for p in name.split("+") if p.strip()]
   if not parts:
     raise ValueError(f"empty run name {name!r}")
-  extras = set(parts[1:])
+  rest, switch = common.split_switch(parts[1:])
+  extras = set(rest)
   unknown = extras - {"qema", "qramp"}
   if unknown:
-    raise ValueError(f"run {name!r}: unknown option(s) {sorted(unknown)}; use +qema, +qramp")
+    raise ValueError(f"run {name!r}: unknown option(s) {sorted(unknown)}; use +qema, +qramp, "
+                     f"+{common.SWITCH_OPTION}<recipe>@<at>")
   recipe = common.build_recipe(parts[0], block_size, scale_mode)
-  if recipe.is_identity and extras:
-    raise ValueError(f"run {name!r}: Q-EMA / Q-Ramping need a quantized recipe")
-  return RunSpec(name, recipe, "qema" in extras, "qramp" in extras)
+  if recipe.is_identity and (extras or switch):
+    raise ValueError(f"run {name!r}: Q-EMA / Q-Ramping / a precision switch need a "
+                     "quantized recipe")
+  return RunSpec(name, recipe, "qema" in extras, "qramp" in extras, switch)
+
+
+def switch_phase_run(run: RunSpec, block_size=None, scale_mode=None) -> RunSpec | None:
+  """The run a precision schedule switches to: the switch recipe's GEMMs with the run's
+  Q-EMA / Q-Ramping (they belong to its optimizer, which carries on)."""
+  if run.switch is None:
+    return None
+  if "+" in run.switch.recipe:
+    raise ValueError(f"run {run.name!r}: switch to a plain recipe (e.g. then_bf16@0.8), not "
+                     f"{run.switch.recipe!r}")
+  recipe = common.build_recipe(run.switch.recipe, block_size, scale_mode)
+  if recipe.name == run.recipe.name:
+    raise ValueError(f"run {run.name!r} switches to its own recipe {recipe.name!r}")
+  return run._replace(name=f"{run.name} (after the switch)", recipe=recipe, switch=None)
 
 
 def runs_from_flags() -> list[RunSpec]:
@@ -106,6 +137,7 @@ def runs_from_flags() -> list[RunSpec]:
   explicit = FLAGS["format"].present or FLAGS["recipe"].present
   if (explicit or not names) and name not in names:
     names.append(name)
+  names = common.with_switch_flags(names, FLAGS.switch_recipe, FLAGS.switch_at)
   return [parse_run(n, FLAGS.block_size, FLAGS.scale_mode) for n in names]
 
 
@@ -200,68 +232,114 @@ def evaluate(eval_step, state, x, y, batch=512) -> dict[str, float]:
   return {"test_loss": tot_loss / len(y), "test_accuracy": correct / len(y)}
 
 
-def train_run(run: RunSpec, ds: data.ImageData, workdir: str, stop: common.StopRequested,
-              par: common.Parallel) -> dict[str, Any]:
-  """Trains one run to ``--steps`` (or until Ctrl-C / ``--stop_at``); its final metrics."""
-  rdir = os.path.join(workdir, run.name)
+def run_mean(records, key: str, kind: str = "train") -> float | None:
+  """The mean of ``key`` over a run's logged ``kind`` records (every ``--log_every``
+  steps), or None."""
+  vals = [r[key] for r in records if r.get("kind") == kind and r.get(key) is not None]
+  return sum(vals) / len(vals) if vals else None
+
+
+def prepare_run(run: RunSpec, switch_to: RunSpec | None, ds: data.ImageData, workdir: str,
+                par: common.Parallel, seeded: bool):
+  """What a run's seeds share (model, optimizer, the jitted steps: compiled once) ->
+  ``train_seed(seed, stop) -> final metrics`` (:func:`common.train_runs`)."""
   model = build_model(run, len(ds.classes))
   tx = make_optimizer(run, FLAGS.steps)
-  init_key, quant_key = jax.random.split(jax.random.key(FLAGS.seed))
-  params = jax.jit(model.init)({"params": init_key, "quant": quant_key},
-                      jnp.asarray(ds.train_x[:2]))["params"]
-  state = par.place_state(
-      common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key))
-  train_step, eval_step = make_steps(model, tx, run, par, state)
+  init = jax.jit(model.init)
+  steps: dict[str, Any] = {}     # built at the first seed (shardings follow its state)
 
-  def get_batch(step):
-    idx = data.batches(len(ds.train_y), FLAGS.batch_size, FLAGS.seed, step)
-    return par.batch((ds.train_x[idx], ds.train_y[idx]))
+  def train_seed(seed: int, stop: common.StopRequested) -> dict[str, Any]:
+    rdir = seeds_lib.run_dir(workdir, run.name, seed, seeded)
+    init_key, quant_key = jax.random.split(jax.random.key(seed))
+    params = init({"params": init_key, "quant": quant_key},
+                  jnp.asarray(ds.train_x[:2]))["params"]
+    state = par.place_state(
+        common.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), quant_key))
+    if not steps:
+      steps["main"] = make_steps(model, tx, run, par, state)
+      if switch_to is not None:
+        # The switched model's GEMMs, the run's optimizer (Q-EMA, Q-Ramping, tracking).
+        steps["switch"] = make_steps(build_model(switch_to, len(ds.classes)), tx, run, par,
+                                     state)
+    train_step, eval_step = steps["main"]
+    switch = None
+    if switch_to is not None:
+      sw_eval = steps["switch"][1]
+      switch = common.Phase(run.switch.step(FLAGS.steps), switch_to.recipe.name,
+                            steps["switch"][0],
+                            lambda st: evaluate(sw_eval, st, ds.test_x, ds.test_y))
 
-  cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
-                          FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
-                          FLAGS.batch_size, FLAGS.tensorboard)
-  out = common.train_loop(run.name, rdir, state, train_step, get_batch,
-                          lambda st: evaluate(eval_step, st, ds.test_x, ds.test_y), cfg, stop)
-  rec = out["records"]
-  final = {"run": run.name, "recipe": run.recipe.name, "q_ema": run.q_ema,
-           "q_ramping": run.q_ramping, "devices": par.devices, "grad_comm": par.grad_comm,
-           "steps": int(out["state"].step),
-           "train_loss": common.last(rec, "train", "loss"),
-           "test_loss": common.last(rec, "eval", "test_loss"),
-           "test_accuracy": common.last(rec, "eval", "test_accuracy"),
-           "oscillating": common.last(rec, "train", "oscillating"),
-           "seconds": out["seconds"], "interrupted": out["interrupted"]}
-  if common.is_chief():
-    with open(os.path.join(rdir, "final.json"), "w") as f:
-      json.dump(final, f, indent=1)
-  return final
+    def get_batch(step):
+      idx = data.batches(len(ds.train_y), FLAGS.batch_size, seed, step)
+      return par.batch((ds.train_x[idx], ds.train_y[idx]))
+
+    cfg = common.LoopConfig(FLAGS.steps, FLAGS.log_every, FLAGS.eval_every,
+                            FLAGS.checkpoint_every, FLAGS.resume, FLAGS.stop_at, FLAGS.impl,
+                            FLAGS.batch_size, FLAGS.tensorboard)
+    out = common.train_loop(common.run_label(run.name, seed, seeded), rdir, state,
+                            train_step, get_batch,
+                            lambda st: evaluate(eval_step, st, ds.test_x, ds.test_y), cfg,
+                            stop, switch)
+    rec = out["records"]
+    final = {"run": run.name, "seed": seed, "recipe": run.recipe.name, "q_ema": run.q_ema,
+             "q_ramping": run.q_ramping,
+             "switch": None if switch is None else {"recipe": switch.recipe,
+                                                    "at_step": switch.start},
+             "devices": par.devices, "grad_comm": par.grad_comm,
+             "steps": int(out["state"].step),
+             "train_loss": common.last(rec, "train", "loss"),
+             "test_loss": common.last(rec, "eval", "test_loss"),
+             "test_accuracy": common.last(rec, "eval", "test_accuracy"),
+             "oscillating": run_mean(rec, "oscillating"),
+             "oscillating_last": common.last(rec, "train", "oscillating"),
+             "seconds": out["seconds"], "interrupted": out["interrupted"]}
+    if common.is_chief():
+      with open(os.path.join(rdir, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    return final
+
+  return train_seed
 
 
-def report(workdir: str, finals: list[dict], runs: list[RunSpec]) -> None:
-  histories = {r.name: common.MetricsLog(os.path.join(workdir, r.name, "metrics.jsonl")).read()
-               for r in runs}
+METRICS = ("train_loss", "test_loss", "test_accuracy", "oscillating", "oscillating_last",
+           "seconds")
+
+
+def report(workdir: str, finals: dict[str, list[dict]], seeds: list[int],
+           seeded: bool) -> None:
+  histories = common.read_histories(workdir, finals)
   common.plot_curves(histories, "test_accuracy", os.path.join(workdir, "accuracy.png"),
                      f"{FLAGS.model} on {FLAGS.dataset}: test accuracy")
   common.plot_curves(histories, "loss", os.path.join(workdir, "loss.png"),
                      f"{FLAGS.model} on {FLAGS.dataset}: train loss", kind="train", logy=True)
-  quantized = {k: v for k, v in histories.items() if any("flip_rate" in r for r in v)}
+  quantized = {k: v for k, v in histories.items()
+               if any("flip_rate" in r for h in v for r in h)}
   if quantized:
     common.plot_curves(quantized, "oscillating", os.path.join(workdir, "oscillation.png"),
                        "weights oscillating (>= 2 reversals in a 50-step window)", kind="train")
-  base = next((f for f in finals if f["recipe"] == "bf16"), None)
-  for f in finals:
-    if base and f["test_accuracy"] is not None and base["test_accuracy"] is not None:
-      f["accuracy_gap_to_bf16"] = f["test_accuracy"] - base["test_accuracy"]
-      f["loss_gap_to_bf16"] = f["test_loss"] - base["test_loss"]
-  cols = ["run", "steps", "devices", "grad_comm", "train_loss", "test_loss", "test_accuracy",
-          "accuracy_gap_to_bf16",
-          "loss_gap_to_bf16", "oscillating", "seconds"]
+  bf16 = common.first_run_with_recipe(finals, "bf16")
+  base = lambda name: common.base_run(name, finals)
+  rows = common.seed_rows(finals, METRICS, [
+      ("accuracy_gap_to_bf16", "test_accuracy", lambda name: bf16),
+      ("loss_gap_to_bf16", "test_loss", lambda name: bf16),
+      ("accuracy_gap_to_base", "test_accuracy", base)])
+  common.write_finals(workdir, finals, rows)
+  cols = ["run", "steps", *(["seeds"] if seeded else []), "devices", "grad_comm",
+          "train_loss", "test_loss", "test_accuracy", "accuracy_gap_to_bf16",
+          "loss_gap_to_bf16",
+          *(["accuracy_gap_to_base"] if any("accuracy_gap_to_base" in r for r in rows)
+            else []), "oscillating", "seconds"]
   common.write_summary(
       workdir, f"vit_tetrajet: {FLAGS.model} on {FLAGS.dataset}, {FLAGS.steps} steps, "
-      f"batch {FLAGS.batch_size}, seed {FLAGS.seed} ({common.device_description()})",
-      finals, cols, notes="Gaps are run minus BF16 (accuracy: fraction; loss: nats). "
-      "`oscillating`: fraction of quantized weights with >= 2 direction reversals of their "
-      "quantized value in the current 50-step window.",
+      f"batch {FLAGS.batch_size}, {common.seeds_phrase(seeds, seeded)} "
+      f"({common.device_description()})",
+      rows, cols, notes="Gaps are the run minus BF16 (accuracy: fraction; loss: nats) or, "
+      "`_to_base`, minus the run it extends by +options (tetrajet+qema against tetrajet, a "
+      "precision switch against the run without it). `oscillating`: the run's mean "
+      "(over its logged steps) of the fraction of quantized weights with >= 2 direction "
+      "reversals of their quantized value in a 50-step window (final.json also keeps the "
+      "last window's, `oscillating_last`, and the curve is plotted). "
+      + common.seeds_note(seeded),
       plots=("accuracy.png", "loss.png", "oscillation.png"))
 
 
@@ -273,16 +351,24 @@ def main(argv):
   if FLAGS.model not in MODELS:
     raise app.UsageError(f"--model={FLAGS.model!r} is unknown; choose one of {', '.join(MODELS)}")
   try:
+    seeds = seeds_lib.parse_seeds(FLAGS.seeds, FLAGS.seed)
     runs = runs_from_flags()
-    pars = {}
+    pars, switch_to = {}, {}
     for r in runs:
       check_model_fits(r.recipe, FLAGS.model)
+      switch_to[r.name] = switch_phase_run(r, FLAGS.block_size, FLAGS.scale_mode)
+      if switch_to[r.name] is not None:
+        r.switch.step(FLAGS.steps)
+        check_model_fits(switch_to[r.name].recipe, FLAGS.model)
       pars[r.name] = common.Parallel.from_flags(FLAGS.mesh, FLAGS.grad_comm, r.recipe,
                                                   FLAGS.spmd, FLAGS.impl)
       pars[r.name].check_batch(FLAGS.batch_size)
+    # One train/test split (--seed's) for every seed: seeds are scored on the same images.
     ds = data.load_images(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size, FLAGS.seed)
   except ValueError as e:
     raise app.UsageError(str(e))
+  seeded = seeds is not None
+  seeds = seeds or [FLAGS.seed]
   patch = MODELS[FLAGS.model][0]
   if ds.train_x.shape[1] % patch or ds.train_x.shape[2] % patch:
     raise app.UsageError(f"images of {ds.train_x.shape[1]}x{ds.train_x.shape[2]} are not a "
@@ -290,19 +376,33 @@ def main(argv):
                          "--model or --image_size")
   if len({r.name for r in runs}) != len(runs):
     raise app.UsageError(f"--compare has repeated runs: {[r.name for r in runs]}")
-  common.write_config(FLAGS.workdir, common.script_flag_values(),
-                      runs=[{"name": r.name, "recipe": r.recipe.name, "q_ema": r.q_ema,
-                             "q_ramping": r.q_ramping, "parallel": pars[r.name].describe()}
-                            for r in runs],
-                      data={"train": int(len(ds.train_y)), "test": int(len(ds.test_y)),
-                            "image": list(ds.train_x.shape[1:])})
-  print(f"vit_tetrajet: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] of "
+  if not FLAGS.report_only:
+    common.write_config(FLAGS.workdir, common.script_flag_values(),
+                        runs=[{"name": r.name, "recipe": r.recipe.name, "q_ema": r.q_ema,
+                               "q_ramping": r.q_ramping,
+                               "switch": None if r.switch is None else
+                               {"recipe": r.switch.recipe, "at_step": r.switch.step(FLAGS.steps)},
+                               "parallel": pars[r.name].describe()}
+                              for r in runs],
+                        seeds=seeds,
+                        data={"train": int(len(ds.train_y)), "test": int(len(ds.test_y)),
+                              "image": list(ds.train_x.shape[1:])})
+  print(f"vit_tetrajet: {len(runs)} run(s) [{', '.join(r.name for r in runs)}] x "
+        f"{common.seeds_phrase(seeds, seeded)} of "
         f"{FLAGS.model} on {FLAGS.dataset} ({len(ds.train_y)} train / {len(ds.test_y)} test) "
         f"on {common.device_description()} ({pars[runs[0].name].describe()}); workdir "
         f"{FLAGS.workdir}", flush=True)
-  finals, stopped = common.train_runs(
-      runs, lambda r, stop: train_run(r, ds, FLAGS.workdir, stop, pars[r.name]))
-  report(FLAGS.workdir, finals, runs[:len(finals)])
+  if FLAGS.report_only:
+    try:
+      finals, stopped = common.read_finals(FLAGS.workdir, [r.name for r in runs], seeds,
+                                           seeded), False
+    except ValueError as e:
+      raise app.UsageError(str(e))
+  else:
+    finals, stopped = common.train_runs(
+        runs, lambda r: prepare_run(r, switch_to[r.name], ds, FLAGS.workdir, pars[r.name],
+                                    seeded), seeds)
+  report(FLAGS.workdir, finals, seeds, seeded)
   if stopped:
     sys.exit(130)
 

@@ -79,8 +79,122 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(straight, tmp_
   kill_resume.assert_same_runs(straight, wd, RUNS.split(","), kills)
 
 
+SEEDED = "bf16,mxfp4,mxfp4+then_bf16@0.5"     # TINY has 6 steps: the switch is at step 3
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+  """Two seeds of bf16, mxfp4 and mxfp4 switched to BF16 halfway (once per session)."""
+  def make(base):
+    p = _run(f"--compare={SEEDED}", "--seeds=2", f"--workdir={base / 'seeded'}", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return None
+
+  base, _ = shared_runs.once(tmp_path_factory, "gpt_seeded", make)
+  return str(base / "seeded")
+
+
+def _seed_log(wd, run, seed):
+  return _records(os.path.join(wd, run, f"seed_{seed}", "metrics.jsonl"))
+
+
+def test_seeds_give_per_seed_runs_and_a_summary_with_error_bars(seeded, straight):
+  for run in ("bf16", "mxfp4"):
+    # Seed 0 of --seeds=2 is the unseeded run with --seed=0 (the default), record for
+    # record; seed 1 is another initialisation and data order.
+    assert _seed_log(seeded, run, 0) == _records(os.path.join(straight, run, "metrics.jsonl"))
+    assert _seed_log(seeded, run, 1) != _seed_log(seeded, run, 0)
+    assert not os.path.exists(os.path.join(seeded, run, "metrics.jsonl"))
+  finals = json.load(open(os.path.join(seeded, "final.json")))["runs"]
+  assert [r["run"] for r in finals] == SEEDED.split(",")
+  for r in finals:
+    assert [f["seed"] for f in r["per_seed"]] == [0, 1]
+    vals = [f["val_loss"] for f in r["per_seed"]]
+    assert r["summary"]["val_loss"]["mean"] == pytest.approx(sum(vals) / 2)
+    assert r["summary"]["val_loss"]["n"] == 2 and r["summary"]["seeds"] == 2
+  by = {r["run"]: r for r in finals}
+  gap = by["mxfp4"]["summary"]["val_loss_gap_to_bf16"]
+  paired = [m["val_loss"] - b["val_loss"]
+            for m, b in zip(by["mxfp4"]["per_seed"], by["bf16"]["per_seed"])]
+  assert gap["mean"] == pytest.approx(sum(paired) / 2) and "exceeds_noise" in gap
+  assert "val_loss_gap_to_base" in by["mxfp4+then_bf16@0.5"]["summary"]
+  summary = open(os.path.join(seeded, "summary.md")).read()
+  assert "2 seeds (0, 1)" in summary and "| mxfp4 | 6 | 2 |" in summary
+  row = next(l for l in summary.splitlines() if l.startswith("| mxfp4 |"))
+  assert row.count(" ± ") >= 5, row              # every metric and gap with its spread
+  assert "95% Student-t" in summary
+  for png in ("val_loss.png", "loss.png"):
+    assert open(os.path.join(seeded, png), "rb").read(4) == b"\x89PNG"
+
+
+def test_the_switch_trains_the_first_part_like_the_run_without_it(seeded):
+  for seed in (0, 1):
+    plain, switched = _seed_log(seeded, "mxfp4", seed), \
+        _seed_log(seeded, "mxfp4+then_bf16@0.5", seed)
+    assert [r for r in switched if r["kind"] == "switch"] == [
+        {"kind": "switch", "step": 3, "recipe": "bf16"}]
+    before = [r for r in switched if r["kind"] != "switch" and r["step"] <= 3]
+    assert before == [r for r in plain if r["step"] <= 3]     # MXFP4 up to the switch
+    after = [r for r in switched if r["kind"] != "switch" and r["step"] > 3]
+    assert after != [r for r in plain if r["step"] > 3]        # BF16 after it
+    final = json.load(open(os.path.join(seeded, "mxfp4+then_bf16@0.5", f"seed_{seed}",
+                                        "final.json")))
+    assert final["switch"] == {"recipe": "bf16", "at_step": 3} and final["seed"] == seed
+  cfg = json.load(open(os.path.join(seeded, "config.json")))
+  assert cfg["seeds"] == [0, 1] and cfg["runs"][2]["switch"] == {"recipe": "bf16",
+                                                                 "at_step": 3}
+
+
+def test_resume_per_seed_at_the_switch_equals_an_uninterrupted_run(seeded, tmp_path):
+  wd = str(tmp_path / "resumed")
+  run = "mxfp4+then_bf16@0.5"
+  p = _run(f"--compare={run}", "--seeds=2", f"--workdir={wd}", "--stop_at=3", *TINY)
+  assert p.returncode == 0, p.stderr[-3000:]
+  p = _run(f"--compare={run}", "--seeds=2", f"--workdir={wd}", "--resume", *TINY)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.count("resumed from step 3") == 2, p.stdout[-3000:]
+  for seed in (0, 1):
+    assert _seed_log(wd, run, seed) == _seed_log(seeded, run, seed), f"seed {seed}"
+
+
+def test_report_only_rewrites_the_summary_from_the_runs_files(seeded, tmp_path):
+  import shutil
+  wd = str(tmp_path / "copy")
+  shutil.copytree(seeded, wd, ignore=shutil.ignore_patterns("checkpoints"))
+  for name in ("summary.md", "final.json", "val_loss.png"):
+    os.remove(os.path.join(wd, name))
+  p = _run(f"--compare={SEEDED}", "--seeds=2", f"--workdir={wd}", "--report_only", *TINY)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "step 1/" not in p.stdout, "--report_only trained"
+  assert open(os.path.join(wd, "summary.md")).read() == \
+      open(os.path.join(seeded, "summary.md")).read()
+  assert json.load(open(os.path.join(wd, "final.json"))) == \
+      json.load(open(os.path.join(seeded, "final.json")))
+  assert os.path.exists(os.path.join(wd, "val_loss.png"))
+  p = _run("--compare=bf16,nvfp4", "--seeds=2", f"--workdir={wd}", "--report_only", *TINY)
+  assert p.returncode == 2 and "nvfp4/seed_0/final.json does not exist" in p.stderr, p.stderr
+
+
+def test_overlay_draws_seeded_runs_with_a_band(seeded, tmp_path):
+  out = str(tmp_path / "o.png")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "experiments.overlay", f"--out={out}",
+                      f"--runs=bf16={seeded}/bf16;mxfp4={seeded}/mxfp4"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "bf16: val_loss " in p.stdout and p.stdout.count("(2 seeds)") == 2, p.stdout
+  assert " ± " in p.stdout and open(out, "rb").read(4) == b"\x89PNG"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--compare=bf16,nvfp4+fast"], "unknown ablation"),
+    (["--switch_recipe=bf16"], "go together"),
+    (["--compare=mxfp4+then_bf16@1.5"], "strictly between 0 and 1"),
+    (["--compare=mxfp4+then_bf16@600"], "both sides"),
+    (["--compare=mxfp4+then_bf16"], "then_<recipe>@"),
+    (["--compare=bf16+then_mxfp4@0.5"], "need a quantized recipe"),
+    (["--compare=mxfp4+then_mxfp4@0.5"], "its own recipe"),
+    (["--compare=mxfp4+then_nope@0.5"], "unknown recipe or format 'nope'"),
     (["--compare=bf16+nosr"], "need a quantized recipe"),
     (["--compare=mxfp4", "--block_size=48"], "does not divide"),
     (["--dataset=text"], "needs --data_dir"),

@@ -144,8 +144,39 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
   assert os.path.exists(os.path.join(wd, "summary.md"))
 
 
+def test_seeds_and_a_switch_with_q_ema_resume_bit_exactly(tmp_path):
+  # Two seeds of TetraJet with Q-EMA, switched to BF16 GEMMs at step 4 of 8 (the Q-EMA
+  # optimizer state carries on); stopped after the switch and resumed, each seed equals
+  # its uninterrupted run.
+  run = "tetrajet+qema+then_bf16@0.5"
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  p = _run(f"--compare={run}", "--seeds=2", f"--workdir={straight}", *TINY)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "switching to bf16 for the last 4 steps" in p.stdout
+  assert "run 4/4 step" not in p.stdout and "run 2/2 step" in p.stdout   # 1 run x 2 seeds
+  assert _run(f"--compare={run}", "--seeds=2", f"--workdir={resumed}", "--stop_at=6",
+              *TINY).returncode == 0
+  p = _run(f"--compare={run}", "--seeds=2", f"--workdir={resumed}", "--resume", *TINY)
+  assert p.returncode == 0 and p.stdout.count("resumed from step 6") == 2, p.stderr[-3000:]
+  for seed in (0, 1):
+    log = os.path.join(run, f"seed_{seed}", "metrics.jsonl")
+    recs = _records(os.path.join(straight, log))
+    assert recs == _records(os.path.join(resumed, log)), f"seed {seed}: resume not bit-exact"
+    assert {"kind": "switch", "step": 4, "recipe": "bf16"} in recs
+    # The summary's oscillation is the run's mean over its logged steps, not the last one.
+    final = json.load(open(os.path.join(straight, run, f"seed_{seed}", "final.json")))
+    logged = [r["oscillating"] for r in recs if r["kind"] == "train"]
+    assert final["oscillating"] == pytest.approx(sum(logged) / len(logged))
+    assert final["oscillating_last"] == logged[-1]
+  summary = open(os.path.join(straight, "summary.md")).read()
+  assert f"| {run} | 8 | 2 |" in summary and " ± " in summary and "run's mean" in summary
+
+
 @pytest.mark.parametrize("args,message", [
     (["--format=fp5"], "unknown recipe or format 'fp5'"),
+    (["--compare=bf16", "--switch_at=0.5"], "go together"),
+    (["--compare=tetrajet+then_bf16@0.99", "--steps=8"], "is step 8 of 8"),
+    (["--compare=tetrajet+then_fp9@0.5"], "unknown recipe or format 'fp9'"),
     (["--format=mxfp4", "--block_size=128"], "does not divide the width 64"),
     (["--compare=bf16,tetrajet+fast"], "unknown option"),
     (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], "is not a directory"),
@@ -168,6 +199,16 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, args, message):
 def test_parse_run(name, recipe, qema, qramp):
   r = vt.parse_run(name)
   assert (r.recipe.name, r.q_ema, r.q_ramping) == (recipe, qema, qramp)
+  assert r.switch is None
+
+
+def test_parse_run_with_a_switch():
+  r = vt.parse_run("tetrajet+qema+then_mxfp8@480")
+  assert r.q_ema and r.switch == common.SwitchSpec("mxfp8", "480")
+  to = vt.switch_phase_run(r)
+  assert to.recipe.name == "mxfp8" and to.q_ema and to.switch is None
+  with pytest.raises(ValueError, match="need a quantized recipe"):
+    vt.parse_run("bf16+then_fp8@0.5")
 
 
 def test_block_size_override_reaches_every_operand():
