@@ -98,3 +98,20 @@ def _naive_ragged_bwd(res, g):
 
 
 naive_ragged_dot.defvjp(_naive_ragged_fwd, _naive_ragged_bwd)
+
+
+def naive_weight_only_dot(x: jax.Array, codes: jax.Array, scales: jax.Array,
+                          tensor_scale: jax.Array | None, block: int) -> jax.Array:
+  """``x @ w`` for packed FP4 weights as a user writes it in plain JAX (no fp4jax), e.g.
+  from a gpt-oss / safetensors checkpoint: ``codes`` (K/2, N) uint8 with two E2M1 codes
+  per byte along K (low nibble first), ``scales`` (K/block, N) as ``float8_e8m0fnu`` or
+  ``float8_e4m3fn``, an optional FP32 tensor scale; every call unpacks the nibbles, looks
+  the values up in a 16-entry table, repeats the scales along K and runs a BF16 ``dot``
+  with float32 accumulation (XLA writes the BF16 weights out before the GEMM)."""
+  table = jnp.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6],
+                    jnp.bfloat16)
+  nib = jnp.stack([codes & 15, codes >> 4], axis=1)             # (K/2, 2, N)
+  w = table[nib.reshape(-1, codes.shape[1]).astype(jnp.int32)]  # (K, N)
+  w = w * jnp.repeat(scales.astype(jnp.bfloat16), block, axis=0)
+  y = jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
+  return y if tensor_scale is None else y * tensor_scale.reshape(())

@@ -66,3 +66,98 @@ def test_tile_scaled_weights_are_rejected():
   w = fp4jax.quantize(jnp.ones((128, 64)), "nvfp4_2d", -2)
   with pytest.raises(ValueError, match="packed E2M1 weights"):
     wo.weight_only_matmul(jnp.ones((4, 128)), w)
+
+
+def _run_ptx(asm, operands):
+  """A tiny interpreter of the PTX in ``asm`` (the instructions it uses) over uint32
+  registers: ``operands`` maps $i to values (the inputs); returns the registers."""
+  import re
+  import ml_dtypes
+  regs = {f"${i}": np.uint32(v) for i, v in operands.items()}
+
+  def val(tok):
+    tok = tok.strip()
+    return regs[tok] if (tok.startswith("$") or tok in regs) else np.uint32(int(tok, 0))
+
+  def bf16x2(u):
+    halves = np.array([u & 0xFFFF, u >> 16], np.uint16)
+    return halves.view(ml_dtypes.bfloat16).astype(np.float64)
+
+  for line in asm.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    d, *src = [t.strip() for t in rest.split(",")]
+    a = [val(t) for t in src]
+    if op == "mov.b32":
+      r = a[0]
+    elif op == "and.b32":
+      r = a[0] & a[1]
+    elif op == "or.b32":
+      r = a[0] | a[1]
+    elif op == "shr.b32":
+      r = a[0] >> a[1]
+    elif op == "shl.b32":
+      r = np.uint32((int(a[0]) << int(a[1])) & 0xFFFFFFFF)
+    elif op == "prmt.b32":
+      pool = int(a[0]) | (int(a[1]) << 32)          # bytes 0-3 from a, 4-7 from b
+      out = 0
+      for i in range(4):
+        sel = (int(a[2]) >> (4 * i)) & 0xF
+        assert sel < 8, "the decode uses prmt's copy mode only"
+        out |= ((pool >> (8 * sel)) & 0xFF) << (8 * i)
+      r = np.uint32(out)
+    elif op == "fma.rn.bf16x2":
+      x, y, z = bf16x2(a[0]), bf16x2(a[1]), bf16x2(a[2])
+      res = (x * y + z).astype(np.float32).astype(ml_dtypes.bfloat16)  # exact: see DECODERS
+      r = np.uint32(int(res.view(np.uint16)[0]) | (int(res.view(np.uint16)[1]) << 16))
+    else:
+      raise AssertionError(f"unknown instruction {op}")
+    regs[d] = r
+  return regs
+
+
+def test_the_prmt_decode_ptx_equals_the_alu_decode_for_every_code_byte():
+  # The inline PTX runs only on a GPU; here its text is interpreted instruction by
+  # instruction and compared with decode_alu for all 256 code bytes, in Triton's packing
+  # (4 bytes per register, 2 BF16 per register, element 0 low), under scales that reach
+  # BF16's range ends: 2^-127 (a subnormal), 2^127, 448 (UE4M3's largest), a negative
+  # zero-sign check through -0 products, and NaN.
+  import ml_dtypes
+  # The expected weights are the E2M1 table times the scale in float64, rounded to BF16
+  # (exact: see wo.DECODERS); decode_alu equals them wherever XLA:CPU keeps subnormals.
+  scales = np.array([1.0, 2.0**-127, 2.0**127, 448.0, 0.001953125, np.nan], np.float32)
+  byte = np.arange(256, dtype=np.uint8)
+  e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+  for s in scales:
+    sb = np.full(4, s, np.float32).astype(ml_dtypes.bfloat16)
+    exact = lambda c: (e2m1[c] * np.float64(s)).astype(ml_dtypes.bfloat16).view(np.uint16)
+    lo_ref, hi_ref = exact(byte & 15), exact(byte >> 4)
+    if s == 1.0:
+      alu = wo.decode_alu(jnp.asarray(byte), jnp.ones(256, jnp.bfloat16))
+      assert [np.asarray(a).view(np.uint16).tolist() for a in alu] == [
+          lo_ref.tolist(), hi_ref.tolist()]
+    s_reg = int(sb.view(np.uint16)[0]) | (int(sb.view(np.uint16)[1]) << 16)
+    for start in range(0, 256, 4):
+      four = byte[start:start + 4]
+      packed = int(four[0]) | int(four[1]) << 8 | int(four[2]) << 16 | int(four[3]) << 24
+      r = _run_ptx(wo.PRMT_DECODE_ASM, {4: packed, 5: s_reg, 6: s_reg})
+      got_lo = [int(r["$0"]) & 0xFFFF, int(r["$0"]) >> 16, int(r["$1"]) & 0xFFFF,
+                int(r["$1"]) >> 16]
+      got_hi = [int(r["$2"]) & 0xFFFF, int(r["$2"]) >> 16, int(r["$3"]) & 0xFFFF,
+                int(r["$3"]) >> 16]
+      want_lo, want_hi = lo_ref[start:start + 4], hi_ref[start:start + 4]
+      if np.isnan(s):        # any NaN payload: the positions must agree
+        assert all((g & 0x7FFF) > 0x7F80 for g in got_lo + got_hi)
+        continue
+      assert got_lo == want_lo.tolist(), (s, start, [hex(g) for g in got_lo])
+      assert got_hi == want_hi.tolist(), (s, start, [hex(g) for g in got_hi])
+
+
+def test_the_prmt_decoder_is_refused_in_interpret_mode():
+  w = fp4jax.quantize(jnp.ones((256, 64)), MX, -2)
+  with pytest.raises(ValueError, match="runs on a GPU only"):
+    wo.weight_only_matmul(jnp.ones((2, 256)), w, decoder="prmt", interpret=True)
+  with pytest.raises(ValueError, match="decoder must be one of"):
+    wo.weight_only_matmul(jnp.ones((2, 256)), w, decoder="lut")

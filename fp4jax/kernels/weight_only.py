@@ -41,6 +41,93 @@ def halves(codes):
   return c & U32(15), c >> 4
 
 
+DECODERS = ("auto", "prmt", "alu")
+"""How the kernel turns packed codes into BF16 weights:
+
+- ``prmt``: inline PTX (:data:`PRMT_DECODE_ASM`): two byte-permutes look the E2M1
+  magnitudes of four codes up in an 8-entry table of BF16 high / low bytes, two more
+  interleave them into BF16 pairs, the signs are moved in with shifts and masks, and one
+  ``fma.rn.bf16x2`` per pair applies the block scale: ~4 instructions per weight. GPU only.
+- ``alu``: the same values from integer arithmetic on each nibble (E2M1 -> float32 bits,
+  times the scale, rounded to BF16): ~17 instructions per weight (Nsight Compute, see
+  kernels/NOTES.md); what interpret mode runs.
+- ``auto``: ``prmt`` on a GPU, ``alu`` in interpret mode.
+
+Both are exact: an E2M1 value (2 significant bits) times an E8M0 or UE4M3 block scale (1 or
+4 significant bits) has at most 6 significant bits, so the BF16 product is the float32 one
+(the range is float32's; E8M0's smallest scale, 2^-127, times 0.5 is a BF16 subnormal).
+"""
+
+# BF16 high and low bytes of the eight E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (code
+# 0..7), four per 32-bit word, entry 0 in the lowest byte: prmt's byte table.
+_LUT_HIGH_0123, _LUT_HIGH_4567 = 0x3F3F3F00, 0x40404040
+_LUT_LOW_0123, _LUT_LOW_4567 = 0xC0800000, 0xC0804000
+
+PRMT_DECODE_ASM = f"""{{
+.reg .b32 lh0, lh1, ll0, ll1, zero, negzero, sel, h01, l01, h23, l23, x01, x23, t;
+mov.b32 lh0, {_LUT_HIGH_0123:#010x};
+mov.b32 lh1, {_LUT_HIGH_4567:#010x};
+mov.b32 ll0, {_LUT_LOW_0123:#010x};
+mov.b32 ll1, {_LUT_LOW_4567:#010x};
+mov.b32 zero, 0;
+mov.b32 negzero, 0x80008000;
+and.b32 sel, $4, 0x7777;
+prmt.b32 h01, lh0, lh1, sel;
+prmt.b32 l01, ll0, ll1, sel;
+shr.b32 sel, $4, 16;
+and.b32 sel, sel, 0x7777;
+prmt.b32 h23, lh0, lh1, sel;
+prmt.b32 l23, ll0, ll1, sel;
+prmt.b32 $0, l01, h01, 0x6240;
+prmt.b32 $1, l23, h23, 0x6240;
+prmt.b32 $2, l01, h01, 0x7351;
+prmt.b32 $3, l23, h23, 0x7351;
+prmt.b32 x01, $4, zero, 0x1404;
+prmt.b32 x23, $4, zero, 0x3424;
+shl.b32 t, x01, 4;
+and.b32 t, t, 0x80008000;
+or.b32 $0, $0, t;
+and.b32 t, x01, 0x80008000;
+or.b32 $2, $2, t;
+shl.b32 t, x23, 4;
+and.b32 t, t, 0x80008000;
+or.b32 $1, $1, t;
+and.b32 t, x23, 0x80008000;
+or.b32 $3, $3, t;
+fma.rn.bf16x2 $0, $0, $5, negzero;
+fma.rn.bf16x2 $2, $2, $5, negzero;
+fma.rn.bf16x2 $1, $1, $6, negzero;
+fma.rn.bf16x2 $3, $3, $6, negzero;
+}}"""
+"""Four packed code bytes ($4; low nibble an even k, high nibble the next odd k) and their
+BF16 scales ($5: bytes 0-1, $6: bytes 2-3) -> the BF16 weights of the low nibbles ($0:
+bytes 0-1, $1: bytes 2-3) and of the high nibbles ($2, $3). ``prmt.b32 d, a, b, c``: byte
+i of d is byte ``c.nibble[i]`` of the eight bytes {b, a} (0-3 from a); a selector nibble
+below 8 copies, so the magnitudes (code & 7) index the tables directly. The sign (code
+bit 3) goes to bit 15 of its BF16 lane; x * s + (-0) is x * s exactly, zeros' signs
+included. Written for Triton's packing of ``pack=4``: four uint8 elements in one
+register, four BF16 results in two (element 0 in the low half)."""
+
+
+def decode_prmt(codes, scales):
+  """(low, high) BF16 weights of packed ``codes`` (uint8) times ``scales`` (BF16, the same
+  shape) through :data:`PRMT_DECODE_ASM` (inside a Pallas Triton kernel)."""
+  from jax.experimental.pallas import triton as pltriton
+  out = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+  lo, hi = pltriton.elementwise_inline_asm(PRMT_DECODE_ASM, args=[codes, scales],
+                                           constraints="=r,=r,=r,=r,r,r,r", pack=4,
+                                           result_shape_dtypes=[out, out])
+  return lo, hi
+
+
+def decode_alu(codes, scales):
+  """:func:`decode_prmt` in integer arithmetic (any backend; interpret mode)."""
+  b_lo, b_hi = halves(codes)
+  s = scales.astype(jnp.float32)
+  v = lambda c: (bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * s).astype(jnp.bfloat16)
+  return v(b_lo), v(b_hi)
+
+
 def _tile_reason(m, n, k, bm, bn, bk, block) -> str | None:
   if m % bm or n % bn or k % bk:
     return (f"shape (M={m}, K={k}, N={n}) is not a multiple of the tile "
@@ -50,10 +137,11 @@ def _tile_reason(m, n, k, bm, bn, bk, block) -> str | None:
   return None
 
 
-def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
+def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b, decoder):
   bm, bn = o_ref.shape  # the leading split axis is squeezed
   hk = bk // 2
   nb = bk // bs_b
+  decode = decode_prmt if decoder == "prmt" else decode_alu
 
   def body(kt, acc):
     # even / odd k of the activations as two strided loads, matching the nibbles of w
@@ -61,21 +149,21 @@ def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b):
     xo = x_ref[:, pl.ds(kt * bk + 1, hk, stride=2)].astype(jnp.bfloat16)
     bc = bc_ref[pl.ds(kt * hk, hk), :]
     code = bs_ref[pl.ds(kt * nb, nb), :].astype(U32)
-    sb = fu.scale_f32(code, pow2_b)
+    sb = fu.scale_f32(code, pow2_b).astype(jnp.bfloat16)   # exact: 1 or 4 significant bits
     sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
-    b_lo, b_hi = halves(bc)
-    vb = lambda c: (bits.bits_f32(rounding_lib.e2m1_f32_bits(c)) * sbe).astype(jnp.bfloat16)
-    return (acc + jnp.dot(xe, vb(b_lo), preferred_element_type=jnp.float32)
-            + jnp.dot(xo, vb(b_hi), preferred_element_type=jnp.float32))
+    w_lo, w_hi = decode(bc, sbe)
+    return (acc + jnp.dot(xe, w_lo, preferred_element_type=jnp.float32)
+            + jnp.dot(xo, w_hi, preferred_element_type=jnp.float32))
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[...] = acc  # this K split's float32 partial sum
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "splits", "out_dtype",
-                                             "interpret", "num_warps", "num_stages"))
+                                             "interpret", "num_warps", "num_stages",
+                                             "decoder"))
 def _weight_only_call(x, w: QArray, *, bm, bn, bk, splits, out_dtype, interpret, num_warps,
-                      num_stages):
+                      num_stages, decoder):
   m, k = x.shape
   n = w.shape[1]
   bs_b = w.spec.block_size
@@ -83,7 +171,7 @@ def _weight_only_call(x, w: QArray, *, bm, bn, bk, splits, out_dtype, interpret,
   xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
   ks = k // splits  # each program reduces one K split; XLA adds the partials
   kernel = functools.partial(_weight_only_kernel, bk=bk, bs_b=bs_b, nk=ks // bk,
-                             pow2_b=w.spec.scale_format.is_pow2)
+                             pow2_b=w.spec.scale_format.is_pow2, decoder=decoder)
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
@@ -172,7 +260,8 @@ def unsupported_reason(x_shape, w: Any) -> str | None:
 def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
                        tile: tuple[int, int, int] | None = None,
                        splits: int | None = None, interpret: bool = False,
-                       num_warps: int = 4, num_stages: int = 3) -> jax.Array:
+                       num_warps: int = 4, num_stages: int = 3,
+                       decoder: str = "auto") -> jax.Array:
   """``x @ w`` for BF16/F32 activations ``x`` (M, K) and FP4 weights ``w`` (K, N), blocked
   along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
   is what pays on Hopper for skinny M (decoding, evaluation). ``x`` is rounded to bf16.
@@ -181,7 +270,15 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
     bm, K and N must be multiples; bm, bn, bk powers of two on a GPU.
   splits: K splits, each a program's float32 partial sum, added by XLA (default
     :func:`weight_only_splits`).
+  decoder: one of :data:`DECODERS` (``prmt``: inline PTX, GPU only; ``alu``; ``auto``).
   """
+  if decoder not in DECODERS:
+    raise ValueError(f"weight_only_matmul: decoder must be one of {DECODERS}, got "
+                     f"{decoder!r}")
+  if decoder == "prmt" and interpret:
+    raise ValueError("weight_only_matmul: decoder='prmt' is inline PTX and runs on a GPU "
+                     "only; in interpret mode use decoder='alu' (or 'auto')")
+  decoder = ("alu" if interpret else "prmt") if decoder == "auto" else decoder
   if not isinstance(w, QArray) or w.ndim != 2 or w.axis % 2 != 0:
     raise ValueError("weight_only_matmul: w must be a 2D QArray blocked along K (axis=-2)")
   if x.ndim != 2 or x.shape[1] != w.shape[0]:
@@ -201,8 +298,9 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
                      f"{k}/{bk}")
   return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, splits=splits,
                            out_dtype=jnp.dtype(out_dtype), interpret=interpret,
-                           num_warps=num_warps, num_stages=num_stages)
+                           num_warps=num_warps, num_stages=num_stages, decoder=decoder)
 
 
-__all__ = ["halves", "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
+__all__ = ["DECODERS", "PRMT_DECODE_ASM", "decode_alu", "decode_prmt", "halves",
+           "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
            "weight_only_splits"]
