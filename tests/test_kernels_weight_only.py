@@ -131,22 +131,27 @@ def test_the_prmt_decode_ptx_equals_the_alu_decode_for_every_code_byte():
   byte = np.arange(256, dtype=np.uint8)
   e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
   for s in scales:
-    sb = np.full(4, s, np.float32).astype(ml_dtypes.bfloat16)
-    exact = lambda c: (e2m1[c] * np.float64(s)).astype(ml_dtypes.bfloat16).view(np.uint16)
+    # Byte j of a register gets scale s * 2^-j (BF16-exact: 2^-130 is a BF16 subnormal):
+    # each lane must take its own byte's scale.
+    sb = (s * 2.0 ** -np.arange(4)).astype(np.float32).astype(ml_dtypes.bfloat16)
+    lane = np.arange(256) % 4
+    exact = lambda c: (e2m1[c] * sb[lane].astype(np.float64)).astype(
+        np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     lo_ref, hi_ref = exact(byte & 15), exact(byte >> 4)
     if s == 1.0:
-      alu = wo.decode_alu(jnp.asarray(byte), jnp.ones(256, jnp.bfloat16))
+      alu = wo.decode_alu(jnp.asarray(byte), jnp.asarray(sb[lane]))
       assert [np.asarray(a).view(np.uint16).tolist() for a in alu] == [
           lo_ref.tolist(), hi_ref.tolist()]
-    s_reg = int(sb.view(np.uint16)[0]) | (int(sb.view(np.uint16)[1]) << 16)
+    bits16 = sb.view(np.uint16).astype(np.int64)
+    s01, s23 = int(bits16[0] | bits16[1] << 16), int(bits16[2] | bits16[3] << 16)
     for start in range(0, 256, 4):
       four = byte[start:start + 4]
       packed = int(four[0]) | int(four[1]) << 8 | int(four[2]) << 16 | int(four[3]) << 24
-      r = _run_ptx(wo.PRMT_DECODE_ASM, {4: packed, 5: s_reg, 6: s_reg})
-      got_lo = [int(r["$0"]) & 0xFFFF, int(r["$0"]) >> 16, int(r["$1"]) & 0xFFFF,
-                int(r["$1"]) >> 16]
-      got_hi = [int(r["$2"]) & 0xFFFF, int(r["$2"]) >> 16, int(r["$3"]) & 0xFFFF,
-                int(r["$3"]) >> 16]
+      lanes = lambda r: [int(r["$0"]) & 0xFFFF, int(r["$0"]) >> 16,
+                         int(r["$1"]) & 0xFFFF, int(r["$1"]) >> 16]
+      got_lo, got_hi = (lanes(_run_ptx(wo.PRMT_DECODE_ASM[half],
+                                       {2: packed, 3: s01, 4: s23}))
+                        for half in ("low", "high"))
       want_lo, want_hi = lo_ref[start:start + 4], hi_ref[start:start + 4]
       if np.isnan(s):        # any NaN payload: the positions must agree
         assert all((g & 0x7FFF) > 0x7F80 for g in got_lo + got_hi)

@@ -44,10 +44,10 @@ def halves(codes):
 DECODERS = ("auto", "prmt", "alu")
 """How the kernel turns packed codes into BF16 weights:
 
-- ``prmt``: inline PTX (:data:`PRMT_DECODE_ASM`): two byte-permutes look the E2M1
-  magnitudes of four codes up in an 8-entry table of BF16 high / low bytes, two more
-  interleave them into BF16 pairs, the signs are moved in with shifts and masks, and one
-  ``fma.rn.bf16x2`` per pair applies the block scale: ~4 instructions per weight. GPU only.
+- ``prmt``: inline PTX (:data:`PRMT_DECODE_ASM`): byte permutes look the E2M1 magnitudes
+  of four codes up in an 8-entry table of BF16 high / low bytes and interleave them into
+  BF16 pairs, shifts and masks move the signs in, and one ``fma.rn.bf16x2`` per pair
+  applies the block scale: ~6 instructions per weight. GPU only.
 - ``alu``: the same values from integer arithmetic on each nibble (E2M1 -> float32 bits,
   times the scale, rounded to BF16): ~17 instructions per weight (Nsight Compute, see
   kernels/NOTES.md); what interpret mode runs.
@@ -63,50 +63,41 @@ Both are exact: an E2M1 value (2 significant bits) times an E8M0 or UE4M3 block 
 _LUT_HIGH_0123, _LUT_HIGH_4567 = 0x3F3F3F00, 0x40404040
 _LUT_LOW_0123, _LUT_LOW_4567 = 0xC0800000, 0xC0804000
 
-PRMT_DECODE_ASM = f"""{{
-.reg .b32 lh0, lh1, ll0, ll1, zero, negzero, sel, h01, l01, h23, l23, x01, x23, t;
-mov.b32 lh0, {_LUT_HIGH_0123:#010x};
-mov.b32 lh1, {_LUT_HIGH_4567:#010x};
-mov.b32 ll0, {_LUT_LOW_0123:#010x};
-mov.b32 ll1, {_LUT_LOW_4567:#010x};
-mov.b32 zero, 0;
-mov.b32 negzero, 0x80008000;
-and.b32 sel, $4, 0x7777;
-prmt.b32 h01, lh0, lh1, sel;
-prmt.b32 l01, ll0, ll1, sel;
-shr.b32 sel, $4, 16;
-and.b32 sel, sel, 0x7777;
-prmt.b32 h23, lh0, lh1, sel;
-prmt.b32 l23, ll0, ll1, sel;
-prmt.b32 $0, l01, h01, 0x6240;
-prmt.b32 $1, l23, h23, 0x6240;
-prmt.b32 $2, l01, h01, 0x7351;
-prmt.b32 $3, l23, h23, 0x7351;
-prmt.b32 x01, $4, zero, 0x1404;
-prmt.b32 x23, $4, zero, 0x3424;
-shl.b32 t, x01, 4;
-and.b32 t, t, 0x80008000;
-or.b32 $0, $0, t;
-and.b32 t, x01, 0x80008000;
-or.b32 $2, $2, t;
-shl.b32 t, x23, 4;
-and.b32 t, t, 0x80008000;
-or.b32 $1, $1, t;
-and.b32 t, x23, 0x80008000;
-or.b32 $3, $3, t;
-fma.rn.bf16x2 $0, $0, $5, negzero;
-fma.rn.bf16x2 $2, $2, $5, negzero;
-fma.rn.bf16x2 $1, $1, $6, negzero;
-fma.rn.bf16x2 $3, $3, $6, negzero;
-}}"""
-"""Four packed code bytes ($4; low nibble an even k, high nibble the next odd k) and their
-BF16 scales ($5: bytes 0-1, $6: bytes 2-3) -> the BF16 weights of the low nibbles ($0:
-bytes 0-1, $1: bytes 2-3) and of the high nibbles ($2, $3). ``prmt.b32 d, a, b, c``: byte
-i of d is byte ``c.nibble[i]`` of the eight bytes {b, a} (0-3 from a); a selector nibble
-below 8 copies, so the magnitudes (code & 7) index the tables directly. The sign (code
-bit 3) goes to bit 15 of its BF16 lane; x * s + (-0) is x * s exactly, zeros' signs
-included. Written for Triton's packing of ``pack=4``: four uint8 elements in one
-register, four BF16 results in two (element 0 in the low half)."""
+def _prmt_decode_asm(half: str) -> str:
+  """Inline PTX: four packed code bytes ($2; low nibble an even k, high nibble the next
+  odd k) and their BF16 scales ($3: bytes 0-1, $4: bytes 2-3) -> the BF16 weights of one
+  nibble of each byte (``half``: "low" or "high"; $0: bytes 0-1, $1: bytes 2-3).
+
+  ``prmt.b32 d, a, b, c``: byte i of d is byte ``c.nibble[i]`` of the eight bytes {b, a}
+  (0-3 from a); a selector nibble below 8 copies, so the magnitudes (code & 7) index the
+  byte tables directly: ``and`` keeps them, two permutes fetch the high and the low BF16
+  byte of four nibbles, a third interleaves them into two BF16 pairs. The sign (code bit
+  3 or 7) goes to bit 15 of its lane; ``x * s + (-0)`` is ``x * s`` exactly, the sign of a
+  zero included. Written for Triton's packing of ``pack=4``: four uint8 elements in one
+  register, four BF16 results in two, element 0 in the low half."""
+  interleave = "0x6240" if half == "low" else "0x7351"   # (L, H) of nibbles 0, 2 / 1, 3
+  sign_shift = 4 if half == "low" else 0                  # bit 3 / 7 of a byte -> bit 15
+  lines = [
+      ".reg .b32 lh0, lh1, ll0, ll1, zero, negzero, sel, hi01, lo01, hi23, lo23, sx, tmp;",
+      f"mov.b32 lh0, {_LUT_HIGH_0123:#010x};", f"mov.b32 lh1, {_LUT_HIGH_4567:#010x};",
+      f"mov.b32 ll0, {_LUT_LOW_0123:#010x};", f"mov.b32 ll1, {_LUT_LOW_4567:#010x};",
+      "mov.b32 zero, 0;", "mov.b32 negzero, 0x80008000;",
+      "and.b32 sel, $2, 0x7777;",
+      "prmt.b32 hi01, lh0, lh1, sel;", "prmt.b32 lo01, ll0, ll1, sel;",
+      "shr.b32 sel, $2, 16;", "and.b32 sel, sel, 0x7777;",
+      "prmt.b32 hi23, lh0, lh1, sel;", "prmt.b32 lo23, ll0, ll1, sel;",
+      f"prmt.b32 $0, lo01, hi01, {interleave};", f"prmt.b32 $1, lo23, hi23, {interleave};",
+  ]
+  for reg, place in (("$0", "0x1404"), ("$1", "0x3424")):   # bytes (0, 1) / (2, 3) -> 1, 3
+    lines += [f"prmt.b32 sx, $2, zero, {place};"]
+    lines += [f"shl.b32 sx, sx, {sign_shift};"] if sign_shift else []
+    lines += ["and.b32 tmp, sx, 0x80008000;", f"or.b32 {reg}, {reg}, tmp;"]
+  lines += ["fma.rn.bf16x2 $0, $0, $3, negzero;", "fma.rn.bf16x2 $1, $1, $4, negzero;"]
+  return "{\n" + "\n".join(lines) + "\n}"
+
+
+PRMT_DECODE_ASM = {half: _prmt_decode_asm(half) for half in ("low", "high")}
+"""The inline PTX of :func:`decode_prmt`, per nibble (see :func:`_prmt_decode_asm`)."""
 
 
 def decode_prmt(codes, scales):
@@ -114,10 +105,13 @@ def decode_prmt(codes, scales):
   shape) through :data:`PRMT_DECODE_ASM` (inside a Pallas Triton kernel)."""
   from jax.experimental.pallas import triton as pltriton
   out = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
-  lo, hi = pltriton.elementwise_inline_asm(PRMT_DECODE_ASM, args=[codes, scales],
-                                           constraints="=r,=r,=r,=r,r,r,r", pack=4,
-                                           result_shape_dtypes=[out, out])
-  return lo, hi
+  # One result per asm op: jax's Pallas Triton lowering of elementwise_inline_asm wraps
+  # the op's results in a one-element list, so a two-result op fails to lower ("2 outvars
+  # do not match 1 outvals"; jax 0.11.2 and 0.12). Delete the split (one op returning
+  # both nibbles shares the table lookups) once the lowering returns every result.
+  return tuple(pltriton.elementwise_inline_asm(
+      PRMT_DECODE_ASM[half], args=[codes, scales], constraints="=r,=r,r,r,r", pack=4,
+      result_shape_dtypes=[out])[0] for half in ("low", "high"))
 
 
 def decode_alu(codes, scales):
