@@ -166,3 +166,11 @@ def test_the_prmt_decoder_is_refused_in_interpret_mode():
     wo.weight_only_matmul(jnp.ones((2, 256)), w, decoder="prmt", interpret=True)
   with pytest.raises(ValueError, match="decoder must be one of"):
     wo.weight_only_matmul(jnp.ones((2, 256)), w, decoder="lut")
+
+
+@pytest.mark.parametrize("m,block,bn", [(1, 32, 128), (16, 32, 128), (17, 32, 64),
+                                        (1, 16, 64), (64, 16, 64)])
+def test_the_measured_column_tile(m, block, bn):
+  assert wo.default_columns_tile(m, block) == bn
+  assert wo.weight_only_tile(m, 8192, 8192, block)[1] == bn
+  assert wo.weight_only_tile(m, 8192, 192, block)[1] == 64   # 128 does not divide 192
