@@ -270,8 +270,8 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
   along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
   is what pays on Hopper for skinny M (decoding, evaluation). ``x`` is rounded to bf16.
 
-  tile: (bm, bn, bk), default (:func:`weight_only_rows_tile`, :func:`default_columns_tile`,
-    256); M is padded to
+  tile: (bm, bn, bk), default :func:`weight_only_tile` (rows, columns and K tiles that
+    divide the shape); M is padded to
     bm, K and N must be multiples; bm, bn, bk powers of two on a GPU.
   splits: K splits, each a program's float32 partial sum, added by XLA (default
     :func:`weight_only_splits`).
@@ -292,8 +292,8 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
     raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
                      f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
   m, k, n = x.shape[0], x.shape[1], w.shape[1]
-  bm, bn, bk = tile or (weight_only_rows_tile(m), default_columns_tile(m, w.spec.block_size),
-                        DEFAULT_BK)
+  bm, bn, bk = tile or weight_only_tile(m, k, n, w.spec.block_size) or (
+      weight_only_rows_tile(m), DEFAULT_BN, DEFAULT_BK)   # (the last: for the message)
   why = _tile_reason(bm, n, k, bm, bn, bk, w.spec.block_size)
   if why:
     raise ValueError(f"weight_only_matmul: {why}")
