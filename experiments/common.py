@@ -381,6 +381,20 @@ def read_finals(workdir: str, runs: Sequence[str], seeds: Sequence[int],
   return finals
 
 
+def train_or_read(runs: Sequence[Any], prepare: Callable, seeds: Sequence[int],
+                  seeded: bool, workdir: str, report_only: bool
+                  ) -> tuple[dict[str, list[dict]], bool]:
+  """:func:`train_runs`, or with ``--report_only`` :func:`read_finals` (nothing trained);
+  a missing run under ``--report_only`` is an :class:`absl.app.UsageError`."""
+  if not report_only:
+    return train_runs(runs, prepare, seeds)
+  from absl import app
+  try:
+    return read_finals(workdir, [r.name for r in runs], seeds, seeded), False
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
 def run_label(run: str, seed: int, seeded: bool) -> str:
   """A run's name in progress lines and messages: ``nvfp4``, or ``nvfp4/seed_1``."""
   return f"{run}/{seeds_lib.SEED_DIR_PREFIX}{seed}" if seeded else run
@@ -831,6 +845,27 @@ def train_loop(name: str, rdir: str, state: Any, train_step: Callable, get_batch
   seconds = earlier + time.perf_counter() - t0   # a finished run restored: its own time
   return {"state": state, "records": log.read(), "interrupted": interrupted,
           "seconds": seconds}
+
+
+def final_record(run: str, seed: int, recipe: str, switch: Phase | None, par: "Parallel",
+                 out: dict[str, Any], **metrics) -> dict[str, Any]:
+  """A seed's ``final.json``: what every experiment records (run, seed, recipe, the
+  switch, devices, steps, last train loss, seconds) and the script's ``metrics``."""
+  rec = out["records"]
+  return {"run": run, "seed": seed, "recipe": recipe,
+          "switch": None if switch is None else {"recipe": switch.recipe,
+                                                 "at_step": switch.start},
+          "devices": par.devices, "grad_comm": par.grad_comm,
+          "steps": int(out["state"].step), "train_loss": last(rec, "train", "loss"),
+          **metrics, "seconds": out["seconds"], "interrupted": out["interrupted"]}
+
+
+def write_final(rdir: str, final: dict[str, Any]) -> dict[str, Any]:
+  """``<rdir>/final.json`` (process 0); returns ``final``."""
+  if is_chief():
+    with open(os.path.join(rdir, "final.json"), "w") as f:
+      json.dump(final, f, indent=1)
+  return final
 
 
 def last(records: Sequence[dict[str, Any]], kind: str, key: str) -> Any:

@@ -31,7 +31,6 @@ schedule, to the run it modifies), final.json (every seed).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -274,19 +273,10 @@ def prepare_run(run: RunSpec, switch_to: RunSpec | None, train: np.ndarray, val:
     out = common.train_loop(common.run_label(run.name, seed, seeded), rdir, state, train_step,
                             get_batch, make_evaluate(eval_step), cfg, stop, switch)
     rec = out["records"]
-    final = {"run": run.name, "seed": seed, "recipe": run.recipe.name,
-             "bf16_last_blocks": run.bf16_last_blocks,
-             "switch": None if switch is None else {"recipe": switch.recipe,
-                                                    "at_step": switch.start},
-             "devices": par.devices, "grad_comm": par.grad_comm,
-             "steps": int(out["state"].step), "train_loss": common.last(rec, "train", "loss"),
-             "val_loss": common.last(rec, "eval", "val_loss"),
-             "val_bits_per_byte": common.last(rec, "eval", "val_bits_per_byte"),
-             "seconds": out["seconds"], "interrupted": out["interrupted"]}
-    if common.is_chief():
-      with open(os.path.join(rdir, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
-    return final
+    return common.write_final(rdir, common.final_record(
+        run.name, seed, run.recipe.name, switch, par, out,
+        bf16_last_blocks=run.bf16_last_blocks, val_loss=common.last(rec, "eval", "val_loss"),
+        val_bits_per_byte=common.last(rec, "eval", "val_bits_per_byte")))
 
   return train_seed
 
@@ -344,16 +334,10 @@ def main(argv):
         f"{FLAGS.dataset} ({len(train)} train / {len(val)} validation bytes) on "
         f"{common.device_description()} ({pars[runs[0].name].describe()}); workdir "
         f"{FLAGS.workdir}", flush=True)
-  if FLAGS.report_only:
-    try:
-      finals, stopped = common.read_finals(FLAGS.workdir, [r.name for r in runs], seeds,
-                                           seeded), False
-    except ValueError as e:
-      raise app.UsageError(str(e))
-  else:
-    finals, stopped = common.train_runs(
-        runs, lambda r: prepare_run(r, switch_to[r.name], train, val, context, FLAGS.workdir,
-                                    pars[r.name], seeded), seeds)
+  finals, stopped = common.train_or_read(
+      runs, lambda r: prepare_run(r, switch_to[r.name], train, val, context, FLAGS.workdir,
+                                  pars[r.name], seeded), seeds, seeded,
+      FLAGS.workdir, FLAGS.report_only)
   histories = common.read_histories(FLAGS.workdir, finals)
   common.plot_curves(histories, "val_loss", os.path.join(FLAGS.workdir, "val_loss.png"),
                      f"{FLAGS.model} on {FLAGS.dataset}: validation loss", ylabel="nats/byte")

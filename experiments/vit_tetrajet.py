@@ -34,7 +34,6 @@ Outputs (``--workdir``): ``config.json``, ``<run>/metrics.jsonl``, ``<run>/check
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, NamedTuple
@@ -281,22 +280,12 @@ def prepare_run(run: RunSpec, switch_to: RunSpec | None, ds: data.ImageData, wor
                             lambda st: evaluate(eval_step, st, ds.test_x, ds.test_y), cfg,
                             stop, switch)
     rec = out["records"]
-    final = {"run": run.name, "seed": seed, "recipe": run.recipe.name, "q_ema": run.q_ema,
-             "q_ramping": run.q_ramping,
-             "switch": None if switch is None else {"recipe": switch.recipe,
-                                                    "at_step": switch.start},
-             "devices": par.devices, "grad_comm": par.grad_comm,
-             "steps": int(out["state"].step),
-             "train_loss": common.last(rec, "train", "loss"),
-             "test_loss": common.last(rec, "eval", "test_loss"),
-             "test_accuracy": common.last(rec, "eval", "test_accuracy"),
-             "oscillating": run_mean(rec, "oscillating"),
-             "oscillating_last": common.last(rec, "train", "oscillating"),
-             "seconds": out["seconds"], "interrupted": out["interrupted"]}
-    if common.is_chief():
-      with open(os.path.join(rdir, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
-    return final
+    return common.write_final(rdir, common.final_record(
+        run.name, seed, run.recipe.name, switch, par, out, q_ema=run.q_ema,
+        q_ramping=run.q_ramping, test_loss=common.last(rec, "eval", "test_loss"),
+        test_accuracy=common.last(rec, "eval", "test_accuracy"),
+        oscillating=run_mean(rec, "oscillating"),
+        oscillating_last=common.last(rec, "train", "oscillating")))
 
   return train_seed
 
@@ -392,16 +381,10 @@ def main(argv):
         f"{FLAGS.model} on {FLAGS.dataset} ({len(ds.train_y)} train / {len(ds.test_y)} test) "
         f"on {common.device_description()} ({pars[runs[0].name].describe()}); workdir "
         f"{FLAGS.workdir}", flush=True)
-  if FLAGS.report_only:
-    try:
-      finals, stopped = common.read_finals(FLAGS.workdir, [r.name for r in runs], seeds,
-                                           seeded), False
-    except ValueError as e:
-      raise app.UsageError(str(e))
-  else:
-    finals, stopped = common.train_runs(
-        runs, lambda r: prepare_run(r, switch_to[r.name], ds, FLAGS.workdir, pars[r.name],
-                                    seeded), seeds)
+  finals, stopped = common.train_or_read(
+      runs, lambda r: prepare_run(r, switch_to[r.name], ds, FLAGS.workdir, pars[r.name],
+                                  seeded), seeds, seeded,
+      FLAGS.workdir, FLAGS.report_only)
   report(FLAGS.workdir, finals, seeds, seeded)
   if stopped:
     sys.exit(130)
