@@ -56,7 +56,8 @@ def define_training_flags(*, workdir: str, steps: int, batch_size: int, batch_wh
                            "--lr must be a positive finite learning rate, e.g. --lr=1e-3")
   flags.DEFINE_float("weight_decay", weight_decay, "AdamW weight decay", lower_bound=0.0)
   flags.DEFINE_integer("warmup", warmup, "warmup steps", lower_bound=0)
-  flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys")
+  flags.DEFINE_integer("seed", 0, "initialisation, data order and quantization keys",
+                       lower_bound=0)
   flags.DEFINE_list("seeds", None, "repeat every run per seed: a count (--seeds=3: --seed to "
                     "--seed+2) or a list (--seeds=0,4,7); each seed in <run>/seed_<s>/, the "
                     "summary with mean ± std over seeds and gaps paired by seed")
@@ -400,10 +401,13 @@ def run_label(run: str, seed: int, seeded: bool) -> str:
   return f"{run}/{seeds_lib.SEED_DIR_PREFIX}{seed}" if seeded else run
 
 
-def read_histories(workdir: str, runs: Iterable[str]) -> dict[str, list[list[dict]]]:
-  """{run: one metrics log per seed} for the runs' directories under ``workdir``."""
-  return {r: [MetricsLog(os.path.join(d, "metrics.jsonl")).read()
-              for d in seeds_lib.seed_dirs(os.path.join(workdir, r))] for r in runs}
+def read_histories(workdir: str, finals: dict[str, list[dict]],
+                   seeded: bool) -> dict[str, list[list[dict]]]:
+  """{run: one metrics log per seed} for the seeds in ``finals`` (not whatever seed
+  directories an earlier command left under ``workdir``)."""
+  return {r: [MetricsLog(os.path.join(seeds_lib.run_dir(workdir, r, f["seed"], seeded),
+                                      "metrics.jsonl")).read() for f in per_seed]
+          for r, per_seed in finals.items()}
 
 
 def curve(histories: Sequence[list[dict[str, Any]]], key: str, kind: str = "eval"
@@ -500,13 +504,24 @@ def seed_rows(finals: dict[str, list[dict[str, Any]]], metrics: Sequence[str],
   ``baseline(run name)`` (None: no such column for this run), paired by seed."""
   rows = []
   for name, per_seed in finals.items():
-    row = seeds_lib.aggregate(per_seed, metrics)
+    done = finished(per_seed)
+    row = seeds_lib.aggregate(done or per_seed, metrics)
+    if done and len(done) < len(per_seed):
+      row["seeds"] = f"{len(done)} (+{len(per_seed) - len(done)} unfinished, left out)"
     for column, metric, baseline in gaps:
       base = baseline(name)
       if base is not None and base in finals:
-        row[column] = seeds_lib.paired_gap(per_seed, finals[base], metric)
+        row[column] = seeds_lib.paired_gap(done or per_seed,
+                                           finished(finals[base]) or finals[base], metric)
     rows.append(row)
   return rows
+
+
+def finished(per_seed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The seeds that trained to the end (not stopped by Ctrl-C or --stop_at): the ones the
+  statistics use, so a run stopped early never averages in with finished ones (a run with
+  no finished seed is summarised as it stands)."""
+  return [f for f in per_seed if not f.get("interrupted")]
 
 
 def write_finals(workdir: str, finals: dict[str, list[dict[str, Any]]],

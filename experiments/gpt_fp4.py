@@ -338,7 +338,7 @@ def main(argv):
       runs, lambda r: prepare_run(r, switch_to[r.name], train, val, context, FLAGS.workdir,
                                   pars[r.name], seeded), seeds, seeded,
       FLAGS.workdir, FLAGS.report_only)
-  histories = common.read_histories(FLAGS.workdir, finals)
+  histories = common.read_histories(FLAGS.workdir, finals, seeded)
   common.plot_curves(histories, "val_loss", os.path.join(FLAGS.workdir, "val_loss.png"),
                      f"{FLAGS.model} on {FLAGS.dataset}: validation loss", ylabel="nats/byte")
   common.plot_curves(histories, "loss", os.path.join(FLAGS.workdir, "loss.png"),

@@ -41,6 +41,9 @@ def parse_seeds(values: Sequence[str] | None, seed: int) -> list[int] | None:
                      "--seed+2) or a list of integer seeds (--seeds=0,4,7)") from None
   if not numbers:
     raise ValueError("--seeds is empty: give a count (--seeds=3) or a list (--seeds=0,4,7)")
+  if len(numbers) > 1 and min(numbers) < 0:
+    raise ValueError(f"--seeds={','.join(items)}: seeds are non-negative integers (numpy's "
+                     "generators take no negative seed)")
   if len(numbers) == 1:
     if numbers[0] < 1:
       raise ValueError(f"--seeds={numbers[0]}: a count of seeds must be at least 1 (to run "

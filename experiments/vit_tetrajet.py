@@ -296,7 +296,7 @@ METRICS = ("train_loss", "test_loss", "test_accuracy", "oscillating", "oscillati
 
 def report(workdir: str, finals: dict[str, list[dict]], seeds: list[int],
            seeded: bool) -> None:
-  histories = common.read_histories(workdir, finals)
+  histories = common.read_histories(workdir, finals, seeded)
   common.plot_curves(histories, "test_accuracy", os.path.join(workdir, "accuracy.png"),
                      f"{FLAGS.model} on {FLAGS.dataset}: test accuracy")
   common.plot_curves(histories, "loss", os.path.join(workdir, "loss.png"),

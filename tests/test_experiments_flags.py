@@ -17,7 +17,7 @@ CASES = {
                 (["--batch_size=0"], "batch_size"), (["--log_every=0"], "log_every"),
                 (["--eval_every=0"], "eval_every"), (["--checkpoint_every=0"], "checkpoint_every"),
                 (["--workdir=README.md/x"], "--workdir"), (["--seeds=0"], "--seeds"),
-                (["--seeds=1,1"], "distinct"), (["--seeds=two"], "--seeds must be a count")],
+                (["--seeds=1,1"], "distinct"), (["--seed=-1"], "seed"), (["--seeds=two"], "--seeds must be a count")],
     "vit_tetrajet": [(["--steps=0"], "steps"), (["--batch_size=0"], "batch_size"),
                      (["--seeds=-1"], "--seeds"), (["--seeds=3,x"], "--seeds"),
                      (["--stop_at=0"], "stop_at"), (["--warmup=-1"], "warmup"),

@@ -240,3 +240,35 @@ def test_a_resumed_runs_seconds_add_up(tmp_path):
   assert total <= again["seconds"] < total + 0.5
   _switch_loop(tmp_path, stop_at=3)                      # a fresh run forgets the old time
   assert list(json.load(open(tmp_path / common.SECONDS_FILE))) == ["3"]
+
+
+def test_unfinished_seeds_are_left_out_of_the_statistics():
+  # Seed 2 of nvfp4 stopped early (Ctrl-C / --stop_at): its loss must not average in with
+  # finished seeds, nor pair with BF16's seed 2.
+  base = _finals("bf16", {0: 2.0, 1: 2.1, 2: 1.9}, recipe="bf16")
+  run = _finals("nvfp4", {0: 2.01, 1: 2.11, 2: 3.5})
+  run[2]["interrupted"] = True
+  finals = {"bf16": base, "nvfp4": run}
+  rows = common.seed_rows(finals, ["val_loss"], [("gap", "val_loss", lambda n: "bf16")])
+  by = {r["run"]: r for r in rows}
+  assert by["nvfp4"]["val_loss"].n == 2 and by["nvfp4"]["val_loss"].mean == pytest.approx(2.06)
+  assert by["nvfp4"]["gap"].n == 2 and by["nvfp4"]["gap"].mean == pytest.approx(0.01)
+  assert by["nvfp4"]["seeds"] == "2 (+1 unfinished, left out)" and by["bf16"]["seeds"] == 3
+  # A run with no finished seed (one Ctrl-C'd run) is summarised as it stands.
+  only = common.seed_rows({"nvfp4": run[2:]}, ["val_loss"])
+  assert only[0]["val_loss"].mean == 3.5 and only[0]["seeds"] == 1
+
+
+def test_histories_are_the_requested_seeds_not_every_directory(tmp_path):
+  for s in (0, 1, 5):
+    d = tmp_path / "nvfp4" / f"seed_{s}"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 1, "m": s}) + "\n")
+  finals = {"nvfp4": [{"seed": 0}, {"seed": 1}]}          # an earlier command left seed 5
+  logs = common.read_histories(str(tmp_path), finals, seeded=True)["nvfp4"]
+  assert [l[0]["m"] for l in logs] == [0, 1]
+
+
+def test_negative_seeds_are_refused():
+  with pytest.raises(ValueError, match="non-negative"):
+    seeds.parse_seeds(["-1", "2"], 0)
