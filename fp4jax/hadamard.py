@@ -51,9 +51,49 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
         transpose: bool = False) -> jax.Array:
   """Applies the block-diagonal RHT ``R`` (or ``R^T``) along ``axis`` of ``x``.
 
-  The axis length must be a multiple of ``block``. Computed in float32 (HIGHEST
-  precision), returned in x's dtype.
+  ``x R`` per length-``block`` segment ``r`` of ``axis`` is ``((r * signs) H) / sqrt(b)``
+  and ``x R^T`` is ``((r H) / sqrt(b)) * signs`` (``H`` symmetric); ``r H`` is the fast
+  Walsh-Hadamard butterfly ``(a, c) -> (a + c, a - c)`` at distances 1, 2, 4, ... (the
+  order of :func:`rht_butterfly`), computed in float32 *in place*: each level views the
+  axis as ``(groups, 2, h)`` and needs no transpose, whichever axis it runs along, so
+  XLA fuses the transform into the operand's quantization that follows (an einsum along
+  a non-minor axis costs two transposes and a float32 copy each way). The summation
+  order is fixed, so every path that calls this gets the same bits on one backend.
+
+  The axis length must be a multiple of ``block`` (a power of two). Returns x's dtype.
   """
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if block < 1 or block & (block - 1):
+    raise ValueError(f"Hadamard transform: block must be a power of two, got {block}")
+  if n % block:
+    raise ValueError(f"Hadamard transform: axis {axis} has length {n}, not a multiple of "
+                     f"the Hadamard block size {block}; choose a block that divides it")
+  signs = None if key is None else random_signs(key, block)
+  lead, trail = x.shape[:axis], x.shape[axis + 1:]
+  # (..., n // block, block, ...): the segment index, then the position in the segment.
+  v = x.astype(jnp.float32).reshape(*lead, n // block, block, *trail)
+  pos = axis + 1
+  sign_shape = (block,) + (1,) * len(trail)
+  if signs is not None and not transpose:
+    v = v * signs.reshape(sign_shape)
+  h = 1
+  while h < block:
+    w = v.reshape(*lead, n // block, block // (2 * h), 2, h, *trail)
+    a = lax.index_in_dim(w, 0, pos + 1, keepdims=False)
+    c = lax.index_in_dim(w, 1, pos + 1, keepdims=False)
+    v = jnp.stack([a + c, a - c], axis=pos + 1).reshape(v.shape)
+    h *= 2
+  v = v * jnp.float32(1.0 / math.sqrt(block))
+  if signs is not None and transpose:
+    v = v * signs.reshape(sign_shape)
+  return v.reshape(x.shape).astype(x.dtype)
+
+
+def rht_reference(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
+                  transpose: bool = False) -> jax.Array:
+  """:func:`rht` as a float32 matrix product with ``R`` (HIGHEST precision): the same
+  transform up to float32 summation order (tests compare the two within that bound)."""
   axis = axis % x.ndim
   n = x.shape[axis]
   if n % block:

@@ -56,3 +56,63 @@ def test_butterfly_bad_block_and_length():
     hadamard.rht_butterfly(jnp.ones((2, 24)), 12, w[0], w[1])
   with pytest.raises(ValueError, match="not a multiple of the block size 16"):
     hadamard.rht_butterfly(jnp.ones((2, 24)), 16, w[0], w[1])
+
+
+def _numpy_butterfly(x, axis, signs, block, transpose):
+  """The documented order of fp4jax.hadamard.rht, written out in numpy float32."""
+  xm = np.moveaxis(np.asarray(x, np.float32), axis, -1).copy()
+  seg = xm.reshape(*xm.shape[:-1], -1, block)
+  v = [seg[..., i] for i in range(block)]
+  if not transpose:
+    v = [c * np.float32(s) for c, s in zip(v, signs)]
+  h = 1
+  while h < block:
+    for start in range(0, block, 2 * h):
+      for i in range(start, start + h):
+        v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
+    h *= 2
+  v = [c * np.float32(1.0 / np.sqrt(block)) for c in v]
+  if transpose:
+    v = [c * np.float32(s) for c, s in zip(v, signs)]
+  return np.moveaxis(np.stack(v, -1).reshape(xm.shape), -1, axis)
+
+
+@pytest.mark.parametrize("axis,block,transpose", [(0, 16, False), (1, 16, True),
+                                                  (1, 32, False), (0, 4, True)])
+def test_butterfly_order_bit_exact(axis, block, transpose, rng):
+  # Values over many binades, so float32 summation order shows in the bits.
+  x = (rng.standard_normal((64, 96)) * np.exp2(rng.integers(-20, 20, (64, 96)))).astype(
+      np.float32)
+  k = jax.random.key(3)
+  got = np.asarray(jax.jit(hadamard.rht, static_argnums=(1, 3, 4))(
+      jnp.asarray(x), axis, k, block, transpose))
+  signs = np.asarray(hadamard.random_signs(k, block))
+  want = _numpy_butterfly(x, axis, signs, block, transpose)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("block", [2, 16, 32])
+def test_matches_matrix_product(axis, block, rng):
+  x = jnp.asarray(rng.standard_normal((32, 64, 32)), jnp.float32)
+  for key in (None, jax.random.key(5)):
+    for transpose in (False, True):
+      np.testing.assert_allclose(hadamard.rht(x, axis, key, block, transpose),
+                                 hadamard.rht_reference(x, axis, key, block, transpose),
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_no_transpose():
+  # Along a non-minor axis (wgrad's tokens) the transform is slices, adds and stacks:
+  # nothing XLA lowers as a transpose copy.
+  jaxpr = jax.make_jaxpr(lambda x: hadamard.rht(x, 0, jax.random.key(0), 16))(
+      jnp.ones((64, 48), jnp.bfloat16))
+  prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert "transpose" not in prims and "dot_general" not in prims, prims
+
+
+def test_bf16_in_bf16_out():
+  y = hadamard.rht(jnp.ones((16, 8), jnp.bfloat16), 0, None, 16)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y[0], np.float32), 4.0)
+  np.testing.assert_array_equal(np.asarray(y[1:], np.float32), 0.0)
