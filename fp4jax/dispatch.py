@@ -93,6 +93,15 @@ class DeviceFacts:
     return self.platform == "gpu"
 
   @property
+  def hadamard_method(self) -> str:
+    """How :func:`fp4jax.hadamard.rht` runs the recipes' random Hadamard transforms here
+    (every path of one device uses the same, so reference and fused operands agree bit for
+    bit): ``"dot"`` on a GPU, where XLA materialises each level of a butterfly along the
+    tokens and one GEMM reads the operand once (``kernels.bench_hadamard``), else
+    ``"butterfly"`` (a fixed summation order)."""
+    return "dot" if self.platform == "gpu" else "butterfly"
+
+  @property
   def bf16_dot(self) -> bool:
     """Whether XLA runs a BF16 x BF16 -> F32 dot natively (XLA:CPU has no such thunk)."""
     return self.platform != "cpu"

@@ -47,21 +47,34 @@ def rht_matrix(key: jax.Array | None, block: int) -> jax.Array:
   return random_signs(key, block)[:, None] * h
 
 
+HADAMARD_METHODS = ("butterfly", "dot")
+
+
 def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
-        transpose: bool = False) -> jax.Array:
-  """Applies the block-diagonal RHT ``R`` (or ``R^T``) along ``axis`` of ``x``.
+        transpose: bool = False, *, method: str = "butterfly", dtype=None) -> jax.Array:
+  """Applies the block-diagonal RHT ``R`` (or ``R^T``) along ``axis`` of ``x``, in place
+  (no transpose, whichever axis it runs along).
 
   ``x R`` per length-``block`` segment ``r`` of ``axis`` is ``((r * signs) H) / sqrt(b)``
-  and ``x R^T`` is ``((r H) / sqrt(b)) * signs`` (``H`` symmetric); ``r H`` is the fast
-  Walsh-Hadamard butterfly ``(a, c) -> (a + c, a - c)`` at distances 1, 2, 4, ... (the
-  order of :func:`rht_butterfly`), computed in float32 *in place*: each level views the
-  axis as ``(groups, 2, h)`` and needs no transpose, whichever axis it runs along, so
-  XLA fuses the transform into the operand's quantization that follows (an einsum along
-  a non-minor axis costs two transposes and a float32 copy each way). The summation
-  order is fixed, so every path that calls this gets the same bits on one backend.
+  and ``x R^T`` is ``((r H) / sqrt(b)) * signs`` (``H`` symmetric, entries +-1). Methods:
 
-  The axis length must be a multiple of ``block`` (a power of two). Returns x's dtype.
+  * ``"butterfly"``: ``r H`` as the fast Walsh-Hadamard butterfly ``(a, c) -> (a + c,
+    a - c)`` at distances 1, 2, 4, ... (the order of :func:`rht_butterfly`), in float32,
+    each level a view of the axis as ``(groups, 2, h)``: a fixed summation order, the same
+    bits on every backend that keeps float32 IEEE (the reference's definition).
+  * ``"dot"``: ``r (diag(signs) H)`` as one float32 GEMM (HIGHEST precision), the axis
+    viewed as ``(segments, block)`` (a batched ``block x block`` product when the axis is
+    not the minor one), then ``/ sqrt(b)``. The same transform up to float32 summation
+    order, which the backend's GEMM decides: deterministic on one device, not bit-equal
+    across backends. A butterfly along a non-minor axis makes XLA materialise each level
+    (``kernels/NOTES.md``); the GEMM reads the operand once.
+
+  The axis length must be a multiple of ``block`` (a power of two). Returns ``dtype``
+  (default: x's).
   """
+  if method not in HADAMARD_METHODS:
+    raise ValueError(f"Hadamard transform: method must be one of {HADAMARD_METHODS}, "
+                     f"got {method!r}")
   axis = axis % x.ndim
   n = x.shape[axis]
   if block < 1 or block & (block - 1):
@@ -69,7 +82,10 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
   if n % block:
     raise ValueError(f"Hadamard transform: axis {axis} has length {n}, not a multiple of "
                      f"the Hadamard block size {block}; choose a block that divides it")
+  out_dtype = x.dtype if dtype is None else dtype
   signs = None if key is None else random_signs(key, block)
+  if method == "dot":
+    return _rht_dot(x, axis, signs, block, transpose).astype(out_dtype)
   lead, trail = x.shape[:axis], x.shape[axis + 1:]
   # (..., n // block, block, ...): the segment index, then the position in the segment.
   v = x.astype(jnp.float32).reshape(*lead, n // block, block, *trail)
@@ -87,7 +103,32 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
   v = v * jnp.float32(1.0 / math.sqrt(block))
   if signs is not None and transpose:
     v = v * signs.reshape(sign_shape)
-  return v.reshape(x.shape).astype(x.dtype)
+  return v.reshape(x.shape).astype(out_dtype)
+
+
+def _rht_dot(x, axis, signs, block, transpose):
+  """The ``"dot"`` method of :func:`rht` (float32 result)."""
+  h = jnp.asarray(hadamard_matrix(block) * np.float32(math.sqrt(block)))   # entries +-1
+  if signs is not None:
+    # x R = (x diag(s)) H: the signs scale H's rows; x R^T = x H diag(s): its columns.
+    h = h * (signs[None, :] if transpose else signs[:, None])
+  # float32 at HIGHEST precision whatever x's dtype, so a bfloat16 tensor and its float32
+  # copy (the reference's residuals) give the same bits.
+  xin, precision = x.astype(jnp.float32), lax.Precision.HIGHEST
+  n = x.shape[axis]
+  lead = math.prod(x.shape[:axis])
+  trail = math.prod(x.shape[axis + 1:])
+  if trail == 1:
+    y = jnp.dot(xin.reshape(-1, block), h, precision=precision,
+                preferred_element_type=jnp.float32)
+  else:
+    # y[q, i, t] = sum_j H[j, i] x[q, j, t], q the segments: a batched product whose
+    # operands are already in the GEMM's layout (H broadcast over q is block^2 per segment).
+    q = lead * (n // block)
+    hb = jnp.broadcast_to(h.T, (q, block, block))
+    y = jnp.einsum("qij,qjt->qit", hb, xin.reshape(q, block, trail), precision=precision,
+                   preferred_element_type=jnp.float32)
+  return (y * jnp.float32(1.0 / math.sqrt(block))).reshape(x.shape)
 
 
 def rht_reference(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,

@@ -91,7 +91,8 @@ def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
 def _rht(x, axis, key_data, block, which, transpose=False):
   if block is None:
     return x.astype(jnp.float32)
-  return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
+  return hadamard.rht(x, axis, _key(key_data, which), block, transpose, dtype=jnp.float32,
+                      method=dispatch.device_facts().hadamard_method)
 
 
 _mm = gemm.einsum_f32
@@ -347,7 +348,7 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     gemm_dtype = jnp.bfloat16 if facts.bf16_dot else jnp.float32
     kernel = dispatch.kernel_emit(dispatch.choose_operand_emitter(policy, facts), facts)
     y = qdot_fused.qmatmul_for(recipe, out_dtype, gemm_dtype, facts.keeps_subnormals,
-                               kernel)(a, canon.w, key_data)
+                               kernel, facts.hadamard_method)(a, canon.w, key_data)
   else:
     policy = "xla" if policy == "fused" else policy  # a layer "fused" cannot take: reference
     y = _qmatmul_for(recipe, out_dtype, policy)(a, canon.w, key_data, w_ref)

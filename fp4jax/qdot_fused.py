@@ -85,12 +85,13 @@ def _key(key_data, i):
   return jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
 
 
-def _transform(x, axis, key_data, block, which, transpose=False):
+def _transform_with(x, axis, key_data, block, which, transpose=False, *, method):
   """The recipe's random Hadamard transform along ``axis`` (float32, exactly the
-  reference's), or ``x`` untouched when the recipe has none."""
+  reference's when ``method`` is the device's), or ``x`` untouched when it has none."""
   if block is None:
     return x
-  return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
+  return hadamard.rht(x, axis, _key(key_data, which), block, transpose, method=method,
+                      dtype=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,13 +169,17 @@ class _Residual(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
-                ieee_subnormals: bool = False, kernel: KernelEmit | None = None):
+                ieee_subnormals: bool = False, kernel: KernelEmit | None = None,
+                hadamard_method: str = "butterfly"):
   """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N) -> (B,M,N)`` of one recipe, with
   operands emitted as ``gemm_dtype`` (bfloat16, or float32 where BF16 dots are not
   native); ``ieee_subnormals`` as :func:`fp4jax.operand.gemm_operand`; ``kernel``: where
-  the Pallas operand kernel emits (None: XLA everywhere)."""
+  the Pallas operand kernel emits (None: XLA everywhere); ``hadamard_method``: how the
+  random Hadamard transforms run (:func:`fp4jax.hadamard.rht`; the reference's is
+  :attr:`fp4jax.dispatch.DeviceFacts.hadamard_method`)."""
   r = recipe
   reuse = reuses_forward_weight(r)
+  _transform = functools.partial(_transform_with, method=hadamard_method)
 
   def fwd(a, w, key_data):
     a1 = _transform(a, -1, key_data, r.hadamard_fwd, _H_FWD)

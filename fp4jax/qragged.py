@@ -102,7 +102,8 @@ def _key(key_data, i):
 def _rht(x, axis, key_data, block, which, transpose=False):
   if block is None:
     return x
-  return hadamard.rht(x.astype(jnp.float32), axis, _key(key_data, which), block, transpose)
+  return hadamard.rht(x, axis, _key(key_data, which), block, transpose, dtype=jnp.float32,
+                      method=dispatch.device_facts().hadamard_method)
 
 
 class _Operand(NamedTuple):

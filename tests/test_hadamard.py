@@ -116,3 +116,31 @@ def test_bf16_in_bf16_out():
   assert y.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(y[0], np.float32), 4.0)
   np.testing.assert_array_equal(np.asarray(y[1:], np.float32), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_dot_method_matches_matrix_product(axis, dtype, rng):
+  x = jnp.asarray(rng.standard_normal((32, 64, 32)), dtype)
+  for key in (None, jax.random.key(6)):
+    for transpose in (False, True):
+      for block in (16, 32):
+        got = hadamard.rht(x, axis, key, block, transpose, method="dot", dtype=jnp.float32)
+        assert got.dtype == jnp.float32
+        want = hadamard.rht_reference(x.astype(jnp.float32), axis, key, block, transpose)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_method_same_bits_for_bf16_and_its_f32_copy(rng):
+  x = jnp.asarray(rng.standard_normal((64, 48)), jnp.bfloat16)
+  k = jax.random.key(7)
+  a = hadamard.rht(x, 0, k, 16, method="dot", dtype=jnp.float32)
+  b = hadamard.rht(x.astype(jnp.float32), 0, k, 16, method="dot")
+  np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def test_bad_method_and_block():
+  with pytest.raises(ValueError, match="method must be one of"):
+    hadamard.rht(jnp.ones((16, 4)), 0, None, 16, method="fft")
+  with pytest.raises(ValueError, match="block must be a power of two"):
+    hadamard.rht(jnp.ones((12, 4)), 0, None, 12)
