@@ -65,6 +65,7 @@ flags.DEFINE_integer("reps", 5, "timed steps per run (median of 3 runs)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/step_<gpu>.json)")
 flags.DEFINE_bool("profile", True, "trace 2 steps per row with jax.profiler and record the GPU "
                   "time per kernel category (kernels.trace_summary)")
+flags.DEFINE_integer("profile_top", 12, "kernels listed per profiled row, longest first")
 flags.DEFINE_string("trace_dir", None, "keep the raw traces here (default: a temporary directory)")
 
 
@@ -129,7 +130,7 @@ def profile_step(step, state, inputs, labels, key, trace_dir, steps=2):
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
       jax.block_until_ready(step(*state, inputs, labels, key))
-  return summarize_trace(trace_dir, steps, top=12)
+  return summarize_trace(trace_dir, steps, top=FLAGS.profile_top)
 
 
 def check_against_reference(family_tiny: str, recipes, key) -> dict:
