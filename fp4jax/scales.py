@@ -131,30 +131,27 @@ def round_to_scale_format(s: jax.Array, scale_format: ScaleFormat) -> jax.Array:
 
 
 def float_block_scale(amax_bits: jax.Array, element: ElementFormat, scale_format: ScaleFormat,
-                      tensor_scale: jax.Array | None = None, *, div=bits.div_f32) -> jax.Array:
-  """The float32 value of each block's stored scale (see module doc). ``div``: the IEEE
-  float32 division (default :func:`fp4jax.bits.div_f32`, exact on any backend; a
-  backend's own ``/`` where it is correctly rounded and keeps subnormals)."""
+                      tensor_scale: jax.Array | None = None) -> jax.Array:
+  """The float32 value of each block's stored scale (see module doc)."""
   amax = bits.bits_f32(amax_bits.astype(U32))
-  block = div(amax, np.float32(element.max_value))
+  block = bits.div_f32(amax, np.float32(element.max_value))
   if tensor_scale is not None:
-    block = div(block, tensor_scale)
+    block = bits.div_f32(block, tensor_scale)
   return round_to_scale_format(block, scale_format)
 
 
 def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = None,
-                           tensor_scale_reciprocal: jax.Array | None = None, *,
-                           div=bits.div_f32) -> jax.Array:
+                           tensor_scale_reciprocal: jax.Array | None = None) -> jax.Array:
   """``1/s`` (one level) or ``(1/t)/s`` (two level), as torchao multiplies.
 
   ``tensor_scale_reciprocal``: ``1/t`` when the caller already has it (kernels compute
-  it once per tensor, outside the per-block code); ``div`` as :func:`float_block_scale`."""
+  it once per tensor, outside the per-block code)."""
   one = np.float32(1.0)
   if tensor_scale is None:
-    return div(one, scale)
+    return bits.div_f32(one, scale)
   if tensor_scale_reciprocal is None:
-    tensor_scale_reciprocal = div(one, tensor_scale)
-  return div(tensor_scale_reciprocal, scale)
+    tensor_scale_reciprocal = bits.div_f32(one, tensor_scale)
+  return bits.div_f32(tensor_scale_reciprocal, scale)
 
 
 def e4m3_round_normal_bits(b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -173,7 +170,7 @@ def is_e4m3fn(scale_format: ScaleFormat) -> bool:
 
 def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
                                scale_format: ScaleFormat,
-                               tensor_scale: jax.Array | None = None, *, div=bits.div_f32
+                               tensor_scale: jax.Array | None = None
                                ) -> tuple[jax.Array, jax.Array]:
   """``(float_block_scale(...), its code in the scale format)``, uint32 codes.
 
@@ -185,13 +182,13 @@ def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
   take the general path. Equal to the general path bit for bit (tested).
   """
   if not is_e4m3fn(scale_format):
-    s = float_block_scale(amax_bits, element, scale_format, tensor_scale, div=div)
+    s = float_block_scale(amax_bits, element, scale_format, tensor_scale)
     code = rounding.encode(bits.split_f32(bits.f32_bits(s)), scale_format.element)
     return s, code
   amax = bits.bits_f32(amax_bits.astype(U32))
-  block = div(amax, np.float32(element.max_value))
+  block = bits.div_f32(amax, np.float32(element.max_value))
   if tensor_scale is not None:
-    block = div(block, tensor_scale)
+    block = bits.div_f32(block, tensor_scale)
   lo = bits.abs_bits(bits.f32_bits(np.float32(scale_format.min_normal)))
   hi = bits.abs_bits(bits.f32_bits(np.float32(scale_format.max_value)))
   sb = bits.abs_bits(bits.f32_bits(block))

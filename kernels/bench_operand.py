@@ -101,9 +101,17 @@ def check(key, ieee: bool) -> dict:
       got, t = jax.jit(lambda v: operand.gemm_operand(v, spec, axis, key,
                                                       ieee_subnormals=ieee))(x)
       ref, tr = jax.jit(lambda v: operand.gemm_operand_reference(v, spec, axis, key))(x)
-      bad += int((_bits(got) != _bits(ref)).sum())
-      if t is not None:
-        bad += int(_bits(t) != _bits(tr))
+      differ = _bits(got) != _bits(ref)
+      bad += int(differ.sum())
+      if differ.any():
+        i = tuple(int(v[0]) for v in np.nonzero(differ))
+        print(f"    {name} {data_name}: {int(differ.sum())} differ, first at {i}: x "
+              f"{np.asarray(x[i], np.float32)!r} got {_bits(got)[i]:#x} want "
+              f"{_bits(ref)[i]:#x}", flush=True)
+      if t is not None and _bits(t) != _bits(tr):
+        bad += 1
+        print(f"    {name} {data_name}: tensor scale {_bits(t)!r} want {_bits(tr)!r}",
+              flush=True)
     out[name] = bad
     print(f"check {name:18} ieee_subnormals={ieee!s:5}: "
           f"{'bit-exact' if bad == 0 else f'{bad} MISMATCHES'}", flush=True)
