@@ -207,6 +207,22 @@ def rht_butterfly(x: jax.Array, block: int, seed0: jax.Array, seed1: jax.Array) 
   return _stack_columns(rht_butterfly_entries(v, seed0, seed1)).reshape(*lead, n)
 
 
+def butterfly_entries(entries: list) -> list:
+  """``r H`` (``H`` the unnormalised Sylvester Hadamard matrix) of one block held as
+  ``len(entries)`` arrays (entry i: position i): ``(a, c) -> (a + c, a - c)`` at distances
+  1, 2, 4, ..., in that order (the order :func:`rht` computes in place). Any arrays with
+  ``+`` and ``-`` (jax, numpy)."""
+  v = list(entries)
+  block = len(v)
+  h = 1
+  while h < block:
+    for start in range(0, block, 2 * h):
+      for i in range(start, start + h):
+        v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
+    h *= 2
+  return v
+
+
 def rht_butterfly_entries(entries: list[jax.Array], seed0: jax.Array,
                           seed1: jax.Array) -> list[jax.Array]:
   """The butterfly of :func:`rht_butterfly` on one Hadamard block held as ``block =
@@ -216,12 +232,6 @@ def rht_butterfly_entries(entries: list[jax.Array], seed0: jax.Array,
   loads of a tile for a transform along columns) and get the reference's bits.
   """
   block = len(entries)
-  v = [c * s for c, s in zip(entries, butterfly_signs(block, seed0, seed1))]
-  h = 1
-  while h < block:
-    for start in range(0, block, 2 * h):
-      for i in range(start, start + h):
-        v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
-    h *= 2
+  v = butterfly_entries([c * s for c, s in zip(entries, butterfly_signs(block, seed0, seed1))])
   scale = jnp.float32(1.0 / math.sqrt(block))
   return [c * scale for c in v]

@@ -24,7 +24,6 @@ Writes ``kernels/results/grouped_<gpu>.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -38,7 +37,7 @@ from jax import lax
 import fp4jax
 from fp4jax import dispatch
 from kernels.naive import naive_ragged_dot
-from kernels.timing import median_time
+from kernels.timing import median_time, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("experts", 32, "experts G", lower_bound=1)
@@ -120,9 +119,7 @@ def main(argv):
          "checks": {}, "timings": {}}
 
   def save():
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-      json.dump(res, f, indent=1)
+    write_json(res, out_path)
 
   print(f"{facts.kind}: {g} experts, {m} rows (sizes {sizes.min()}..{sizes.max()}), "
         f"K={kk} N={nn}", flush=True)

@@ -23,7 +23,6 @@ the max abs value), on this device. "of copy" is copy time / time.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -33,7 +32,7 @@ from absl import app, flags
 
 import fp4jax
 from fp4jax import dispatch, hadamard, operand
-from kernels.timing import median_time
+from kernels.timing import median_time, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["50432x384", "50432x1536", "16384x16384"], "MxK bf16 inputs")
@@ -91,9 +90,7 @@ def main(argv):
         print(f"{tag:22} {name:24} {t * 1e3:8.3f} ms  {t_copy / t:5.2f} of copy", flush=True)
       print(f"{tag:22} max |method - reference| / max |reference|: " + ", ".join(
           f"{n} {row[f'rel_diff_{n}']:.1e}" for n in METHODS), flush=True)
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(res, f, indent=1)
+  write_json(res, out_path)
   print(f"wrote {out_path}")
 
 

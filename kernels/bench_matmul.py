@@ -21,7 +21,6 @@ Writes ``kernels/results/matmul_<gpu>.json`` after every measurement.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -39,7 +38,7 @@ from fp4jax.kernels import unpack as fu
 from fp4jax.kernels import weight_only as wo
 from fp4jax.quantization import dequantize
 from kernels import inkernel_matmul as im
-from kernels.timing import median_time as bench
+from kernels.timing import median_time as bench, write_json
 
 INTERPRET = not dispatch.device_facts().on_gpu  # a CPU smoke run interprets the kernels
 
@@ -235,9 +234,7 @@ def main(argv):
          "sweep": {}}
 
   def save():
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-      json.dump(res, f, indent=1)
+    write_json(res, out_path)
 
   rng = np.random.default_rng(0)
   start = time.perf_counter()

@@ -24,7 +24,6 @@ a copy and the naive fake quantization, in one run.
 
 from __future__ import annotations
 
-import json
 import os
 import pprint
 
@@ -38,7 +37,7 @@ from fp4jax import dispatch, operand
 from fp4jax.kernels import operand as kernel_operand
 from fp4jax.kernels import quantize as kernel_quantize
 from kernels.naive import naive_fake_quant
-from kernels.timing import median_time
+from kernels.timing import median_time, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 16384, "square matrix side")
@@ -324,9 +323,7 @@ def main(argv):
                                "GB_per_s_bf16_in_out": 4 * copies * n * n / t / 1e9}
     print(f"{name:32} {t * 1e3:8.3f} ms  {copies * t_copy / t:5.2f} of copy  "
           f"{4 * copies * n * n / t / 1e9:7.0f} GB/s (bf16 in + out)", flush=True)
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(res, f, indent=1)
+  write_json(res, out_path)
   print(f"wrote {out_path}")
 
 

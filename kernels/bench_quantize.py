@@ -14,7 +14,6 @@ r"""Correctness and speed of the fused quantize kernels, in one run.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -27,7 +26,7 @@ from absl import app, flags
 import fp4jax
 from fp4jax import dispatch
 from fp4jax.kernels import quantize as kq
-from kernels.timing import median_time as bench
+from kernels.timing import median_time as bench, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["4096", "8192", "16384"], "square matrix sizes")
@@ -187,9 +186,7 @@ def main(argv):
   rng = np.random.default_rng(0)
 
   def save():  # after every measurement, so a run cut short keeps what it measured
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-      json.dump(res, f, indent=1)
+    write_json(res, out_path)
 
   if FLAGS.check:
     res["checks"] = check_all(rng, save=lambda r: (res.__setitem__("checks", r), save()))

@@ -46,7 +46,7 @@ import fp4jax
 from fp4jax import dispatch
 from fp4jax.models import GPT, GPT_CONFIGS, VIT_CONFIGS, ViT
 from kernels.naive import naive_dot_general
-from kernels.timing import median_time
+from kernels.timing import median_time, write_json
 from kernels.trace_summary import summarize_trace
 
 FLAGS = flags.FLAGS
@@ -201,9 +201,7 @@ def main(argv):
     res = {"device": facts.kind, "runs": {}}
 
   def save():
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-      json.dump(res, f, indent=1)
+    write_json(res, out_path)
 
   key = jax.random.key(1)
   meta = {"jax": jax.__version__, "commit": _git_commit(),

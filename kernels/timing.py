@@ -1,7 +1,9 @@
-"""Wall-clock timing shared by the benchmarks (``kernels/bench_*.py``)."""
+"""Wall-clock timing and result files shared by the benchmarks (``kernels/bench_*.py``)."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -21,3 +23,10 @@ def median_time(fn, *args, reps: int = 20, runs: int = 5) -> float:
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)
+
+
+def write_json(results: dict, path: str) -> None:
+  """Writes a benchmark's results (creating the folder)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)

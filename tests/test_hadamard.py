@@ -59,18 +59,14 @@ def test_butterfly_bad_block_and_length():
 
 
 def _numpy_butterfly(x, axis, signs, block, transpose):
-  """The documented order of fp4jax.hadamard.rht, written out in numpy float32."""
+  """rht's documented order on numpy float32 entries: the list butterfly the kernels run
+  (hadamard.butterfly_entries), against rht's in-place reshapes."""
   xm = np.moveaxis(np.asarray(x, np.float32), axis, -1).copy()
   seg = xm.reshape(*xm.shape[:-1], -1, block)
   v = [seg[..., i] for i in range(block)]
   if not transpose:
     v = [c * np.float32(s) for c, s in zip(v, signs)]
-  h = 1
-  while h < block:
-    for start in range(0, block, 2 * h):
-      for i in range(start, start + h):
-        v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
-    h *= 2
+  v = hadamard.butterfly_entries(v)
   v = [c * np.float32(1.0 / np.sqrt(block)) for c in v]
   if transpose:
     v = [c * np.float32(s) for c, s in zip(v, signs)]
