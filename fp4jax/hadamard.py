@@ -62,7 +62,8 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
     a - c)`` at distances 1, 2, 4, ... (the order of :func:`rht_butterfly`), in float32,
     each level a view of the axis as ``(groups, 2, h)``: a fixed summation order, the same
     bits on every backend that keeps float32 IEEE (the reference's definition).
-  * ``"dot"``: ``r (diag(signs) H)`` as one float32 GEMM (HIGHEST precision), the axis
+  * ``"dot"``: ``r (diag(signs) H)`` (``x R^T``: ``r (H diag(signs))``), entries exactly
+    +-1, as one float32 GEMM (HIGHEST precision), the axis
     viewed as ``(segments, block)`` (a batched ``block x block`` product when the axis is
     not the minor one), then ``/ sqrt(b)``. The same transform up to float32 summation
     order, which the backend's GEMM decides: deterministic on one device, not bit-equal
@@ -108,7 +109,9 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
 
 def _rht_dot(x, axis, signs, block, transpose):
   """The ``"dot"`` method of :func:`rht` (float32 result)."""
-  h = jnp.asarray(hadamard_matrix(block) * np.float32(math.sqrt(block)))   # entries +-1
+  # Exactly +-1 (hadamard_matrix's entries 1/sqrt(b), rounded to float32, times sqrt(b)
+  # are 0.99999994 for odd powers of two), so every product with x is exact.
+  h = jnp.asarray(np.where(hadamard_matrix(block) > 0, 1.0, -1.0).astype(np.float32))
   if signs is not None:
     # x R = (x diag(s)) H: the signs scale H's rows; x R^T = x H diag(s): its columns.
     h = h * (signs[None, :] if transpose else signs[:, None])

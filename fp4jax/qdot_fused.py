@@ -169,14 +169,15 @@ class _Residual(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
-                ieee_subnormals: bool = False, kernel: KernelEmit | None = None,
-                hadamard_method: str = "butterfly"):
+                ieee_subnormals: bool = False, kernel: KernelEmit | None = None, *,
+                hadamard_method: str):
   """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N) -> (B,M,N)`` of one recipe, with
   operands emitted as ``gemm_dtype`` (bfloat16, or float32 where BF16 dots are not
   native); ``ieee_subnormals`` as :func:`fp4jax.operand.gemm_operand`; ``kernel``: where
   the Pallas operand kernel emits (None: XLA everywhere); ``hadamard_method``: how the
-  random Hadamard transforms run (:func:`fp4jax.hadamard.rht`; the reference's is
-  :attr:`fp4jax.dispatch.DeviceFacts.hadamard_method`)."""
+  random Hadamard transforms run (:func:`fp4jax.hadamard.rht`), required because the
+  reference runs the device's (:attr:`fp4jax.dispatch.DeviceFacts.hadamard_method`) and
+  the two paths' operands are equal only under the same one."""
   r = recipe
   reuse = reuses_forward_weight(r)
   _transform = functools.partial(_transform_with, method=hadamard_method)

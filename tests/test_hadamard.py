@@ -140,3 +140,20 @@ def test_bad_method_and_block():
     hadamard.rht(jnp.ones((16, 4)), 0, None, 16, method="fft")
   with pytest.raises(ValueError, match="block must be a power of two"):
     hadamard.rht(jnp.ones((12, 4)), 0, None, 12)
+
+
+@pytest.mark.parametrize("block", [2, 4, 8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_dot_method_exact_on_one_nonzero_per_segment(block, transpose, rng):
+  # One nonzero per segment: no summation rounding, so dot and butterfly must agree bit
+  # for bit (an inexact +-1 in the dot's matrix would show here).
+  n = 4 * block
+  x = np.zeros((n, 8), np.float32)
+  for seg in range(4):
+    x[seg * block + rng.integers(block), :] = rng.standard_normal(8).astype(np.float32)
+  k = jax.random.key(8)
+  for axis in (0, 1):
+    xa = jnp.asarray(x if axis == 0 else np.ascontiguousarray(x.T))
+    a = hadamard.rht(xa, axis, k, block, transpose, method="dot")
+    b = hadamard.rht(xa, axis, k, block, transpose)
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))

@@ -183,8 +183,9 @@ def test_fused_layer_through_the_kernel_equals_xla_emitter(recipe, table, dims, 
 
   def value_and_grads(emit):
     def loss(a, w):
-      return jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit)(a, w, kd)
-                     * c)
+      qmatmul = qdot_fused.qmatmul_for(r, jnp.float32, gemm_dtype, False, emit,
+                                       hadamard_method=dispatch.device_facts().hadamard_method)
+      return jnp.sum(qmatmul(a, w, kd) * c)
     return jax.value_and_grad(loss, argnums=(0, 1))
 
   got = value_and_grads(kernel)(a, w)
@@ -208,9 +209,9 @@ def test_xla_both_choice_keeps_dy_in_xla(rng):
 
   def grads(choices):
     emit = qdot_fused.KernelEmit(interpret=INTERPRET, min_elements=0, choices=choices)
-    return jax.grad(lambda a, w: jnp.sum(qdot_fused.qmatmul_for(r, jnp.float32, jnp.float32,
-                                                                False, emit)(a, w, kd)),
-                    argnums=(0, 1))
+    qmatmul = qdot_fused.qmatmul_for(r, jnp.float32, jnp.float32, False, emit,
+                                     hadamard_method="butterfly")  # mxfp4: no transform
+    return jax.grad(lambda a, w: jnp.sum(qmatmul(a, w, kd)), argnums=(0, 1))
 
   assert _kernel_launches(grads(TABLES["xla_both"]), a, w) == 4   # fwd A, W; dgrad W; wgrad A
 

@@ -40,7 +40,10 @@ def reference(a, w, g, recipe, key):
 
   def h(x, axis, block, i, transpose=False):
     x = x.astype(jnp.float32)
-    return x if block is None else hadamard.rht(x, axis, k(i), block, transpose)
+    # The device's method, as qdot's reference runs it (dot on GPU, butterfly on CPU).
+    return x if block is None else hadamard.rht(
+        x, axis, k(i), block, transpose,
+        method=fp4jax.dispatch.device_facts().hadamard_method)
 
   def est(x, spec, axis, name):
     if spec is None or name == "ste":
