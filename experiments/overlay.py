@@ -2,7 +2,7 @@ r"""Overlay the curves of runs from different work directories in one plot, e.g.
 recipe on one device and on a mesh:
 
     python -m experiments.overlay --key=val_loss --out=experiments/results/distributed_cpu/val_loss.png \
-        --runs="nvfp4 1 device=experiments/results/gpt_fp4_stdlib/nvfp4;nvfp4 data:8 fp8=experiments/results/gpt_fp4_stdlib_data8_fp8_e4m3/nvfp4"
+        --runs="nvfp4 1 device=experiments/results/gpt_fp4_stdlib_seeds/nvfp4;nvfp4 data:8 fp8=experiments/results/gpt_fp4_stdlib_data8_fp8_e4m3/nvfp4"
 
 Each run is ``label=<run directory>`` (the directory holding ``metrics.jsonl``, or a
 ``--seeds`` run's directory holding ``seed_<s>/metrics.jsonl``), separated by ``;``. A run
