@@ -50,6 +50,19 @@ def rht_matrix(key: jax.Array | None, block: int) -> jax.Array:
 HADAMARD_METHODS = ("butterfly", "dot")
 
 
+def _checked_axis(x: jax.Array, axis: int, block: int) -> tuple[int, int]:
+  """``(axis, its length)`` for a transform in blocks of ``block`` along ``axis`` of x;
+  ValueError naming the fix for a block that is not a power of two or does not divide."""
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if block < 1 or block & (block - 1):
+    raise ValueError(f"Hadamard transform: block must be a power of two, got {block}")
+  if n % block:
+    raise ValueError(f"Hadamard transform: axis {axis} has length {n}, not a multiple of "
+                     f"the Hadamard block size {block}; choose a block that divides it")
+  return axis, n
+
+
 def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
         transpose: bool = False, *, method: str = "butterfly", dtype=None) -> jax.Array:
   """Applies the block-diagonal RHT ``R`` (or ``R^T``) along ``axis`` of ``x``, in place
@@ -76,13 +89,7 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
   if method not in HADAMARD_METHODS:
     raise ValueError(f"Hadamard transform: method must be one of {HADAMARD_METHODS}, "
                      f"got {method!r}")
-  axis = axis % x.ndim
-  n = x.shape[axis]
-  if block < 1 or block & (block - 1):
-    raise ValueError(f"Hadamard transform: block must be a power of two, got {block}")
-  if n % block:
-    raise ValueError(f"Hadamard transform: axis {axis} has length {n}, not a multiple of "
-                     f"the Hadamard block size {block}; choose a block that divides it")
+  axis, n = _checked_axis(x, axis, block)
   out_dtype = x.dtype if dtype is None else dtype
   signs = None if key is None else random_signs(key, block)
   if method == "dot":
@@ -138,11 +145,7 @@ def rht_reference(x: jax.Array, axis: int, key: jax.Array | None, block: int = 1
                   transpose: bool = False) -> jax.Array:
   """:func:`rht` as a float32 matrix product with ``R`` (HIGHEST precision): the same
   transform up to float32 summation order (tests compare the two within that bound)."""
-  axis = axis % x.ndim
-  n = x.shape[axis]
-  if n % block:
-    raise ValueError(f"Hadamard transform: axis {axis} has length {n}, not a multiple of "
-                     f"the Hadamard block size {block}; choose a block that divides it")
+  axis, n = _checked_axis(x, axis, block)
   r = rht_matrix(key, block)
   if transpose:
     r = r.T
@@ -217,6 +220,9 @@ def butterfly_entries(entries: list) -> list:
   ``+`` and ``-`` (jax, numpy)."""
   v = list(entries)
   block = len(v)
+  if block < 1 or block & (block - 1):
+    raise ValueError(f"Hadamard butterfly: the block holds {block} entries, not a power "
+                     "of two; pass one array per position of a power-of-two block")
   h = 1
   while h < block:
     for start in range(0, block, 2 * h):

@@ -23,7 +23,6 @@ the BF16-rounded activations and the dequantized weights), as a multiple of the 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -39,6 +38,7 @@ import fp4jax
 from fp4jax import dispatch
 from fp4jax.kernels import weight_only as wo
 from kernels.naive import naive_weight_only_dot
+from kernels.timing import write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["1", "16", "64", "256"], "M values")
@@ -166,9 +166,7 @@ def main(argv):
     results["rows"][str(m)] = row
   out = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
                                   f"weight_only_{'smoke' if FLAGS.smoke else gpu}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(results, f, indent=1)
+  write_json(results, out)
   print(f"wrote {out}")
 
 

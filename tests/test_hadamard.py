@@ -135,6 +135,15 @@ def test_dot_method_same_bits_for_bf16_and_its_f32_copy(rng):
   np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
 
 
+def test_reference_and_entries_refuse_bad_blocks():
+  with pytest.raises(ValueError, match="multiple of the Hadamard block size 16"):
+    hadamard.rht_reference(jnp.ones((24, 4)), 0, None, 16)
+  with pytest.raises(ValueError, match="block must be a power of two"):
+    hadamard.rht_reference(jnp.ones((12, 4)), 0, None, 12)
+  with pytest.raises(ValueError, match="not a power of two"):
+    hadamard.butterfly_entries([jnp.ones(3)] * 12)
+
+
 def test_bad_method_and_block():
   with pytest.raises(ValueError, match="method must be one of"):
     hadamard.rht(jnp.ones((16, 4)), 0, None, 16, method="fft")
