@@ -93,6 +93,15 @@ class DeviceFacts:
     return self.platform == "gpu"
 
   @property
+  def ieee_division(self) -> bool:
+    """Whether XLA's float32 division is IEEE here (correctly rounded, subnormals kept) once
+    the algebraic simplifier is kept from rewriting it (:func:`fp4jax.bits.div_f32_native`):
+    XLA:GPU lowers it to ``div.rn.f32`` (checked on the H200 by ``tests/test_bits.py`` and
+    ``kernels.bench_operand``'s checks); XLA:CPU flushes subnormals. Exact code may then
+    divide per block in hardware (:func:`fp4jax.operand.gemm_operand`)."""
+    return self.platform == "gpu"
+
+  @property
   def hadamard_method(self) -> str:
     """How :func:`fp4jax.hadamard.rht` runs the recipes' random Hadamard transforms here
     (every path of one device uses the same, so reference and fused operands agree bit for

@@ -70,13 +70,14 @@ def main(argv):
         row[f"rel_diff_{name}"] = float(jnp.abs(got - want).max()) / top
       fns = {"copy": jax.jit(lambda v: -v),
              "nvfp4": jax.jit(lambda v, axis=axis: operand.gemm_operand(
-                 v, spec, axis, key, ieee_subnormals=facts.keeps_subnormals)[0])}
+                 v, spec, axis, key, ieee_subnormals=facts.keeps_subnormals,
+                 ieee_division=facts.ieee_division)[0])}
       for name, fn in METHODS.items():
         fns[f"rht_{name}"] = jax.jit(lambda v, fn=fn, axis=axis: fn(v, axis, hkey, block))
         fns[f"rht_{name}+nvfp4"] = jax.jit(
             lambda v, fn=fn, axis=axis: operand.gemm_operand(
                 fn(v, axis, hkey, block), spec, axis, key,
-                ieee_subnormals=facts.keeps_subnormals)[0])
+                ieee_subnormals=facts.keeps_subnormals, ieee_division=facts.ieee_division)[0])
       t_copy = None
       for name, fn in fns.items():
         try:
