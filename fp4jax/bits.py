@@ -268,25 +268,6 @@ def div_f32(a: jax.Array, b: jax.Array) -> jax.Array:
   return _special_result(nan, inf, zero, sign, value)
 
 
-def div_f32_native(a: jax.Array, b: jax.Array) -> jax.Array:
-  """The backend's own float32 ``a / b``, kept a division: XLA's algebraic simplifier
-  rewrites ``a / c`` (``c`` a constant) and ``a / broadcast(t)`` (``t`` a computed
-  scalar) as ``a * (1/c)``, and ``(a/b)/c`` as ``a/(b*c)``, none of which is correctly
-  rounded. Both operands are broadcast to the result's shape and pass an
-  ``optimization_barrier``, so the HLO divide is the one written (the barrier materialises
-  them: meant for per-block arrays, not per element).
-
-  Equal to :func:`div_f32` bit for bit where the backend's division is IEEE: on XLA:GPU
-  (``div.rn.f32``, subnormals kept: :attr:`fp4jax.dispatch.DeviceFacts.ieee_division`,
-  checked by ``tests/test_bits.py`` wherever the tests run); XLA:CPU flushes subnormal
-  operands and results, so there it is exact only between normals."""
-  a = jnp.asarray(a, jnp.float32)
-  b = jnp.asarray(b, jnp.float32)
-  shape = jnp.broadcast_shapes(a.shape, b.shape)
-  a, b = lax.optimization_barrier((jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)))
-  return a / b
-
-
 def pow2_f32(e: jax.Array) -> jax.Array:
   """2^e as float32 for int32 ``e``, clamped to the normal range [-126, 127] (built from
   bits: no float arithmetic, so flush-to-zero cannot touch it)."""

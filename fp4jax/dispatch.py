@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax import qdot_fused
+from fp4jax.hadamard import HADAMARD_METHODS
 from fp4jax import spec as spec_lib
 from fp4jax.kernels import matmul as kernel_matmul
 from fp4jax.kernels import operand as kernel_operand
@@ -93,22 +94,17 @@ class DeviceFacts:
     return self.platform == "gpu"
 
   @property
-  def ieee_division(self) -> bool:
-    """Whether XLA's float32 division is IEEE here (correctly rounded, subnormals kept) once
-    the algebraic simplifier is kept from rewriting it (:func:`fp4jax.bits.div_f32_native`):
-    XLA:GPU lowers it to ``div.rn.f32`` (checked on the H200 by ``tests/test_bits.py`` and
-    ``kernels.bench_operand``'s checks); XLA:CPU flushes subnormals. Exact code may then
-    divide per block in hardware (:func:`fp4jax.operand.gemm_operand`)."""
-    return self.platform == "gpu"
-
-  @property
   def hadamard_method(self) -> str:
     """How :func:`fp4jax.hadamard.rht` runs the recipes' random Hadamard transforms here
     (every path of one device uses the same, so reference and fused operands agree bit for
-    bit): ``"dot"`` on a GPU, where XLA materialises each level of a butterfly along the
-    tokens and one GEMM reads the operand once (``kernels.bench_hadamard``), else
-    ``"butterfly"`` (a fixed summation order)."""
-    return "dot" if self.platform == "gpu" else "butterfly"
+    bit): ``"dot_bf16"`` on a GPU, where XLA materialises each level of a butterfly along
+    the tokens and one GEMM reads the operand once, on BF16 tensor cores rather than as a
+    float32 GEMM (``kernels.bench_hadamard``, ``kernels.bench_step --hadamard_methods``),
+    else ``"butterfly"`` (a fixed summation order). :func:`hadamard_method` overrides it."""
+    override = _HADAMARD_METHOD.get()
+    if override is not None:
+      return override
+    return "dot_bf16" if self.platform == "gpu" else "butterfly"
 
   @property
   def bf16_dot(self) -> bool:
@@ -136,6 +132,30 @@ def device_facts() -> DeviceFacts:
 # ----------------------------------------------------------------------------- policy
 
 _POLICY = contextvars.ContextVar("fp4jax_gemm_impl", default="auto")
+_HADAMARD_METHOD: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fp4jax_hadamard_method", default=None)
+
+
+@contextlib.contextmanager
+def hadamard_method(method: str) -> Iterator[None]:
+  """Runs the recipes' random Hadamard transforms traced inside with ``method`` (one of
+  :data:`fp4jax.hadamard.HADAMARD_METHODS`) instead of the device's
+  (:attr:`DeviceFacts.hadamard_method`), in every path alike (reference, fused, grouped),
+  e.g. to time the methods against each other (``kernels.bench_step --hadamard_methods``)::
+
+    with fp4jax.dispatch.hadamard_method("dot_bf16"):
+      loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+
+  The choice is read when a function is traced: a function jitted and traced before keeps
+  the method it was traced with."""
+  if method not in HADAMARD_METHODS:
+    raise ValueError(f"hadamard_method: method must be one of {HADAMARD_METHODS}, "
+                     f"got {method!r}")
+  token = _HADAMARD_METHOD.set(method)
+  try:
+    yield
+  finally:
+    _HADAMARD_METHOD.reset(token)
 
 
 @contextlib.contextmanager
@@ -570,5 +590,5 @@ def interpret_mode(facts: DeviceFacts | None = None) -> bool:
 
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
            "GroupedGemmImpl", "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl",
-           "WEIGHT_ONLY_AUTO_MAX_ROWS", "WeightOnlyImpl", "check_policy", "choose_grouped_gemm", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "kernel_emit",
+           "WEIGHT_ONLY_AUTO_MAX_ROWS", "WeightOnlyImpl", "check_policy", "choose_grouped_gemm", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "hadamard_method", "kernel_emit",
            "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]

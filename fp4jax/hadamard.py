@@ -47,7 +47,7 @@ def rht_matrix(key: jax.Array | None, block: int) -> jax.Array:
   return random_signs(key, block)[:, None] * h
 
 
-HADAMARD_METHODS = ("butterfly", "dot")
+HADAMARD_METHODS = ("butterfly", "dot", "dot_bf16")
 
 
 def _checked_axis(x: jax.Array, axis: int, block: int) -> tuple[int, int]:
@@ -82,6 +82,13 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
     order, which the backend's GEMM decides: deterministic on one device, not bit-equal
     across backends. A butterfly along a non-minor axis makes XLA materialise each level
     (``kernels/NOTES.md``); the GEMM reads the operand once.
+  * ``"dot_bf16"``: the same product on BF16 tensor cores: a bfloat16 ``x`` in one GEMM,
+    any other ``x`` (as float32) split exactly into three bfloat16 pieces ``x = hi + mid +
+    lo`` (:func:`bf16_pieces`) and ``((hi H + mid H) + lo H)``, each GEMM accumulating in
+    float32. Every product is exact (the entries are +-1), so this is the float32
+    transform again, up to the GEMMs' summation order, at a third (or less) of the float32
+    GEMM's tensor-core work. A bfloat16 tensor and its float32 copy give the same bits: the
+    copy's ``mid`` and ``lo`` are zero and add exact zeros (zero results are +0 in both).
 
   The axis length must be a multiple of ``block`` (a power of two). Returns ``dtype``
   (default: x's).
@@ -92,8 +99,8 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
   axis, n = _checked_axis(x, axis, block)
   out_dtype = x.dtype if dtype is None else dtype
   signs = None if key is None else random_signs(key, block)
-  if method == "dot":
-    return _rht_dot(x, axis, signs, block, transpose).astype(out_dtype)
+  if method in ("dot", "dot_bf16"):
+    return _rht_dot(x, axis, signs, block, transpose, method == "dot_bf16").astype(out_dtype)
   lead, trail = x.shape[:axis], x.shape[axis + 1:]
   # (..., n // block, block, ...): the segment index, then the position in the segment.
   v = x.astype(jnp.float32).reshape(*lead, n // block, block, *trail)
@@ -114,30 +121,66 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
   return v.reshape(x.shape).astype(out_dtype)
 
 
-def _rht_dot(x, axis, signs, block, transpose):
-  """The ``"dot"`` method of :func:`rht` (float32 result)."""
+def _truncate_bf16(x: jax.Array) -> jax.Array:
+  """float32 ``x`` with its low 16 bits cleared, as bfloat16 (exact: the top half)."""
+  b = lax.bitcast_convert_type(x, jnp.uint32) >> 16
+  return lax.bitcast_convert_type(b.astype(jnp.uint16), jnp.bfloat16)
+
+
+def bf16_pieces(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Three bfloat16 arrays whose float32 sum ``(hi + mid) + lo`` is float32 ``x``.
+
+  ``hi`` is ``x`` truncated to bfloat16 (8 significant bits), so ``x - hi`` is exact in
+  float32 and has at most 16 significant bits; ``mid`` truncates that and ``lo`` is the
+  rest (at most 8 bits: exact in bfloat16). Exact for finite ``|x| >= 2^-102``; below, a
+  subnormal remainder can lose bits under 2^-133 in ``lo``. An infinite or NaN ``x`` is
+  all in ``hi`` (``mid = lo = 0``)."""
+  x = x.astype(jnp.float32)
+  hi = _truncate_bf16(x)
+  rest = jnp.where(jnp.isfinite(x), x - hi.astype(jnp.float32), jnp.float32(0.0))
+  mid = _truncate_bf16(rest)
+  lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+  return hi, mid, lo
+
+
+def _rht_dot(x, axis, signs, block, transpose, bf16_gemms=False):
+  """The ``"dot"`` (float32 GEMM) and ``"dot_bf16"`` (BF16 GEMMs) methods of :func:`rht`
+  (float32 result)."""
   # Exactly +-1 (hadamard_matrix's entries 1/sqrt(b), rounded to float32, times sqrt(b)
   # are 0.99999994 for odd powers of two), so every product with x is exact.
   h = jnp.asarray(np.where(hadamard_matrix(block) > 0, 1.0, -1.0).astype(np.float32))
   if signs is not None:
     # x R = (x diag(s)) H: the signs scale H's rows; x R^T = x H diag(s): its columns.
     h = h * (signs[None, :] if transpose else signs[:, None])
-  # float32 at HIGHEST precision whatever x's dtype, so a bfloat16 tensor and its float32
-  # copy (the reference's residuals) give the same bits.
-  xin, precision = x.astype(jnp.float32), lax.Precision.HIGHEST
   n = x.shape[axis]
   lead = math.prod(x.shape[:axis])
   trail = math.prod(x.shape[axis + 1:])
-  if trail == 1:
-    y = jnp.dot(xin.reshape(-1, block), h, precision=precision,
-                preferred_element_type=jnp.float32)
-  else:
+
+  def product(v, hm, precision):
+    if trail == 1:
+      return jnp.dot(v.reshape(-1, block), hm, precision=precision,
+                     preferred_element_type=jnp.float32)
     # y[q, i, t] = sum_j H[j, i] x[q, j, t], q the segments: a batched product whose
     # operands are already in the GEMM's layout (H broadcast over q is block^2 per segment).
     q = lead * (n // block)
-    hb = jnp.broadcast_to(h.T, (q, block, block))
-    y = jnp.einsum("qij,qjt->qit", hb, xin.reshape(q, block, trail), precision=precision,
-                   preferred_element_type=jnp.float32)
+    hb = jnp.broadcast_to(hm.T, (q, block, block))
+    return jnp.einsum("qij,qjt->qit", hb, v.reshape(q, block, trail), precision=precision,
+                      preferred_element_type=jnp.float32)
+
+  if not bf16_gemms:
+    # float32 at HIGHEST precision whatever x's dtype, so a bfloat16 tensor and its
+    # float32 copy (the reference's residuals) give the same bits.
+    y = product(x.astype(jnp.float32), h, lax.Precision.HIGHEST)
+  else:
+    hm = h.astype(jnp.bfloat16)  # +-1: exact
+    if x.dtype == jnp.bfloat16:
+      y = product(x, hm, None)
+    else:
+      hi, mid, lo = bf16_pieces(x)
+      y = (product(hi, hm, None) + product(mid, hm, None)) + product(lo, hm, None)
+    # A float32 copy of bfloat16 data adds +0 twice, turning a -0 sum into +0: zeros are
+    # +0 on both sides.
+    y = jnp.where(y == 0, jnp.float32(0.0), y)
   return (y * jnp.float32(1.0 / math.sqrt(block))).reshape(x.shape)
 
 

@@ -132,8 +132,8 @@ def emit(value_bits: jax.Array, dtype) -> jax.Array:
 
 def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | None = None,
                  *, dtype: Any = jnp.bfloat16, random_bits: jax.Array | None = None,
-                 tensor_scale: jax.Array | None = None, ieee_subnormals: bool = False,
-                 ieee_division: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                 tensor_scale: jax.Array | None = None, ieee_subnormals: bool = False
+                 ) -> tuple[jax.Array, jax.Array | None]:
   """The GEMM-ready values of ``x`` quantized by ``spec`` along ``axis``, and its tensor
   scale.
 
@@ -150,10 +150,6 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
       (XLA:GPU's default; :attr:`fp4jax.dispatch.DeviceFacts.keeps_subnormals`): then the
       scaling is one multiply per element, with no integer detour for subnormal ``x`` and
       results. False (XLA:CPU flushes them) is exact on every backend.
-    ieee_division: the backend's float32 division is IEEE, subnormals included
-      (:attr:`fp4jax.dispatch.DeviceFacts.ieee_division`): then UE4M3 block scales take
-      its per-block divisions (:func:`fp4jax.bits.div_f32_native`) instead of
-      :func:`fp4jax.bits.div_f32`'s integer steps. False is exact on every backend.
 
   Returns:
     ``(values, t)``: ``values`` of ``x.shape`` and ``dtype``, equal bit for bit to
@@ -188,8 +184,7 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
                              spec, tensor_scale)
   # Per block, materialised (as the reference does): the element fusion reads one
   # multiplier and one scale per block instead of repeating the block math per element.
-  factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts,
-                                                       ieee_division=ieee_division))
+  factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts))
   expand = lambda v: None if v is None else blocks.expand(v, ext, x.shape)
   out = element_value_bits(b, BlockFactors(*(expand(f) for f in factors)), spec, rbits,
                            ieee_subnormals)
@@ -206,19 +201,17 @@ class BlockFactors(NamedTuple):
   nan_block: jax.Array | None = None  # power-of-two scales: the NaN scale code
 
 
-def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
-                  ieee_division: bool = False) -> BlockFactors:
+def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None) -> BlockFactors:
   """:class:`BlockFactors` from block maxima (uint32 bits of ``max |x|`` per block) and
   the tensor scale ``ts`` (two-level specs; else None), with the scale functions of
   :mod:`fp4jax.scales` (the reference's; UE4M3 scales rounded by
   :func:`fp4jax.scales.float_block_scale_and_code`'s integer add, equal to the general
   rounding bit for bit).
 
-  The per-block divisions (``amax/6``, ``/t``, ``(1/t)/s``) are :func:`fp4jax.bits.div_f32`'s
-  integer steps, or with ``ieee_division`` the backend's (:func:`fp4jax.bits.div_f32_native`,
-  which keeps XLA from turning them into multiplies by reciprocals: a plain ``/`` here was
-  not exact on the H200, ``kernels/NOTES.md``, "NVFP4 operands"); ``1/t`` is a scalar and
-  always the software one."""
+  The divisions stay :func:`fp4jax.bits.div_f32`'s integer steps. XLA:GPU's own float32
+  ``/`` here made NVFP4 operands 1.6x faster on the H200 but not exact: one value in each
+  of two of ``kernels.bench_operand``'s checks was a grid step off (``kernels/NOTES.md``,
+  "NVFP4 operands")."""
   elem, sfmt = spec.element, spec.scale_format
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
@@ -229,12 +222,11 @@ def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
     # The scale 2^s as a float (subnormal for s = -127), NaN for a NaN block.
     scale = bits.bits_f32(jnp.where(nan_block, U32(bits.F32_NAN_BITS), _pow2_bits(shift)))
     return BlockFactors(mult, scale, shift, nan_block)
-  divide = bits.div_f32_native if ieee_division else bits.div_f32
   if scales.is_e4m3fn(sfmt):
-    scale, _ = scales.float_block_scale_and_code(amax, elem, sfmt, ts, divide=divide)
+    scale, _ = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
   else:
-    scale = scales.float_block_scale(amax, elem, sfmt, ts, divide=divide)
-  return BlockFactors(scales.float_scale_reciprocal(scale, ts, divide=divide), scale)
+    scale = scales.float_block_scale(amax, elem, sfmt, ts)
+  return BlockFactors(scales.float_scale_reciprocal(scale, ts), scale)
 
 
 def element_value_bits(b: jax.Array, f: BlockFactors, spec: QuantSpec,

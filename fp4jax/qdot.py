@@ -348,8 +348,7 @@ def qdot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     gemm_dtype = jnp.bfloat16 if facts.bf16_dot else jnp.float32
     kernel = dispatch.kernel_emit(dispatch.choose_operand_emitter(policy, facts), facts)
     y = qdot_fused.qmatmul_for(recipe, out_dtype, gemm_dtype, facts.keeps_subnormals,
-                               kernel, hadamard_method=facts.hadamard_method,
-                               ieee_division=facts.ieee_division)(
+                               kernel, hadamard_method=facts.hadamard_method)(
                                    a, canon.w, key_data)
   else:
     policy = "xla" if policy == "fused" else policy  # a layer "fused" cannot take: reference

@@ -135,16 +135,15 @@ def _kernel_config(x, spec: QuantSpec, axis: int, kernel: KernelEmit | None):
   return emitter == "pallas", config
 
 
-def _emit_operand(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool,
-          kernel: KernelEmit | None = None, *, ieee_division: bool = False):
+def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool,
+          kernel: KernelEmit | None = None):
   key = _op_key(key_data, spec, op)
   takes, config = _kernel_config(x, spec, axis, kernel)
   if takes:
     return kernel_operand.gemm_operand(x, spec, axis, key, dtype=dtype, config=config,
                                        interpret=kernel.interpret,
                                        ieee_subnormals=kernel.ieee_subnormals), None
-  return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee,
-                              ieee_division=ieee_division)
+  return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee)
 
 
 def _gemm(x, y, eq: str, tx, ty):
@@ -171,11 +170,10 @@ class _Residual(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
                 ieee_subnormals: bool = False, kernel: KernelEmit | None = None, *,
-                hadamard_method: str, ieee_division: bool = False):
+                hadamard_method: str):
   """The custom-VJP canonical GEMM ``(B,M,K) x (B,K,N) -> (B,M,N)`` of one recipe, with
   operands emitted as ``gemm_dtype`` (bfloat16, or float32 where BF16 dots are not
-  native); ``ieee_subnormals`` and ``ieee_division`` as :func:`fp4jax.operand.gemm_operand`;
-  ``kernel``: where
+  native); ``ieee_subnormals`` as :func:`fp4jax.operand.gemm_operand`; ``kernel``: where
   the Pallas operand kernel emits (None: XLA everywhere); ``hadamard_method``: how the
   random Hadamard transforms run (:func:`fp4jax.hadamard.rht`), required because the
   reference runs the device's (:attr:`fp4jax.dispatch.DeviceFacts.hadamard_method`) and
@@ -183,7 +181,6 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
   r = recipe
   reuse = reuses_forward_weight(r)
   _transform = functools.partial(_transform_with, method=hadamard_method)
-  _emit = functools.partial(_emit_operand, ieee_division=ieee_division)
 
   def fwd(a, w, key_data):
     a1 = _transform(a, -1, key_data, r.hadamard_fwd, _H_FWD)

@@ -47,7 +47,6 @@ the direction of NVIDIA Transformer Engine, which keeps its encode scale finite:
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +57,6 @@ from fp4jax import rounding
 from fp4jax.formats import ElementFormat, ScaleFormat
 
 U32 = jnp.uint32
-# A float32 division: bits.div_f32 (exact everywhere) or bits.div_f32_native.
-Divide = Callable[[jax.Array, jax.Array], jax.Array]
 I32 = jnp.int32
 
 
@@ -134,39 +131,27 @@ def round_to_scale_format(s: jax.Array, scale_format: ScaleFormat) -> jax.Array:
 
 
 def float_block_scale(amax_bits: jax.Array, element: ElementFormat, scale_format: ScaleFormat,
-                      tensor_scale: jax.Array | None = None, *,
-                      divide: Divide = bits.div_f32) -> jax.Array:
-  """The float32 value of each block's stored scale (see module doc). ``divide``: the
-  float32 division (:func:`fp4jax.bits.div_f32`, or :func:`fp4jax.bits.div_f32_native`
-  where the backend's is IEEE)."""
-  return round_to_scale_format(_unrounded_block_scale(amax_bits, element, tensor_scale,
-                                                      divide), scale_format)
-
-
-def _unrounded_block_scale(amax_bits, element, tensor_scale, divide):
-  """``(amax / emax) / t`` (two roundings, as the reference divides), float32."""
+                      tensor_scale: jax.Array | None = None) -> jax.Array:
+  """The float32 value of each block's stored scale (see module doc)."""
   amax = bits.bits_f32(amax_bits.astype(U32))
-  block = divide(amax, np.float32(element.max_value))
+  block = bits.div_f32(amax, np.float32(element.max_value))
   if tensor_scale is not None:
-    block = divide(block, tensor_scale)
-  return block
+    block = bits.div_f32(block, tensor_scale)
+  return round_to_scale_format(block, scale_format)
 
 
 def float_scale_reciprocal(scale: jax.Array, tensor_scale: jax.Array | None = None,
-                           tensor_scale_reciprocal: jax.Array | None = None, *,
-                           divide: Divide = bits.div_f32) -> jax.Array:
+                           tensor_scale_reciprocal: jax.Array | None = None) -> jax.Array:
   """``1/s`` (one level) or ``(1/t)/s`` (two level), as torchao multiplies.
 
   ``tensor_scale_reciprocal``: ``1/t`` when the caller already has it (kernels compute
-  it once per tensor, outside the per-block code); else it is :func:`fp4jax.bits.div_f32`'s
-  (a scalar: the software division costs nothing there). ``divide``: the per-block
-  division, as :func:`float_block_scale`."""
+  it once per tensor, outside the per-block code)."""
   one = np.float32(1.0)
   if tensor_scale is None:
-    return divide(one, scale)
+    return bits.div_f32(one, scale)
   if tensor_scale_reciprocal is None:
     tensor_scale_reciprocal = bits.div_f32(one, tensor_scale)
-  return divide(tensor_scale_reciprocal, scale)
+  return bits.div_f32(tensor_scale_reciprocal, scale)
 
 
 def e4m3_round_normal_bits(b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -185,11 +170,9 @@ def is_e4m3fn(scale_format: ScaleFormat) -> bool:
 
 def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
                                scale_format: ScaleFormat,
-                               tensor_scale: jax.Array | None = None, *,
-                               divide: Divide = bits.div_f32
+                               tensor_scale: jax.Array | None = None
                                ) -> tuple[jax.Array, jax.Array]:
-  """``(float_block_scale(...), its code in the scale format)``, uint32 codes;
-  ``divide`` as :func:`float_block_scale`.
+  """``(float_block_scale(...), its code in the scale format)``, uint32 codes.
 
   For E4M3 scales (NVFP4's UE4M3) the clamped scale is a positive normal, so its code is
   a round of the float32 mantissa field to 3 bits by an integer add (nearest-even, the
@@ -199,10 +182,13 @@ def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
   take the general path. Equal to the general path bit for bit (tested).
   """
   if not is_e4m3fn(scale_format):
-    s = float_block_scale(amax_bits, element, scale_format, tensor_scale, divide=divide)
+    s = float_block_scale(amax_bits, element, scale_format, tensor_scale)
     code = rounding.encode(bits.split_f32(bits.f32_bits(s)), scale_format.element)
     return s, code
-  block = _unrounded_block_scale(amax_bits, element, tensor_scale, divide)
+  amax = bits.bits_f32(amax_bits.astype(U32))
+  block = bits.div_f32(amax, np.float32(element.max_value))
+  if tensor_scale is not None:
+    block = bits.div_f32(block, tensor_scale)
   lo = bits.abs_bits(bits.f32_bits(np.float32(scale_format.min_normal)))
   hi = bits.abs_bits(bits.f32_bits(np.float32(scale_format.max_value)))
   sb = bits.abs_bits(bits.f32_bits(block))

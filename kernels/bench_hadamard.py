@@ -44,7 +44,12 @@ flags.DEFINE_string("out", None, "JSON path (default kernels/results/hadamard_<g
 METHODS = {"reference": lambda x, a, k, b: hadamard.rht_reference(x.astype(jnp.float32), a, k, b),
            "butterfly": lambda x, a, k, b: hadamard.rht(x, a, k, b, dtype=jnp.float32),
            "dot": lambda x, a, k, b: hadamard.rht(x, a, k, b, method="dot",
-                                                 dtype=jnp.float32)}
+                                                 dtype=jnp.float32),
+           "dot_bf16": lambda x, a, k, b: hadamard.rht(x, a, k, b, method="dot_bf16",
+                                                      dtype=jnp.float32),
+           # A float32 input (the backward's dA, dW): three BF16 GEMMs instead of one.
+           "dot_bf16_f32_input": lambda x, a, k, b: hadamard.rht(
+               x.astype(jnp.float32), a, k, b, method="dot_bf16")}
 
 
 def main(argv):
@@ -70,14 +75,13 @@ def main(argv):
         row[f"rel_diff_{name}"] = float(jnp.abs(got - want).max()) / top
       fns = {"copy": jax.jit(lambda v: -v),
              "nvfp4": jax.jit(lambda v, axis=axis: operand.gemm_operand(
-                 v, spec, axis, key, ieee_subnormals=facts.keeps_subnormals,
-                 ieee_division=facts.ieee_division)[0])}
+                 v, spec, axis, key, ieee_subnormals=facts.keeps_subnormals)[0])}
       for name, fn in METHODS.items():
         fns[f"rht_{name}"] = jax.jit(lambda v, fn=fn, axis=axis: fn(v, axis, hkey, block))
         fns[f"rht_{name}+nvfp4"] = jax.jit(
             lambda v, fn=fn, axis=axis: operand.gemm_operand(
                 fn(v, axis, hkey, block), spec, axis, key,
-                ieee_subnormals=facts.keeps_subnormals, ieee_division=facts.ieee_division)[0])
+                ieee_subnormals=facts.keeps_subnormals)[0])
       t_copy = None
       for name, fn in fns.items():
         try:

@@ -6,8 +6,8 @@ a copy and the naive fake quantization, in one run.
 1. Correctness, compiled for this device: :func:`fp4jax.operand.gemm_operand` against
    :func:`fp4jax.operand.gemm_operand_reference` bit for bit, for MXFP4 (every scale mode)
    and NVFP4 (1x16, 16x16), nearest and stochastic rounding, blocks along rows and
-   columns, both variants (``ieee_subnormals``/``ieee_division`` False, and what the
-   device runs: True on XLA:GPU), on every bf16 bit pattern and on wide-range float32 data with zero,
+   columns, both variants (``ieee_subnormals`` False, and True where the device keeps
+   subnormals), on every bf16 bit pattern and on wide-range float32 data with zero,
    subnormal, tiny and near-max blocks.
 2. Speed on a ``size x size`` bf16 matrix, median of 5 runs of ``--reps`` calls: a copy
    (``-x``: one read, one write, the floor of any bf16 -> bf16 pass), the naive MXFP4 fake
@@ -90,7 +90,7 @@ def check_inputs(seed=0):
   return {"every_bf16": every, "finite_bf16": finite, "wide_f32": jnp.asarray(wide)}
 
 
-def check(key, ieee: bool, ieee_division: bool = False, names=None) -> dict:
+def check(key, ieee: bool, names=None) -> dict:
   """Mismatches per configuration (``names``: a subset of :data:`CONFIGS`; default all,
   with MXFP4's ceil and even scale modes)."""
   out = {}
@@ -104,8 +104,8 @@ def check(key, ieee: bool, ieee_division: bool = False, names=None) -> dict:
     for data_name, x in inputs.items():
       if data_name == "every_bf16" and not spec.scale_format.is_pow2:
         continue  # NaN/Inf make NVFP4's tensor scale NaN: every value is NaN (checked on CPU)
-      got, t = jax.jit(lambda v: operand.gemm_operand(
-          v, spec, axis, key, ieee_subnormals=ieee, ieee_division=ieee_division))(x)
+      got, t = jax.jit(lambda v: operand.gemm_operand(v, spec, axis, key,
+                                                      ieee_subnormals=ieee))(x)
       ref, tr = jax.jit(lambda v: operand.gemm_operand_reference(v, spec, axis, key))(x)
       differ = _bits(got) != _bits(ref)
       bad += int(differ.sum())
@@ -119,7 +119,7 @@ def check(key, ieee: bool, ieee_division: bool = False, names=None) -> dict:
         print(f"    {name} {data_name}: tensor scale {_bits(t)!r} want {_bits(tr)!r}",
               flush=True)
     out[name] = bad
-    print(f"check {name:18} ieee_subnormals={ieee!s:5} ieee_division={ieee_division!s:5}: "
+    print(f"check {name:18} ieee_subnormals={ieee!s:5}: "
           f"{'bit-exact' if bad == 0 else f'{bad} MISMATCHES'}", flush=True)
   return out
 
@@ -281,13 +281,11 @@ def main(argv):
   unknown = sorted(set(configs or ()) - set(CONFIGS))
   if unknown:
     raise app.UsageError(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
-  # The variant fp4jax.qdot's fused path runs here.
-  ieee, division = facts.keeps_subnormals, facts.ieee_division
-  res["ieee_subnormals"], res["ieee_division"] = ieee, division
+  ieee = facts.keeps_subnormals  # the variant fp4jax.qdot's fused path runs here
+  res["ieee_subnormals"] = ieee
   if FLAGS.check:
     if FLAGS.check_xla:
-      res["mismatches"] = {str(v): check(key, *v, names=configs)
-                           for v in sorted({(False, False), (ieee, division)})}
+      res["mismatches"] = {str(v): check(key, v, names=configs) for v in sorted({False, ieee})}
     if facts.on_gpu and FLAGS.check_kernel:
       res["kernel_mismatches"] = {str(v): check_kernel(key, v) for v in (False, True)}
   n = FLAGS.size
@@ -311,11 +309,7 @@ def main(argv):
     if configs is not None and name not in configs:
       continue
     fns[name] = jax.jit(lambda v, spec=spec, axis=axis: operand.gemm_operand(
-        v, spec, axis, key, ieee_subnormals=ieee, ieee_division=division)[0])
-    if division and not spec.scale_format.is_pow2:  # what the division saves
-      fns[f"{name}_software_division"] = jax.jit(
-          lambda v, spec=spec, axis=axis: operand.gemm_operand(
-              v, spec, axis, key, ieee_subnormals=ieee)[0])
+        v, spec, axis, key, ieee_subnormals=ieee)[0])
   interpret = dispatch.interpret_mode(facts)
   kernels_timed = not interpret and configs is None  # --configs: the XLA emitter only
   for name, (rows, cols) in KERNEL_CONFIGS.items():

@@ -29,6 +29,7 @@ reference (``gemm_impl("xla")``) on a tiny model of the same family. Results mer
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -59,6 +60,9 @@ flags.DEFINE_list("recipes", ["mxfp4", "tetrajet", "nvfp4"],
 flags.DEFINE_list("impls", ["auto"], "fp4jax.gemm_impl policies per recipe")
 flags.DEFINE_list("scan", ["unscanned", "scanned"], "block layouts: unscanned, scanned")
 flags.DEFINE_bool("naive", True, "time the hand-written naive MXFP4 row")
+flags.DEFINE_list("hadamard_methods", [], "also time each FP4 recipe with these Hadamard "
+                  "methods (fp4jax.dispatch.hadamard_method; rows labelled recipe/impl+method); "
+                  "default: the device's only")
 flags.DEFINE_bool("check", True, "check each recipe's auto step against the xla reference "
                   "on a tiny model first")
 flags.DEFINE_integer("reps", 5, "timed steps per run (median of 3 runs)")
@@ -221,10 +225,15 @@ def main(argv):
     run = {**meta, "model": FLAGS.model, "inputs": list(inputs.shape), "steps": {}}
     res["runs"][f"{FLAGS.model}/{scan_name}"] = run
     base = None
-    for label, recipe in _rows(FLAGS.recipes, FLAGS.impls, FLAGS.naive):
-      impl = label.split("/")[1] if "/" in label else "auto"
+    rows = list(_rows(FLAGS.recipes, FLAGS.impls, FLAGS.naive))
+    rows += [(f"{label}+{m}", recipe) for m in FLAGS.hadamard_methods
+             for label, recipe in rows if "/" in label]
+    for label, recipe in rows:
+      impl = label.split("/")[1].split("+")[0] if "/" in label else "auto"
+      method = label.split("+")[1] if "+" in label else None
       try:
-        with fp4jax.gemm_impl(impl):
+        with fp4jax.gemm_impl(impl), (dispatch.hadamard_method(method) if method
+                                      else contextlib.nullcontext()):
           model = build(FLAGS.model, recipe, scan_name == "scanned")
           state = init_state(model, tx, inputs, key)
           step = make_step(model, tx)

@@ -40,8 +40,7 @@ def main(argv):
     if f.hadamard:
       x = hadamard.rht(x, f.axis, hkey, f.hadamard, method=facts.hadamard_method,
                        dtype=jnp.float32)
-    return operand.gemm_operand(x, spec, f.axis, key, ieee_subnormals=facts.keeps_subnormals,
-                                ieee_division=facts.ieee_division)[0]
+    return operand.gemm_operand(x, spec, f.axis, key, ieee_subnormals=facts.keeps_subnormals)[0]
 
   fn = jax.jit(fn)
   x = jax.random.normal(jax.random.key(2), (f.n, f.n), jnp.bfloat16)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp4jax import bits, dispatch
+from fp4jax import bits
 from conftest import bits_equal_or_both_nan
 
 
@@ -120,44 +120,3 @@ def test_div_is_exact_with_an_approximate_hardware_quotient(rng, monkeypatch, re
   out = np.asarray(jax.jit(bits.div_f32)(a, b))
   ok = bits_equal_or_both_nan(out, expected)
   assert ok.all(), f"{(~ok).sum()} quotients differ from IEEE with a {rel_error:+.2e} estimate"
-
-
-def test_div_f32_native_is_ieee_where_the_device_says_so(rng):
-  # Where DeviceFacts.ieee_division holds (XLA:GPU) the backend's division must equal IEEE
-  # on every class of operand; XLA:CPU flushes subnormals, so there only normal operands
-  # with normal (or zero, infinite, NaN) quotients are compared.
-  a, b = _adversarial_f32(rng, 50_000), _adversarial_f32(rng, 50_000)[::-1].copy()
-  with np.errstate(all="ignore"):
-    expected = a / b
-  out = np.asarray(jax.jit(bits.div_f32_native)(a, b))
-  ok = bits_equal_or_both_nan(out, expected)
-  if not dispatch.device_facts().ieee_division:
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    sub = lambda v: (v != 0) & (np.abs(v) < tiny)
-    ok |= sub(a) | sub(b) | sub(expected)
-  assert ok.all(), f"{(~ok).sum()} mismatches, first: {a[~ok][:3]} / {b[~ok][:3]} -> " \
-                   f"{out[~ok][:3]}, expected {expected[~ok][:3]}"
-
-
-def test_div_f32_native_is_not_rewritten_as_a_reciprocal_multiply(rng):
-  # XLA rewrites `x / 6` and `x / broadcast(t)` (t computed) as multiplies by reciprocals
-  # and `(a/b)/c` as `a/(b c)`: the chain NVFP4's block scales divide by, on normal data
-  # (exact on every backend), must still round each quotient once.
-  x = (np.abs(rng.standard_normal((256, 16))) * 7.3 + 0.1).astype(np.float32)
-
-  def chain(x):
-    t = jnp.max(x) * np.float32(0.37)
-    block = bits.div_f32_native(bits.div_f32_native(x, np.float32(6.0)), t)
-    return block, bits.div_f32_native(bits.div_f32(np.float32(1.0), t), block)
-
-  block, recip = jax.jit(chain)(jnp.asarray(x))
-  t = np.float32(np.max(x) * np.float32(0.37))
-  want_block = (x / np.float32(6.0)) / t
-  want_recip = (np.float32(1.0) / t) / want_block
-  np.testing.assert_array_equal(np.asarray(block).view(np.uint32), want_block.view(np.uint32))
-  np.testing.assert_array_equal(np.asarray(recip).view(np.uint32), want_recip.view(np.uint32))
-  # The same chain with plain `/` is what XLA rewrites (this documents why the barrier is
-  # there; if XLA stops rewriting, div_f32_native could become a plain division).
-  plain = jax.jit(lambda x: (x / np.float32(6.0)) / (jnp.max(x) * np.float32(0.37)))(
-      jnp.asarray(x))
-  assert (np.asarray(plain).view(np.uint32) != want_block.view(np.uint32)).any()

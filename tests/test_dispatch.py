@@ -159,3 +159,17 @@ def test_choose_weight_only(facts, policy, shape, n, dtype, want, why):
   if why == "no tile divides" and policy == "pallas":
     with pytest.raises(ValueError, match="impl='pallas': no tile divides"):
       dispatch.choose_weight_only(shape, w, policy, facts=facts)
+
+
+def test_hadamard_method_override_applies_inside_only():
+  facts = dispatch.device_facts()
+  before = facts.hadamard_method
+  with dispatch.hadamard_method("dot_bf16"):
+    assert dispatch.device_facts().hadamard_method == "dot_bf16"
+    with dispatch.hadamard_method("butterfly"):
+      assert facts.hadamard_method == "butterfly"
+    assert facts.hadamard_method == "dot_bf16"
+  assert facts.hadamard_method == before
+  with pytest.raises(ValueError, match="method must be one of"):
+    with dispatch.hadamard_method("fft"):
+      pass

@@ -114,25 +114,46 @@ def test_bf16_in_bf16_out():
   np.testing.assert_array_equal(np.asarray(y[1:], np.float32), 0.0)
 
 
+@pytest.mark.parametrize("method", ["dot", "dot_bf16"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_dot_method_matches_matrix_product(axis, dtype, rng):
+def test_dot_method_matches_matrix_product(axis, dtype, method, rng):
   x = jnp.asarray(rng.standard_normal((32, 64, 32)), dtype)
   for key in (None, jax.random.key(6)):
     for transpose in (False, True):
       for block in (16, 32):
-        got = hadamard.rht(x, axis, key, block, transpose, method="dot", dtype=jnp.float32)
+        got = hadamard.rht(x, axis, key, block, transpose, method=method, dtype=jnp.float32)
         assert got.dtype == jnp.float32
         want = hadamard.rht_reference(x.astype(jnp.float32), axis, key, block, transpose)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_dot_method_same_bits_for_bf16_and_its_f32_copy(rng):
-  x = jnp.asarray(rng.standard_normal((64, 48)), jnp.bfloat16)
+@pytest.mark.parametrize("method", ["dot", "dot_bf16"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_dot_method_same_bits_for_bf16_and_its_f32_copy(method, axis, rng):
+  # The reference quantizes float32 copies of tensors the fused path keeps in bfloat16;
+  # zero segments (sums of signed zeros) included.
+  v = rng.standard_normal((64, 48)) * np.exp2(rng.integers(-30, 30, (64, 48)))
+  v[:16, :4] = 0.0
+  v[16:32, 4] = -0.0
+  x = jnp.asarray(v, jnp.bfloat16)
   k = jax.random.key(7)
-  a = hadamard.rht(x, 0, k, 16, method="dot", dtype=jnp.float32)
-  b = hadamard.rht(x.astype(jnp.float32), 0, k, 16, method="dot")
+  fn = jax.jit(lambda x: hadamard.rht(x, axis, k, 16, method=method, dtype=jnp.float32))
+  a, b = fn(x), fn(x.astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def test_bf16_pieces_sum_to_x_exactly(rng):
+  # |x| in [2^-102, 2^128): every bit of x at least 2^-125, where the pieces are exact.
+  x = (rng.choice([-1.0, 1.0], 20_000) * rng.uniform(1.0, 2.0, 20_000)
+       * np.exp2(rng.integers(-102, 128, 20_000))).astype(np.float32)
+  x[:6] = [0.0, -0.0, np.inf, -np.inf, np.finfo(np.float32).max, -np.finfo(np.float32).tiny]
+  hi, mid, lo = (np.asarray(p.astype(jnp.float32)) for p in hadamard.bf16_pieces(jnp.asarray(x)))
+  total = (hi + mid) + lo
+  np.testing.assert_array_equal(total.view(np.uint32)[2:], x.view(np.uint32)[2:])
+  assert (total[:2] == 0).all()
+  nan = hadamard.bf16_pieces(jnp.asarray([np.nan], np.float32))
+  assert np.isnan(float(nan[0][0])) and float(nan[1][0]) == float(nan[2][0]) == 0.0
 
 
 def test_reference_and_entries_refuse_bad_blocks():
@@ -151,9 +172,10 @@ def test_bad_method_and_block():
     hadamard.rht(jnp.ones((12, 4)), 0, None, 12)
 
 
+@pytest.mark.parametrize("method", ["dot", "dot_bf16"])
 @pytest.mark.parametrize("block", [2, 4, 8, 16, 32, 64, 128, 256])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_dot_method_exact_on_one_nonzero_per_segment(block, transpose, rng):
+def test_dot_method_exact_on_one_nonzero_per_segment(block, transpose, method, rng):
   # One nonzero per segment: no summation rounding, so dot and butterfly must agree bit
   # for bit (an inexact +-1 in the dot's matrix would show here).
   n = 4 * block
@@ -163,6 +185,6 @@ def test_dot_method_exact_on_one_nonzero_per_segment(block, transpose, rng):
   k = jax.random.key(8)
   for axis in (0, 1):
     xa = jnp.asarray(x if axis == 0 else np.ascontiguousarray(x.T))
-    a = hadamard.rht(xa, axis, k, block, transpose, method="dot")
+    a = hadamard.rht(xa, axis, k, block, transpose, method=method)
     b = hadamard.rht(xa, axis, k, block, transpose)
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))

@@ -46,7 +46,6 @@ def _wide(shape, seed, dtype, tiny=False):
 
 
 KEEPS_SUBNORMALS = dispatch.device_facts().keeps_subnormals
-IEEE_DIVISION = dispatch.device_facts().ieee_division
 SPECS = [("mxfp4", m) for m in ("floor", "ceil", "even", "rceil")] + [
     ("nvfp4", "amax"), ("nvfp4_2d", "amax")]
 
@@ -68,15 +67,12 @@ def test_gemm_operand_equals_reference(spec_mode, rounding, axis, data):
     x = _wide(shape, 3, jnp.bfloat16 if data == "wide_bf16" else jnp.float32,
               tiny=data == "tiny_f32")
   key = jax.random.key(7)
-  # The IEEE variant (one multiply, hardware divisions) is exact only where the backend
-  # keeps subnormals and divides correctly (XLA:GPU); on XLA:CPU it is checked on normal
-  # data below.
+  # The IEEE variant (one multiply) is exact only where the backend keeps subnormals
+  # (XLA:GPU); on XLA:CPU it is checked on normal data below.
   for dtype, ieee in [(jnp.bfloat16, False), (jnp.float32, False)] + (
-      [(jnp.bfloat16, True), (jnp.float32, True)] if KEEPS_SUBNORMALS and IEEE_DIVISION
-      else []):
+      [(jnp.bfloat16, True), (jnp.float32, True)] if KEEPS_SUBNORMALS else []):
     got, t = jax.jit(lambda x: operand.gemm_operand(x, sp, axis, key, dtype=dtype,
-                                                    ieee_subnormals=ieee,
-                                                    ieee_division=ieee))(x)
+                                                    ieee_subnormals=ieee))(x)
     ref, tr = jax.jit(lambda x: operand.gemm_operand_reference(x, sp, axis, key,
                                                                dtype=dtype))(x)
     assert got.dtype == ref.dtype == dtype and got.shape == x.shape
@@ -144,8 +140,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_ieee_variant_equals_reference_on_normal_data(name, mode, rounding):
   # Normal inputs whose blocks have scales >= 2^-126: no subnormal operand or result for
-  # a flushing backend to touch, so the one-multiply variant, with the hardware's
-  # per-block divisions, is exact on CPU too.
+  # a flushing backend to touch, so the one-multiply variant is exact on CPU too.
   sp = get_spec(name).replace(scale_mode=mode, rounding=rounding)
   rng = np.random.default_rng(9)
   x = (rng.standard_normal((64, 128)) * np.exp2(rng.integers(-20, 20, (64, 128))))
@@ -153,7 +148,6 @@ def test_ieee_variant_equals_reference_on_normal_data(name, mode, rounding):
   x = jnp.asarray(x.astype(np.float32))
   key = jax.random.key(2)
   for axis in (-1, -2):
-    got, _ = jax.jit(lambda x: operand.gemm_operand(x, sp, axis, key, ieee_subnormals=True,
-                                                    ieee_division=True))(x)
+    got, _ = operand.gemm_operand(x, sp, axis, key, ieee_subnormals=True)
     ref, _ = operand.gemm_operand_reference(x, sp, axis, key)
     np.testing.assert_array_equal(_u(got), _u(ref))

@@ -42,11 +42,12 @@ def test_fused_matches_reference_forward_and_gradients(recipe, tokens, rng, capl
                                  err_msg=f"{recipe}: {name}")
 
 
+@pytest.mark.parametrize("method", ["dot", "dot_bf16"])
 @pytest.mark.parametrize("recipe", ["nvfp4", "quartet"])
-def test_fused_matches_reference_with_the_dot_hadamard(recipe, rng, monkeypatch):
-  # The GPU's Hadamard method (one GEMM, its own summation order) runs in both paths, so
-  # their operands still agree: CPU runs it here to check the plumbing.
-  monkeypatch.setattr(DeviceFacts, "hadamard_method", property(lambda self: "dot"))
+def test_fused_matches_reference_with_the_dot_hadamard(recipe, method, rng, monkeypatch):
+  # The GPU's Hadamard methods (GEMMs, their own summation order) run in both paths, so
+  # their operands still agree: CPU runs them here to check the plumbing.
+  monkeypatch.setattr(DeviceFacts, "hadamard_method", property(lambda self: method))
   x = jnp.asarray(rng.standard_normal((2, 48, 64)).astype(np.float32))
   w = jnp.asarray(rng.standard_normal((64, 96)).astype(np.float32) * 0.1)
   c = jnp.asarray(rng.standard_normal((2, 48, 96)).astype(np.float32))
@@ -60,7 +61,7 @@ def test_fused_matches_reference_with_the_dot_hadamard(recipe, rng, monkeypatch)
     np.testing.assert_allclose(u, v, rtol=0, atol=atol, err_msg=f"{recipe}: {name}")
   # ... and the dot method did run: its GEMMs are in the step (two per transform).
   dots = str(jax.make_jaxpr(_loss(recipe, key, c, "fused"))(x, w)).count("dot_general")
-  monkeypatch.undo()
+  monkeypatch.setattr(DeviceFacts, "hadamard_method", property(lambda self: "butterfly"))
   base = str(jax.make_jaxpr(_loss(recipe, key, c, "fused"))(x, w)).count("dot_general")
   assert dots > base, (dots, base)
 

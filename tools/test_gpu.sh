@@ -31,7 +31,7 @@ GPU_FILES=(
   tests/test_kernels_weight_only.py tests/test_lab_inkernel_matmul.py tests/test_dispatch.py
   tests/test_quantization.py tests/test_qdot.py tests/test_qconv.py tests/test_linen.py
   tests/test_nnx.py tests/test_operand.py tests/test_qdot_fused.py tests/test_kernels_operand.py
-  tests/test_qragged.py tests/test_moe.py
+  tests/test_qragged.py tests/test_moe.py tests/test_hadamard.py
 )
 if [ -n "${GPU_TESTS:-}" ]; then read -r -a GPU_FILES <<< "$GPU_TESTS"; fi
 # fp4jax.distributed builds 8-device meshes: on a one-GPU machine they are 8 host CPU
