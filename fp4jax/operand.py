@@ -16,7 +16,8 @@ element math and its consumer, and a few integer operations per element:
 * block maxima on ``|x|`` bit patterns and the scales from :mod:`fp4jax.scales` (the
   reference's own functions, per block);
 * ``y = |x| * m`` with ``m = 2^-s`` (power-of-two scales) or ``m = (1/t)/s`` (float
-  scales) as one float32 multiply. That is the IEEE product of the reference
+  scales; UE4M3 ones and their ``(1/t)/s`` from per-tensor tables,
+  :func:`fp4jax.scales.ue4m3_tables`) as one float32 multiply. That is the IEEE product of the reference
   (:func:`fp4jax.bits.mul_f32`) whenever it is normal, and a product below ``2^-126``
   has code 0 in the reference under either rounding (nearest: it is far below 0.25;
   stochastic: the reference's 32 random bits cannot reach below ``2^-33``), so it does
@@ -184,7 +185,8 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
                              spec, tensor_scale)
   # Per block, materialised (as the reference does): the element fusion reads one
   # multiplier and one scale per block instead of repeating the block math per element.
-  factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts))
+  factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts,
+                                                       derived_ts=tensor_scale is None))
   expand = lambda v: None if v is None else blocks.expand(v, ext, x.shape)
   out = element_value_bits(b, BlockFactors(*(expand(f) for f in factors)), spec, rbits,
                            ieee_subnormals)
@@ -201,17 +203,19 @@ class BlockFactors(NamedTuple):
   nan_block: jax.Array | None = None  # power-of-two scales: the NaN scale code
 
 
-def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None) -> BlockFactors:
+def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
+                  derived_ts: bool = True) -> BlockFactors:
   """:class:`BlockFactors` from block maxima (uint32 bits of ``max |x|`` per block) and
   the tensor scale ``ts`` (two-level specs; else None), with the scale functions of
   :mod:`fp4jax.scales` (the reference's; UE4M3 scales rounded by
   :func:`fp4jax.scales.float_block_scale_and_code`'s integer add, equal to the general
   rounding bit for bit).
 
-  The divisions stay :func:`fp4jax.bits.div_f32`'s integer steps. XLA:GPU's own float32
-  ``/`` here made NVFP4 operands 1.6x faster on the H200 but not exact: one value in each
-  of two of ``kernels.bench_operand``'s checks was a grid step off (``kernels/NOTES.md``,
-  "NVFP4 operands")."""
+  UE4M3 scales under a tensor scale made from the tensor's amax (``derived_ts``; an
+  explicit one takes the general path) or under none come from per-tensor tables
+  (:func:`fp4jax.scales.ue4m3_tables`: no division per block, equal bit for bit); other
+  float scales from :func:`fp4jax.bits.div_f32`'s exact divisions. (XLA:GPU's own float32
+  ``/`` is not correctly rounded: ``kernels/NOTES.md``, "NVFP4 operands".)"""
   elem, sfmt = spec.element, spec.scale_format
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
@@ -222,6 +226,9 @@ def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None) -> Blo
     # The scale 2^s as a float (subnormal for s = -127), NaN for a NaN block.
     scale = bits.bits_f32(jnp.where(nan_block, U32(bits.F32_NAN_BITS), _pow2_bits(shift)))
     return BlockFactors(mult, scale, shift, nan_block)
+  if scales.is_e4m3fn(sfmt) and (ts is None or derived_ts):
+    scale, _, recip = scales.ue4m3_from_tables(amax, scales.ue4m3_tables(elem, ts), sfmt, ts)
+    return BlockFactors(recip, scale)
   if scales.is_e4m3fn(sfmt):
     scale, _ = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
   else:

@@ -47,6 +47,7 @@ the direction of NVIDIA Transformer Engine, which keeps its encode scale finite:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,128 @@ def float_block_scale_and_code(amax_bits: jax.Array, element: ElementFormat,
   code = jnp.where(nan, U32(scale_format.element.nan_code), code)
   s = jnp.where(nan, bits.bits_f32(np.uint32(bits.F32_NAN_BITS)), s)
   return s, code
+
+
+# ------------------------------------------------- UE4M3 block scales from per-tensor tables
+#
+# The code of a UE4M3 block scale, E4M3(clip(((amax / emax) / t))), is a non-decreasing
+# step function of the block's amax (each of its steps is monotone), with at most 127
+# steps. So instead of two exact software divisions per block, the thresholds where the
+# code steps up are found once per tensor (118 of them, with exact divisions), and a
+# block's code is an approximate code corrected by comparing its amax with the two
+# thresholds around it; ``(1/t)/s`` is a 128-entry table over the codes. Bit for bit the
+# reference's (tested over amaxes at and around every threshold, many t).
+
+_E4M3_VALUE_BIAS = (127 - 7) << 3   # float32 bits of an E4M3 normal value: (code + this) << 20
+_E4M3_MIN_CODE, _E4M3_MAX_CODE = 8, 126  # 2^-6 and 448: the clipped scale's range
+_THRESHOLD_WINDOW = 3  # ulps each side of an approximate threshold (2 suffice; see below)
+
+
+def _e4m3_round_up_bounds() -> np.ndarray:
+  """uint32 float32 bits ``B[c]``, c = 9..126: the smallest float32 whose E4M3 rounding
+  (:func:`e4m3_round_normal_bits`) is code ``c`` or above (a constant)."""
+  out = []
+  for c in range(_E4M3_MIN_CODE + 1, _E4M3_MAX_CODE + 1):
+    r = c + _E4M3_VALUE_BIAS
+    b = ((r - 1) << 20) + 0x80000            # the midpoint between codes c - 1 and c
+    rounded = (b + 0x7FFFF + ((b >> 20) & 1)) >> 20
+    out.append(b if rounded >= r else b + 1)  # the tie goes to the even code
+  return np.asarray(out, np.uint32)
+
+
+_E4M3_BOUNDS = _e4m3_round_up_bounds()
+
+
+def _least_passing(approx: jax.Array, passes) -> jax.Array:
+  """The smallest nonnegative float32 (uint32 bits) in ``approx +- _THRESHOLD_WINDOW``
+  ulps (clamped to [0, Inf]) for which the monotone predicate ``passes`` holds, per lane;
+  ``approx`` is within two ulps of the true least such float (so it is in the window)."""
+  d = jnp.arange(-_THRESHOLD_WINDOW, _THRESHOLD_WINDOW + 1, dtype=jnp.int32)
+  cand = jnp.clip(approx.astype(jnp.int32)[:, None] + d[None, :], 0,
+                  bits.F32_INF_BITS).astype(U32)
+  ok = passes(cand)
+  # The window is increasing and the predicate monotone: the first passing candidate.
+  return jnp.min(jnp.where(ok, cand, U32(bits.F32_INF_BITS)), axis=1)
+
+
+class UE4M3Tables(NamedTuple):
+  """Per-tensor tables of :func:`ue4m3_tables` (indexed by the E4M3 code, 0..127)."""
+
+  thresholds: jax.Array  # uint32 amax bits: the smallest amax whose code is >= c
+  recips: jax.Array      # float32 (1/t)/s(c), or 1/s(c) for one-level scales
+  inv_divisor: jax.Array  # float32 ~1/(emax t): the approximate code's multiplier
+
+
+def ue4m3_tables(element: ElementFormat, tensor_scale: jax.Array | None) -> UE4M3Tables:
+  """The tables that give :func:`float_block_scale_and_code` for UE4M3 (E4M3, clamped to
+  [2^-6, 448]) block scales without per-block divisions (:func:`ue4m3_from_tables`).
+
+  ``tensor_scale``: NVFP4's FP32 ``t`` as :func:`tensor_scale_from_amax` makes it (a
+  positive normal, or NaN / +Inf for a tensor holding NaN / Inf, which
+  :func:`ue4m3_from_tables` handles apart), or None (one level: ``amax / emax``).
+
+  Why each threshold is within the window: with ``q(A) = fl(fl(A/e)/t)``, code ``>= c``
+  iff ``q(A) >= B[c]`` (the code's rounding bound, clipping cannot cross it), iff
+  ``fl(A/e) >= Y`` with ``Y`` the least float32 with ``fl(Y/t) >= B[c]``, the float32
+  ceiling of ``B[c]^- t`` (``B[c]^-`` the real lower end of ``B[c]``'s rounding interval,
+  ``B[c] (1 - 2^-24)`` or above): within two ulps of ``fl(B[c] t)``; then likewise
+  ``A >= T`` with ``T`` within two ulps of ``fl(e Y)``. Products stay normal and finite
+  for ``t`` in [2^-120, f32max / 2688]."""
+  emax = np.float32(element.max_value)
+  bounds = jnp.asarray(_E4M3_BOUNDS)
+  one = np.float32(1.0)
+  if tensor_scale is None:
+    y = bounds
+    inv = np.float32(1.0 / element.max_value)
+  else:
+    t = jnp.asarray(tensor_scale, jnp.float32)
+    y = _least_passing(bits.f32_bits(bits.bits_f32(bounds) * t),
+                       lambda c: bits.f32_bits(bits.div_f32(bits.bits_f32(c), t)) >= bounds[:, None])
+    inv = one / (emax * t)
+  thr = _least_passing(bits.f32_bits(bits.bits_f32(y) * emax),
+                       lambda c: bits.f32_bits(bits.div_f32(bits.bits_f32(c), emax)) >= y[:, None])
+  # Codes 0..8: any amax (the clip's floor); code 127 (NaN) never by threshold.
+  thresholds = jnp.concatenate([jnp.zeros((_E4M3_MIN_CODE + 1,), U32), thr,
+                                jnp.full((1,), bits.F32_INF_BITS + 1, U32)])
+  codes = jnp.clip(jnp.arange(128, dtype=U32), _E4M3_MIN_CODE, _E4M3_MAX_CODE)
+  values = bits.bits_f32((codes + U32(_E4M3_VALUE_BIAS)) << 20)
+  if tensor_scale is None:
+    recips = bits.div_f32(one, values)
+  else:
+    recips = bits.div_f32(bits.div_f32(one, t), values)
+  return UE4M3Tables(thresholds, recips, jnp.asarray(inv, jnp.float32))
+
+
+def ue4m3_from_tables(amax_bits: jax.Array, tables: UE4M3Tables, scale_format: ScaleFormat,
+                      tensor_scale: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(scale, code, recip)`` per block, bit for bit :func:`float_block_scale_and_code`'s
+  ``(scale, code)`` and :func:`float_scale_reciprocal`'s ``(1/t)/s``, from block maxima
+  and :func:`ue4m3_tables` (of the same ``tensor_scale``): an approximate code from one
+  multiply (within one code of the true one), corrected by the two thresholds around it."""
+  a = amax_bits.astype(U32)
+  nan = a > U32(bits.F32_INF_BITS)
+  q = bits.bits_f32(jnp.minimum(a, U32(bits.F32_INF_BITS))) * tables.inv_divisor
+  lo = bits.abs_bits(bits.f32_bits(np.float32(scale_format.min_normal)))
+  hi = bits.abs_bits(bits.f32_bits(np.float32(scale_format.max_value)))
+  _, c0 = e4m3_round_normal_bits(jnp.clip(bits.f32_bits(q), lo, hi).astype(U32))
+  c0 = c0.astype(I32)
+  code = (c0 - (a < tables.thresholds[c0]).astype(I32)
+          + (a >= tables.thresholds[c0 + 1]).astype(I32))
+  recip = tables.recips[code]
+  code = code.astype(U32)
+  if tensor_scale is not None:
+    # A tensor holding NaN has t = NaN (every scale NaN); one holding Inf has t = +Inf:
+    # (amax/6)/Inf = 0 clips to the smallest scale, Inf/Inf is NaN, (1/Inf)/s = 0.
+    tb = bits.abs_bits(bits.f32_bits(jnp.asarray(tensor_scale, jnp.float32)))
+    t_inf, t_nan = tb == U32(bits.F32_INF_BITS), tb > U32(bits.F32_INF_BITS)
+    nan = nan | t_nan | (t_inf & (a == U32(bits.F32_INF_BITS)))
+    code = jnp.where(t_inf, U32(_E4M3_MIN_CODE), code)
+    recip = jnp.where(t_inf, jnp.float32(0.0), recip)
+  scale = bits.bits_f32((code + U32(_E4M3_VALUE_BIAS)) << 20)
+  code = jnp.where(nan, U32(scale_format.element.nan_code), code)
+  f32_nan = bits.bits_f32(np.uint32(bits.F32_NAN_BITS))
+  return jnp.where(nan, f32_nan, scale), code, jnp.where(nan, f32_nan, recip)
 
 
 def encode_float_scale(scale: jax.Array, scale_format: ScaleFormat) -> jax.Array:

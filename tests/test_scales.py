@@ -158,3 +158,57 @@ def test_block_scale_and_code_equals_the_general_path(rng, sfmt, two_level):
   code_ref = fp4jax.rounding.encode(bits.split_f32(bits.f32_bits(s_ref)), scale_format.element)
   assert (np.asarray(code) == np.asarray(code_ref)).all(), "scale codes differ"
   assert bits_equal_or_both_nan(np.asarray(s), np.asarray(s_ref)).all(), "scale values differ"
+
+
+def _scale_code_recip_bits(out):
+  s, c, r = (np.asarray(v) for v in out)
+  return s.view(np.uint32), c.astype(np.uint32), r.view(np.uint32)
+
+
+_NV = fp4jax.get_spec("nvfp4")
+_REF_UE4M3 = jax.jit(lambda a, t: (lambda s, c: (s, c, scales.float_scale_reciprocal(s, t)))(
+    *scales.float_block_scale_and_code(a, _NV.element, _NV.scale_format, t)))
+_TABLES = jax.jit(lambda t: scales.ue4m3_tables(_NV.element, t))
+_FROM_TABLES = jax.jit(lambda a, tab, t: scales.ue4m3_from_tables(a, tab, _NV.scale_format, t))
+
+
+def _amaxes_around_thresholds(rng, thresholds):
+  """Random amax bits, every threshold and its two neighbours each side, and the edges
+  (0, the smallest subnormal, the largest finite, Inf, NaN)."""
+  thr = np.clip(np.asarray(thresholds)[9:127].astype(np.int64), 0, 0x7F800000)
+  near = (thr[None, :] + np.arange(-2, 3)[:, None]).ravel()
+  a = np.concatenate([rng.integers(0, 0x7F800000, 2000), near,
+                      [0, 1, 0x7F7FFFFF, 0x7F800000, 0x7FC00000]])
+  return np.clip(a, 0, 0x7FC00000).astype(np.uint32)
+
+
+def test_ue4m3_tables_equal_the_divisions_for_every_tensor_scale(rng):
+  # t as tensor_scale_from_amax makes it: [2^-120, f32max / 2688], NaN, +Inf.
+  ts = list(np.exp2(rng.uniform(-120, 116, 24)).astype(np.float32)) + [
+      np.float32(2.0 ** -120), np.float32(1.0), np.float32(1 / 2688),
+      np.float32(np.finfo(np.float32).max / 2688), np.float32(np.nan), np.float32(np.inf)]
+  for t in ts:
+    tab = _TABLES(t)
+    a = _amaxes_around_thresholds(rng, tab.thresholds)
+    want = _scale_code_recip_bits(_REF_UE4M3(a, t))
+    got = _scale_code_recip_bits(_FROM_TABLES(a, tab, t))
+    for name, u, v in zip(("scale", "code", "recip"), want, got):
+      bad = u != v
+      assert not bad.any(), f"t={t!r} {name}: {bad.sum()} differ, e.g. amax bits {a[bad][:3]}"
+
+
+def test_ue4m3_tables_one_level_and_thresholds_step_by_one_code(rng):
+  a = np.concatenate([rng.integers(0, 0x7FC00001, 20000), [0, 1, 0x7F800000]]).astype(np.uint32)
+  tab = scales.ue4m3_tables(_NV.element, None)
+  s, c, r = jax.jit(lambda a: scales.ue4m3_from_tables(a, tab, _NV.scale_format))(a)
+  s_ref, c_ref = scales.float_block_scale_and_code(a, _NV.element, _NV.scale_format)
+  np.testing.assert_array_equal(np.asarray(s).view(np.uint32), np.asarray(s_ref).view(np.uint32))
+  np.testing.assert_array_equal(np.asarray(c), np.asarray(c_ref))
+  np.testing.assert_array_equal(np.asarray(r).view(np.uint32),
+                                np.asarray(scales.float_scale_reciprocal(s_ref)).view(np.uint32))
+  # At each threshold the code steps from c - 1 to c.
+  thr = np.asarray(tab.thresholds)[9:127]
+  _, below, _ = scales.ue4m3_from_tables(jnp.asarray(thr - 1), tab, _NV.scale_format)
+  _, at, _ = scales.ue4m3_from_tables(jnp.asarray(thr), tab, _NV.scale_format)
+  np.testing.assert_array_equal(np.asarray(at), np.arange(9, 127))
+  np.testing.assert_array_equal(np.asarray(below), np.arange(8, 126))
