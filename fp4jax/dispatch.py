@@ -98,8 +98,8 @@ class DeviceFacts:
     """How :func:`fp4jax.hadamard.rht` runs the recipes' random Hadamard transforms here
     (every path of one device uses the same, so reference and fused operands agree bit for
     bit): ``"dot_bf16"`` on a GPU, where XLA materialises each level of a butterfly along
-    the tokens and one GEMM reads the operand once, on BF16 tensor cores rather than as a
-    float32 GEMM (``kernels.bench_hadamard``, ``kernels.bench_step --hadamard_methods``),
+    the tokens and a GEMM reads the operand in place, on BF16 tensor cores (one GEMM for a
+    bfloat16 operand, three for a float32 one) rather than as a float32 GEMM (``kernels.bench_hadamard``, ``kernels.bench_step --hadamard_methods``),
     else ``"butterfly"`` (a fixed summation order). :func:`hadamard_method` overrides it."""
     override = _HADAMARD_METHOD.get()
     if override is not None:

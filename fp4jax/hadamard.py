@@ -86,8 +86,9 @@ def rht(x: jax.Array, axis: int, key: jax.Array | None, block: int = 16,
     any other ``x`` (as float32) split exactly into three bfloat16 pieces ``x = hi + mid +
     lo`` (:func:`bf16_pieces`) and ``((hi H + mid H) + lo H)``, each GEMM accumulating in
     float32. Every product is exact (the entries are +-1), so this is the float32
-    transform again, up to the GEMMs' summation order, at a third (or less) of the float32
-    GEMM's tensor-core work. A bfloat16 tensor and its float32 copy give the same bits: the
+    transform again up to rounding: for a bfloat16 input the GEMM's float32 summation, for
+    a float32 one three such sums and two additions (3 x block terms, three roundings) -
+    at a third (or less) of the float32 GEMM's tensor-core work. A bfloat16 tensor and its float32 copy give the same bits: the
     copy's ``mid`` and ``lo`` are zero and add exact zeros (zero results are +0 in both).
 
   The axis length must be a multiple of ``block`` (a power of two). Returns ``dtype``
@@ -133,10 +134,12 @@ def bf16_pieces(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   ``hi`` is ``x`` truncated to bfloat16 (8 significant bits), so ``x - hi`` is exact in
   float32 and has at most 16 significant bits; ``mid`` truncates that and ``lo`` is the
   rest (at most 8 bits: exact in bfloat16). Exact for finite ``|x| >= 2^-102``; below, a
-  subnormal remainder can lose bits under 2^-133 in ``lo``. An infinite or NaN ``x`` is
-  all in ``hi`` (``mid = lo = 0``)."""
+  subnormal remainder can lose bits under 2^-133 in ``lo`` (and a backend that flushes
+  subnormals, XLA:CPU, drops a subnormal remainder altogether). An infinite or NaN ``x``
+  is all in ``hi`` (``mid = lo = 0``; a NaN stays NaN whatever its payload bits)."""
   x = x.astype(jnp.float32)
-  hi = _truncate_bf16(x)
+  # A NaN whose payload is in the low 16 bits alone would truncate to +-Inf.
+  hi = jnp.where(jnp.isnan(x), jnp.bfloat16(jnp.nan), _truncate_bf16(x))
   rest = jnp.where(jnp.isfinite(x), x - hi.astype(jnp.float32), jnp.float32(0.0))
   mid = _truncate_bf16(rest)
   lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)

@@ -14,10 +14,10 @@ with the tensor scale left out), with no packing, no optimization barrier betwee
 element math and its consumer, and a few integer operations per element:
 
 * block maxima on ``|x|`` bit patterns and the scales from :mod:`fp4jax.scales` (the
-  reference's own functions, per block);
+  reference's own functions per block; UE4M3 scales and their ``(1/t)/s`` from
+  per-tensor tables, :func:`fp4jax.scales.ue4m3_tables`, equal bit for bit);
 * ``y = |x| * m`` with ``m = 2^-s`` (power-of-two scales) or ``m = (1/t)/s`` (float
-  scales; UE4M3 ones and their ``(1/t)/s`` from per-tensor tables,
-  :func:`fp4jax.scales.ue4m3_tables`) as one float32 multiply. That is the IEEE product of the reference
+  scales) as one float32 multiply. That is the IEEE product of the reference
   (:func:`fp4jax.bits.mul_f32`) whenever it is normal, and a product below ``2^-126``
   has code 0 in the reference under either rounding (nearest: it is far below 0.25;
   stochastic: the reference's 32 random bits cannot reach below ``2^-33``), so it does
@@ -204,15 +204,15 @@ class BlockFactors(NamedTuple):
 
 
 def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
-                  derived_ts: bool = True) -> BlockFactors:
+                  derived_ts: bool = False) -> BlockFactors:
   """:class:`BlockFactors` from block maxima (uint32 bits of ``max |x|`` per block) and
   the tensor scale ``ts`` (two-level specs; else None), with the scale functions of
-  :mod:`fp4jax.scales` (the reference's; UE4M3 scales rounded by
-  :func:`fp4jax.scales.float_block_scale_and_code`'s integer add, equal to the general
-  rounding bit for bit).
+  :mod:`fp4jax.scales` (power-of-two scales: the reference's, per block).
 
-  UE4M3 scales under a tensor scale made from the tensor's amax (``derived_ts``; an
-  explicit one takes the general path) or under none come from per-tensor tables
+  UE4M3 scales under a tensor scale made from the tensor's amax by
+  :func:`fp4jax.scales.tensor_scale_from_amax` (``derived_ts=True``: the tables are exact
+  only for the scales it makes, in [2^-120, f32max/2688], NaN, +Inf; an explicit one takes
+  the general path) or under none come from per-tensor tables
   (:func:`fp4jax.scales.ue4m3_tables`: no division per block, equal bit for bit); other
   float scales from :func:`fp4jax.bits.div_f32`'s exact divisions. (XLA:GPU's own float32
   ``/`` is not correctly rounded: ``kernels/NOTES.md``, "NVFP4 operands".)"""

@@ -298,7 +298,7 @@ def ue4m3_from_tables(amax_bits: jax.Array, tables: UE4M3Tables, scale_format: S
   ``(scale, code)`` and :func:`float_scale_reciprocal`'s ``(1/t)/s``, from block maxima
   and :func:`ue4m3_tables` (of the same ``tensor_scale``): an approximate code from one
   multiply (within one code of the true one), corrected by the two thresholds around it."""
-  a = amax_bits.astype(U32)
+  a = amax_bits.astype(U32) & U32(bits.ABS_MASK)  # magnitudes, as the reference reads them
   nan = a > U32(bits.F32_INF_BITS)
   q = bits.bits_f32(jnp.minimum(a, U32(bits.F32_INF_BITS))) * tables.inv_divisor
   lo = bits.abs_bits(bits.f32_bits(np.float32(scale_format.min_normal)))

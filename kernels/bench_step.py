@@ -179,6 +179,11 @@ def _git_commit() -> str:
     return ""
 
 
+def _has_hadamard(recipe: str) -> bool:
+  r = fp4jax.recipes.get(recipe)
+  return any(h is not None for h in (r.hadamard_fwd, r.hadamard_dgrad, r.hadamard_wgrad))
+
+
 def _rows(recipes, impls, naive):
   rows = [("bf16", None)]
   if naive:
@@ -227,7 +232,7 @@ def main(argv):
     base = None
     rows = list(_rows(FLAGS.recipes, FLAGS.impls, FLAGS.naive))
     rows += [(f"{label}+{m}", recipe) for m in FLAGS.hadamard_methods
-             for label, recipe in rows if "/" in label]
+             for label, recipe in rows if "/" in label and _has_hadamard(recipe)]
     for label, recipe in rows:
       impl = label.split("/")[1].split("+")[0] if "/" in label else "auto"
       method = label.split("+")[1] if "+" in label else None

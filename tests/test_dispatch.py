@@ -173,3 +173,10 @@ def test_hadamard_method_override_applies_inside_only():
   with pytest.raises(ValueError, match="method must be one of"):
     with dispatch.hadamard_method("fft"):
       pass
+
+
+def test_hadamard_method_by_device():
+  # BF16 tensor-core GEMMs on a GPU (kernels/NOTES.md, "fourth step"), the fixed-order
+  # butterfly elsewhere.
+  assert DeviceFacts("gpu", 9, "NVIDIA H200").hadamard_method == "dot_bf16"
+  assert DeviceFacts("cpu").hadamard_method == "butterfly"

@@ -188,3 +188,12 @@ def test_dot_method_exact_on_one_nonzero_per_segment(block, transpose, method, r
     a = hadamard.rht(xa, axis, k, block, transpose, method=method)
     b = hadamard.rht(xa, axis, k, block, transpose)
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def test_dot_bf16_keeps_a_nan_with_a_low_payload():
+  # A NaN whose payload is only in the low 16 bits must not truncate to Inf in the pieces.
+  x = np.zeros((16, 2), np.uint32)
+  x[0, 0] = 0x7F800001
+  x[3, 1] = 0xFF80FFFF
+  y = hadamard.rht(jnp.asarray(x.view(np.float32)), 0, None, 16, method="dot_bf16")
+  assert np.isnan(np.asarray(y)).all()
