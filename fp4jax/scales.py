@@ -216,6 +216,11 @@ _E4M3_MIN_CODE, _E4M3_MAX_CODE = 8, 126  # 2^-6 and 448: the clipped scale's ran
 _THRESHOLD_WINDOW = 3  # ulps each side of an approximate threshold (2 suffice; see below)
 
 
+def _e4m3_normal_value(code: jax.Array) -> jax.Array:
+  """float32 value of E4M3 normal codes (uint32, 8..126): their bits moved into place."""
+  return bits.bits_f32((code + U32(_E4M3_VALUE_BIAS)) << 20)
+
+
 def _e4m3_round_up_bounds() -> np.ndarray:
   """uint32 float32 bits ``B[c]``, c = 9..126: the smallest float32 whose E4M3 rounding
   (:func:`e4m3_round_normal_bits`) is code ``c`` or above (a constant)."""
@@ -266,6 +271,9 @@ def ue4m3_tables(element: ElementFormat, tensor_scale: jax.Array | None) -> UE4M
   ``B[c] (1 - 2^-24)`` or above): within two ulps of ``fl(B[c] t)``; then likewise
   ``A >= T`` with ``T`` within two ulps of ``fl(e Y)``. Products stay normal and finite
   for ``t`` in [2^-120, f32max / 2688]."""
+  if element.max_value != 6.0:
+    raise ValueError(f"ue4m3_tables: element must be E2M1 (max 6), got {element.name}; "
+                     "other elements take float_block_scale_and_code")
   emax = np.float32(element.max_value)
   bounds = jnp.asarray(_E4M3_BOUNDS)
   one = np.float32(1.0)
@@ -283,7 +291,7 @@ def ue4m3_tables(element: ElementFormat, tensor_scale: jax.Array | None) -> UE4M
   thresholds = jnp.concatenate([jnp.zeros((_E4M3_MIN_CODE + 1,), U32), thr,
                                 jnp.full((1,), bits.F32_INF_BITS + 1, U32)])
   codes = jnp.clip(jnp.arange(128, dtype=U32), _E4M3_MIN_CODE, _E4M3_MAX_CODE)
-  values = bits.bits_f32((codes + U32(_E4M3_VALUE_BIAS)) << 20)
+  values = _e4m3_normal_value(codes)
   if tensor_scale is None:
     recips = bits.div_f32(one, values)
   else:
@@ -298,6 +306,9 @@ def ue4m3_from_tables(amax_bits: jax.Array, tables: UE4M3Tables, scale_format: S
   ``(scale, code)`` and :func:`float_scale_reciprocal`'s ``(1/t)/s``, from block maxima
   and :func:`ue4m3_tables` (of the same ``tensor_scale``): an approximate code from one
   multiply (within one code of the true one), corrected by the two thresholds around it."""
+  if not is_e4m3fn(scale_format):
+    raise ValueError(f"ue4m3_from_tables: scale_format must be UE4M3 (E4M3 'fn'), got "
+                     f"{scale_format.name}; other scale formats take float_block_scale_and_code")
   a = amax_bits.astype(U32) & U32(bits.ABS_MASK)  # magnitudes, as the reference reads them
   nan = a > U32(bits.F32_INF_BITS)
   q = bits.bits_f32(jnp.minimum(a, U32(bits.F32_INF_BITS))) * tables.inv_divisor
@@ -317,7 +328,7 @@ def ue4m3_from_tables(amax_bits: jax.Array, tables: UE4M3Tables, scale_format: S
     nan = nan | t_nan | (t_inf & (a == U32(bits.F32_INF_BITS)))
     code = jnp.where(t_inf, U32(_E4M3_MIN_CODE), code)
     recip = jnp.where(t_inf, jnp.float32(0.0), recip)
-  scale = bits.bits_f32((code + U32(_E4M3_VALUE_BIAS)) << 20)
+  scale = _e4m3_normal_value(code)
   code = jnp.where(nan, U32(scale_format.element.nan_code), code)
   f32_nan = bits.bits_f32(np.uint32(bits.F32_NAN_BITS))
   return jnp.where(nan, f32_nan, scale), code, jnp.where(nan, f32_nan, recip)

@@ -212,3 +212,11 @@ def test_ue4m3_tables_one_level_and_thresholds_step_by_one_code(rng):
   _, at, _ = scales.ue4m3_from_tables(jnp.asarray(thr), tab, _NV.scale_format)
   np.testing.assert_array_equal(np.asarray(at), np.arange(9, 127))
   np.testing.assert_array_equal(np.asarray(below), np.arange(8, 126))
+
+
+def test_ue4m3_tables_refuse_other_formats():
+  with pytest.raises(ValueError, match="element must be E2M1"):
+    scales.ue4m3_tables(fp4jax.get_spec("mxfp8_e4m3").element, None)
+  tab = scales.ue4m3_tables(_NV.element, None)
+  with pytest.raises(ValueError, match="scale_format must be UE4M3"):
+    scales.ue4m3_from_tables(jnp.zeros(4, jnp.uint32), tab, fp4jax.get_spec("mxfp4").scale_format)
