@@ -49,10 +49,23 @@ flags.DEFINE_integer("iters", 200, "GEMMs per timed jitted loop", lower_bound=1)
 flags.DEFINE_integer("runs", 5, "timed loops (median)", lower_bound=1)
 flags.DEFINE_bool("tiles", True, "also time a few other kernel tiles")
 flags.DEFINE_integer("tile_rows", 16, "time the other tiles for M up to this")
+flags.DEFINE_bool("sweep", False, "also time the layouts/algorithms/tiles of SWEEP (M <= "
+                  "tile_rows and M = 64)")
+flags.DEFINE_list("sweep_formats", ["mxfp4"], "formats --sweep times")
 flags.DEFINE_bool("smoke", False, "a small shape in interpret mode (CPU smoke run)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/weight_only_<gpu>.json)")
 
 TILES = ((128, None, 4), (64, None, 8), (128, None, 8))   # (bn, splits, warps)
+# --sweep: (layout, algorithm, bn, bk, warps, stages, split factor over the default)
+SWEEP = (("kn", "mma", 128, 256, 4, 4, 1), ("kn", "mma", 128, 512, 4, 3, 1),
+         ("kn", "mma", 128, 128, 4, 5, 1), ("kn", "mma", 128, 256, 4, 3, 2),
+         ("nk", "mma", 64, 256, 4, 3, 1), ("nk", "mma", 128, 256, 4, 3, 1),
+         ("nk", "mma", 128, 256, 8, 3, 1), ("nk", "mma", 64, 512, 4, 4, 1),
+         ("nk", "mma", 128, 128, 4, 4, 2), ("nk", "mma", 256, 128, 8, 3, 1),
+         ("kn", "gemv", 128, 64, 4, 3, 1), ("kn", "gemv", 256, 64, 4, 3, 1),
+         ("kn", "gemv", 128, 128, 8, 3, 1), ("kn", "gemv", 128, 64, 4, 3, 2),
+         ("nk", "gemv", 128, 64, 4, 3, 1), ("nk", "gemv", 64, 128, 4, 3, 1),
+         ("nk", "gemv", 256, 64, 8, 3, 1))
 
 
 def loop_seconds(fn, x, w, iters: int, runs: int) -> float:
@@ -95,6 +108,27 @@ def variants(name: str, m: int, interpret: bool):
       v[f"kernel_prmt/bn{bn}_w{warps}"] = lambda x, w, bn=bn, warps=warps: \
           wo.weight_only_matmul(x, w["q"], out_dtype=jnp.float32, tile=(bm, bn, 256),
                                 num_warps=warps, decoder="prmt")
+  if not interpret:
+    v["kernel_prmt/nk"] = lambda x, w: wo.weight_only_linear(
+        x, w["qt"], out_dtype=jnp.float32, decoder="prmt", algorithm="mma")
+    if m <= wo.GEMV_MAX_ROWS:
+      v["kernel_prmt/gemv"] = lambda x, w: wo.weight_only_matmul(
+          x, w["q"], out_dtype=jnp.float32, decoder="prmt", algorithm="gemv")
+  if FLAGS.sweep and not interpret and (m <= FLAGS.tile_rows or m == 64) \
+      and name in FLAGS.sweep_formats:
+    for layout, alg, bn, bk, warps, stages, sf in SWEEP:
+      if alg == "gemv" and m > wo.GEMV_MAX_ROWS or FLAGS.n % bn or FLAGS.k % bk:
+        continue
+      bm = wo.gemv_rows_tile(m) if alg == "gemv" else wo.weight_only_rows_tile(m)
+      splits = sf * wo.weight_only_splits(m, FLAGS.n, FLAGS.k, bm, bn, bk)
+      if FLAGS.k % (splits * bk):
+        continue
+      call = wo.weight_only_matmul if layout == "kn" else wo.weight_only_linear
+      key = f"kernel_prmt/{layout}_{alg}_bn{bn}_bk{bk}_w{warps}_st{stages}_s{splits}"
+      v[key] = lambda x, w, call=call, q="q" if layout == "kn" else "qt", t=(bm, bn, bk), \
+          sp=splits, nw=warps, ns=stages, a=alg: call(
+              x, w[q], out_dtype=jnp.float32, tile=t, splits=sp, num_warps=nw,
+              num_stages=ns, decoder="prmt", algorithm=a)
   return v
 
 
@@ -134,7 +168,8 @@ def main(argv):
     row = {}
     for name in FLAGS.formats:
       q = fp4jax.quantize(w32, name, -2)
-      w = {"bf16": w32.astype(jnp.bfloat16), "q": q}
+      w = {"bf16": w32.astype(jnp.bfloat16), "q": q,
+           "qt": fp4jax.quantize(w32.T, name, -1)}   # the same blocks, (N, K) layout
       ref = wo.weight_only_reference(x, q)
       mag = np.abs(np.asarray(x, np.float64)) @ np.abs(
           np.asarray(fp4jax.dequantize(q, jnp.float32), np.float64))

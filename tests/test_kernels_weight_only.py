@@ -174,3 +174,62 @@ def test_the_measured_column_tile(m, block, bn):
   assert wo.default_columns_tile(m, block) == bn
   assert wo.weight_only_tile(m, 8192, 8192, block)[1] == bn
   assert wo.weight_only_tile(m, 8192, 192, block)[1] == 64   # 128 does not divide 192
+
+
+def _magnitude(x, w):
+  xb = np.abs(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64))
+  return xb @ np.abs(np.asarray(fp4jax.dequantize(w, jnp.float32), np.float64))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("algorithm,m,tile,splits", [
+    ("gemv", 1, None, None), ("gemv", 3, None, 2), ("gemv", 4, (4, 64, 64), 1),
+    ("mma", 5, (16, 64, 128), 2), ("mma", 16, None, None)])
+def test_every_layout_and_algorithm_matches_the_reference(name, layout, algorithm, m, tile,
+                                                          splits, rng):
+  """Both weight layouts ((K, N) through weight_only_matmul, (N, K) through
+  weight_only_linear, the same blocks) and both algorithms equal the float32 reference
+  within float32 accumulation order; padded rows are dropped."""
+  w32 = jnp.asarray(rng.standard_normal((512, 128)).astype(np.float32))
+  w32 = w32.at[:32, :3].set(0.0)   # a zero block
+  if name == "mxfp4":   # a NaN block (NVFP4's tensor scale would make every weight NaN)
+    w32 = w32.at[40, 5].set(jnp.nan)
+  w = fp4jax.quantize(w32, name, -2)
+  x = jnp.asarray(rng.standard_normal((m, 512)).astype(np.float32))
+  kw = dict(out_dtype=jnp.float32, tile=tile, splits=splits, interpret=INTERPRET,
+            algorithm=algorithm)
+  if layout == "kn":
+    y = wo.weight_only_matmul(x, w, **kw)
+  else:
+    y = wo.weight_only_linear(x, fp4jax.quantize(w32.T, name, -1), **kw)
+  y = np.asarray(y, np.float64)
+  ref = np.asarray(wo.weight_only_reference(x, w), np.float64)
+  assert y.shape == (m, 128)
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+  ok = np.isfinite(ref)
+  assert ok.sum() > 0 and (~ok).any() == (name == "mxfp4")
+  assert (np.abs(y - ref)[ok] <= 2.0**-20 * _magnitude(x, w)[ok] + 1e-30).all()
+
+
+def test_the_linear_layout_and_algorithm_are_checked_with_the_fix():
+  kn = fp4jax.quantize(jnp.ones((128, 64)), MX, -2)
+  nk = fp4jax.quantize(jnp.ones((64, 128)), MX, -1)
+  with pytest.raises(ValueError, match="use weight_only_matmul"):
+    wo.weight_only_linear(jnp.ones((4, 128)), kn)
+  with pytest.raises(ValueError, match="use weight_only_linear"):
+    wo.weight_only_matmul(jnp.ones((4, 128)), nk)
+  with pytest.raises(ValueError, match=r"x @ w.T takes x \(M, K\) and w \(N, K\)"):
+    wo.weight_only_linear(jnp.ones((4, 64)), nk)
+  with pytest.raises(ValueError, match="algorithm='gemv' takes M <= 4"):
+    wo.weight_only_linear(jnp.ones((5, 128)), nk, algorithm="gemv", interpret=True)
+  with pytest.raises(ValueError, match="algorithm must be one of"):
+    wo.weight_only_matmul(jnp.ones((2, 128)), kn, algorithm="simt", interpret=True)
+  with pytest.raises(ValueError, match="tiles of at most 4 rows"):
+    wo.weight_only_matmul(jnp.ones((2, 128)), kn, algorithm="gemv", tile=(16, 64, 64),
+                          interpret=True)
+
+
+@pytest.mark.parametrize("m,bm", [(1, 1), (2, 2), (3, 4), (4, 4)])
+def test_gemv_rows_tile(m, bm):
+  assert wo.gemv_rows_tile(m) == bm

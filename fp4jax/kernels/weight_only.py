@@ -131,56 +131,128 @@ def _tile_reason(m, n, k, bm, bn, bk, block) -> str | None:
   return None
 
 
-def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b, decoder):
-  bm, bn = o_ref.shape  # the leading split axis is squeezed
+def _decoded_tile(bc, code, *, bs_b, pow2_b, decoder, layout):
+  """BF16 (even k, odd k) weights of one tile of packed codes ``bc`` and its scale codes
+  ``code`` (uint32, one per block): ``layout`` "kn" tiles are (hk, bn) with blocks along
+  rows, "nk" tiles (bn, hk) with blocks along columns."""
+  decode = decode_prmt if decoder == "prmt" else decode_alu
+  sb = fu.scale_f32(code, pow2_b).astype(jnp.bfloat16)   # exact: 1 or 4 significant bits
+  if layout == "kn":
+    nb, bn = sb.shape
+    sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(bc.shape)
+  else:
+    bn, nb = sb.shape
+    sbe = jnp.broadcast_to(sb[:, :, None], (bn, nb, bs_b // 2)).reshape(bc.shape)
+  return decode(bc, sbe)
+
+
+_NT = (((1,), (1,)), ((), ()))   # dot_general dimensions of a @ b.T
+
+
+def _dot_nt(a, b):
+  return lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
+
+
+def _weight_only_kernel(x_ref, bc_ref, bs_ref, o_ref, *, bk, bs_b, nk, pow2_b, decoder,
+                        layout, algorithm):
+  """One program: a (bm, bn) output tile ("kn") or its transpose (bn, bm) ("nk") over one
+  K split, as float32 partial sums.
+
+  ``algorithm`` "mma": two tensor-core dots per K tile (even and odd k); "nk" makes the
+  decoded weights the dot's left operand (registers) and the activations the right one.
+  "gemv": no dot; every weight times its activation accumulated elementwise in float32
+  (one FMA per weight and row), summed across K once at the end: for M <= 4, where a
+  16-row MMA wastes most of its rows and its operand layout costs a shared-memory trip."""
   hk = bk // 2
   nb = bk // bs_b
-  decode = decode_prmt if decoder == "prmt" else decode_alu
+  if layout == "kn":
+    bm, bn = o_ref.shape
+  else:
+    bn, bm = o_ref.shape
+  tile = functools.partial(_decoded_tile, bs_b=bs_b, pow2_b=pow2_b, decoder=decoder,
+                           layout=layout)
 
-  def body(kt, acc):
-    # even / odd k of the activations as two strided loads, matching the nibbles of w
-    xe = x_ref[:, pl.ds(kt * bk, hk, stride=2)].astype(jnp.bfloat16)
-    xo = x_ref[:, pl.ds(kt * bk + 1, hk, stride=2)].astype(jnp.bfloat16)
-    bc = bc_ref[pl.ds(kt * hk, hk), :]
-    code = bs_ref[pl.ds(kt * nb, nb), :].astype(U32)
-    sb = fu.scale_f32(code, pow2_b).astype(jnp.bfloat16)   # exact: 1 or 4 significant bits
-    sbe = jnp.broadcast_to(sb[:, None, :], (nb, bs_b // 2, bn)).reshape(hk, bn)
-    w_lo, w_hi = decode(bc, sbe)
-    return (acc + jnp.dot(xe, w_lo, preferred_element_type=jnp.float32)
-            + jnp.dot(xo, w_hi, preferred_element_type=jnp.float32))
+  def weights(kt):
+    if layout == "kn":
+      return tile(bc_ref[pl.ds(kt * hk, hk), :], bs_ref[pl.ds(kt * nb, nb), :].astype(U32))
+    return tile(bc_ref[:, pl.ds(kt * hk, hk)], bs_ref[:, pl.ds(kt * nb, nb)].astype(U32))
 
-  acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
-  o_ref[...] = acc  # this K split's float32 partial sum
+  # even / odd k of the activations as two strided loads, matching the nibbles of w
+  def acts(kt, rows):
+    return (x_ref[rows, pl.ds(kt * bk, hk, stride=2)].astype(jnp.bfloat16),
+            x_ref[rows, pl.ds(kt * bk + 1, hk, stride=2)].astype(jnp.bfloat16))
+
+  if algorithm == "mma":
+    def body(kt, acc):
+      w_lo, w_hi = weights(kt)
+      xe, xo = acts(kt, slice(None))
+      if layout == "kn":
+        return (acc + jnp.dot(xe, w_lo, preferred_element_type=jnp.float32)
+                + jnp.dot(xo, w_hi, preferred_element_type=jnp.float32))
+      return acc + _dot_nt(w_lo, xe) + _dot_nt(w_hi, xo)
+
+    o_ref[...] = lax.fori_loop(0, nk, body, jnp.zeros(o_ref.shape, jnp.float32))
+    return
+
+  acc_shape = (hk, bn) if layout == "kn" else (bn, hk)
+
+  def body(kt, accs):
+    w_lo, w_hi = (w.astype(jnp.float32) for w in weights(kt))
+    out = []
+    for r in range(bm):
+      xe, xo = (v.astype(jnp.float32).reshape(hk) for v in acts(kt, pl.ds(r, 1)))
+      if layout == "kn":
+        out.append(accs[r] + xe[:, None] * w_lo + xo[:, None] * w_hi)
+      else:
+        out.append(accs[r] + w_lo * xe[None, :] + w_hi * xo[None, :])
+    return tuple(out)
+
+  accs = lax.fori_loop(0, nk, body,
+                       tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(bm)))
+  for r, a in enumerate(accs):
+    if layout == "kn":
+      o_ref[pl.ds(r, 1), :] = jnp.sum(a, axis=0)[None, :]
+    else:
+      o_ref[:, pl.ds(r, 1)] = jnp.sum(a, axis=1)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "splits", "out_dtype",
                                              "interpret", "num_warps", "num_stages",
-                                             "decoder"))
+                                             "decoder", "layout", "algorithm"))
 def _weight_only_call(x, w: QArray, *, bm, bn, bk, splits, out_dtype, interpret, num_warps,
-                      num_stages, decoder):
+                      num_stages, decoder, layout="kn", algorithm="mma"):
   m, k = x.shape
-  n = w.shape[1]
+  n = w.shape[1] if layout == "kn" else w.shape[0]
   bs_b = w.spec.block_size
   mp = -(-m // bm) * bm
   xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
   ks = k // splits  # each program reduces one K split; XLA adds the partials
   kernel = functools.partial(_weight_only_kernel, bk=bk, bs_b=bs_b, nk=ks // bk,
-                             pow2_b=w.spec.scale_format.is_pow2, decoder=decoder)
+                             pow2_b=w.spec.scale_format.is_pow2, decoder=decoder,
+                             layout=layout, algorithm=algorithm)
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as pltriton
     extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                        num_stages=num_stages)
+  if layout == "kn":
+    specs = [pl.BlockSpec((bm, ks), lambda i, j, s: (i, s)),
+             pl.BlockSpec((ks // 2, bn), lambda i, j, s: (s, j)),
+             pl.BlockSpec((ks // bs_b, bn), lambda i, j, s: (s, j))]
+    out_shape, out_spec = (splits, mp, n), pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+  else:
+    specs = [pl.BlockSpec((bm, ks), lambda i, j, s: (i, s)),
+             pl.BlockSpec((bn, ks // 2), lambda i, j, s: (j, s)),
+             pl.BlockSpec((bn, ks // bs_b), lambda i, j, s: (j, s))]
+    out_shape, out_spec = (splits, n, mp), pl.BlockSpec((None, bn, bm), lambda i, j, s: (s, j, i))
   part = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
-      grid=(mp // bm, n // bn, splits),
-      in_specs=[pl.BlockSpec((bm, ks), lambda i, j, s: (i, s)),
-                pl.BlockSpec((ks // 2, bn), lambda i, j, s: (s, j)),
-                pl.BlockSpec((ks // bs_b, bn), lambda i, j, s: (s, j))],
-      out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
-      interpret=interpret, name="fp4jax_matmul_weight_only", **extra,
+      kernel, out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+      grid=(mp // bm, n // bn, splits), in_specs=specs, out_specs=out_spec,
+      interpret=interpret, name=f"fp4jax_matmul_weight_only_{layout}_{algorithm}", **extra,
   )(xp, w.codes, fu.scale_codes(w))
   y = jnp.sum(part, axis=0) if splits > 1 else part[0]
+  if layout == "nk":
+    y = y.T
   return apply_tensor_scales(y, w, None, out_dtype)[:m]
 
 
@@ -261,52 +333,131 @@ def unsupported_reason(x_shape, w: Any) -> str | None:
   return None
 
 
+ALGORITHMS = ("auto", "mma", "gemv")
+"""How the kernel multiplies (:func:`weight_only_matmul`, :func:`weight_only_linear`):
+
+- ``mma``: tensor-core dots on 16/32/64-row tiles of the activations (M padded);
+- ``gemv``: CUDA-core FMAs, one per weight and row, accumulated elementwise in float32 and
+  reduced across K once per program; for M <= :data:`GEMV_MAX_ROWS`;
+- ``auto``: ``gemv`` for M <= :data:`GEMV_AUTO_MAX_ROWS`, else ``mma``.
+"""
+GEMV_MAX_ROWS = 4
+# The largest M for which "auto" picks the GEMV (kernels/NOTES.md, kernels.bench_weight_only).
+GEMV_AUTO_MAX_ROWS = 0
+# (bn, bk) of the GEMV: a (bk/2, bn) float32 accumulator per row stays in registers.
+GEMV_TILE = {1: (128, 64), 2: (128, 64), 4: (64, 64)}
+
+
+def gemv_rows_tile(m: int) -> int:
+  """Rows per GEMV program: 1, 2 or 4 (powers of two; padded rows cost FMAs)."""
+  return 1 if m <= 1 else 2 if m <= 2 else 4
+
+
+def _resolve_algorithm(algorithm: str, m: int, fn: str) -> str:
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"{fn}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+  if algorithm == "gemv" and m > GEMV_MAX_ROWS:
+    raise ValueError(f"{fn}: algorithm='gemv' takes M <= {GEMV_MAX_ROWS} rows, got M={m}; "
+                     "use algorithm='mma' (or 'auto')")
+  if algorithm == "auto":
+    return "gemv" if m <= GEMV_AUTO_MAX_ROWS else "mma"
+  return algorithm
+
+
+def _check_weights(w: QArray, fn: str):
+  if not _takes_weights(w):
+    raise ValueError(f"{fn} takes packed E2M1 weights with 8-bit scales and blocks of "
+                     f"16/32, got {w.spec.name}; dequantize and use jnp.dot")
+
+
+def _run(x, w, *, layout, n, out_dtype, tile, splits, interpret, num_warps, num_stages,
+         decoder, algorithm, fn):
+  if decoder not in DECODERS:
+    raise ValueError(f"{fn}: decoder must be one of {DECODERS}, got {decoder!r}")
+  if decoder == "prmt" and interpret:
+    raise ValueError(f"{fn}: decoder='prmt' is inline PTX and runs on a GPU only; in "
+                     "interpret mode use decoder='alu' (or 'auto')")
+  decoder = ("alu" if interpret else "prmt") if decoder == "auto" else decoder
+  _check_weights(w, fn)
+  m, k = x.shape
+  algorithm = _resolve_algorithm(algorithm, m, fn)
+  block = w.spec.block_size
+  if tile is None and algorithm == "gemv":
+    bm = gemv_rows_tile(m)
+    bn, bk = GEMV_TILE[bm]
+    tile = (bm, largest_dividing(n, bn, MIN_TILE) or bn,
+            largest_dividing(k, bk, max(MIN_TILE, block)) or bk)
+  bm, bn, bk = tile or weight_only_tile(m, k, n, block) or (
+      weight_only_rows_tile(m), DEFAULT_BN, DEFAULT_BK)   # (the last: for the message)
+  why = _tile_reason(bm, n, k, bm, bn, bk, block)
+  if why:
+    raise ValueError(f"{fn}: {why}")
+  if algorithm == "gemv" and bm > GEMV_MAX_ROWS:
+    raise ValueError(f"{fn}: algorithm='gemv' takes tiles of at most {GEMV_MAX_ROWS} rows, "
+                     f"got bm={bm}")
+  if splits is None:
+    splits = weight_only_splits(m, n, k, bm, bn, bk)
+  if splits < 1 or k % (splits * bk):
+    raise ValueError(f"{fn}: splits={splits} must be >= 1 and divide K/bk = {k}/{bk}")
+  return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, splits=splits,
+                           out_dtype=jnp.dtype(out_dtype), interpret=interpret,
+                           num_warps=num_warps, num_stages=num_stages, decoder=decoder,
+                           layout=layout, algorithm=algorithm)
+
+
 def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
                        tile: tuple[int, int, int] | None = None,
                        splits: int | None = None, interpret: bool = False,
                        num_warps: int = 4, num_stages: int = 3,
-                       decoder: str = "auto") -> jax.Array:
+                       decoder: str = "auto", algorithm: str = "auto") -> jax.Array:
   """``x @ w`` for BF16/F32 activations ``x`` (M, K) and FP4 weights ``w`` (K, N), blocked
   along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
   is what pays on Hopper for skinny M (decoding, evaluation). ``x`` is rounded to bf16.
 
   tile: (bm, bn, bk), default :func:`weight_only_tile` (rows, columns and K tiles that
-    divide the shape); M is padded to
-    bm, K and N must be multiples; bm, bn, bk powers of two on a GPU.
+    divide the shape; :data:`GEMV_TILE` for the GEMV); M is padded to bm, K and N must
+    be multiples; bm, bn, bk powers of two on a GPU.
   splits: K splits, each a program's float32 partial sum, added by XLA (default
     :func:`weight_only_splits`).
   decoder: one of :data:`DECODERS` (``prmt``: inline PTX, GPU only; ``alu``; ``auto``).
+  algorithm: one of :data:`ALGORITHMS` (tensor-core ``mma``, CUDA-core ``gemv``, ``auto``).
   """
-  if decoder not in DECODERS:
-    raise ValueError(f"weight_only_matmul: decoder must be one of {DECODERS}, got "
-                     f"{decoder!r}")
-  if decoder == "prmt" and interpret:
-    raise ValueError("weight_only_matmul: decoder='prmt' is inline PTX and runs on a GPU "
-                     "only; in interpret mode use decoder='alu' (or 'auto')")
-  decoder = ("alu" if interpret else "prmt") if decoder == "auto" else decoder
+  fn = "weight_only_matmul"
   if not isinstance(w, QArray) or w.ndim != 2 or w.axis % 2 != 0:
-    raise ValueError("weight_only_matmul: w must be a 2D QArray blocked along K (axis=-2)")
+    raise ValueError(f"{fn}: w must be a 2D QArray blocked along K (axis=-2); for "
+                     "(N, K) weights blocked along their last axis use weight_only_linear")
   if x.ndim != 2 or x.shape[1] != w.shape[0]:
-    raise ValueError(f"weight_only_matmul: x {x.shape} and w {w.shape} do not contract")
-  if not _takes_weights(w):
-    raise ValueError(f"weight_only_matmul takes packed E2M1 weights with 8-bit scales and "
-                     f"blocks of 16/32, got {w.spec.name}; dequantize and use jnp.dot")
-  m, k, n = x.shape[0], x.shape[1], w.shape[1]
-  bm, bn, bk = tile or weight_only_tile(m, k, n, w.spec.block_size) or (
-      weight_only_rows_tile(m), DEFAULT_BN, DEFAULT_BK)   # (the last: for the message)
-  why = _tile_reason(bm, n, k, bm, bn, bk, w.spec.block_size)
-  if why:
-    raise ValueError(f"weight_only_matmul: {why}")
-  if splits is None:
-    splits = weight_only_splits(m, n, k, bm, bn, bk)
-  if splits < 1 or k % (splits * bk):
-    raise ValueError(f"weight_only_matmul: splits={splits} must be >= 1 and divide K/bk = "
-                     f"{k}/{bk}")
-  return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, splits=splits,
-                           out_dtype=jnp.dtype(out_dtype), interpret=interpret,
-                           num_warps=num_warps, num_stages=num_stages, decoder=decoder)
+    raise ValueError(f"{fn}: x {x.shape} and w {w.shape} do not contract")
+  return _run(x, w, layout="kn", n=w.shape[1], out_dtype=out_dtype, tile=tile,
+              splits=splits, interpret=interpret, num_warps=num_warps,
+              num_stages=num_stages, decoder=decoder, algorithm=algorithm, fn=fn)
 
 
-__all__ = ["DECODERS", "PRMT_DECODE_ASM", "decode_alu", "decode_prmt", "halves",
+def weight_only_linear(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
+                       tile: tuple[int, int, int] | None = None,
+                       splits: int | None = None, interpret: bool = False,
+                       num_warps: int = 4, num_stages: int = 3,
+                       decoder: str = "auto", algorithm: str = "auto") -> jax.Array:
+  """``x @ w.T`` for activations ``x`` (M, K) and FP4 weights ``w`` (N, K) blocked along
+  their last axis: the PyTorch ``Linear`` / gpt-oss orientation (what
+  :func:`fp4jax.interop.load_safetensors` returns), read as stored, without the transpose
+  :meth:`fp4jax.QArray.mT` would copy. The kernel computes ``(w @ x.T).T``: the decoded
+  weight tile is the tensor-core dot's left operand (``bn`` rows of N) and the activations
+  its right one. Arguments as :func:`weight_only_matmul`'s (``tile`` is (bm, bn, bk) with
+  bn along N)."""
+  fn = "weight_only_linear"
+  if not isinstance(w, QArray) or w.ndim != 2 or w.axis % 2 != 1:
+    raise ValueError(f"{fn}: w must be a 2D QArray (N, K) blocked along K (axis=-1); for "
+                     "(K, N) weights blocked along axis -2 use weight_only_matmul")
+  if x.ndim != 2 or x.shape[1] != w.shape[1]:
+    raise ValueError(f"{fn}: x {x.shape} and w {w.shape} do not contract (x @ w.T takes "
+                     "x (M, K) and w (N, K))")
+  return _run(x, w, layout="nk", n=w.shape[0], out_dtype=out_dtype, tile=tile,
+              splits=splits, interpret=interpret, num_warps=num_warps,
+              num_stages=num_stages, decoder=decoder, algorithm=algorithm, fn=fn)
+
+
+__all__ = ["ALGORITHMS", "DECODERS", "GEMV_AUTO_MAX_ROWS", "GEMV_MAX_ROWS", "GEMV_TILE",
+           "PRMT_DECODE_ASM", "gemv_rows_tile", "weight_only_linear", "decode_alu", "decode_prmt", "halves",
            "default_columns_tile", "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
            "weight_only_splits"]
