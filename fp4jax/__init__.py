@@ -20,7 +20,7 @@ from fp4jax.recipes import recipe_override
 from fp4jax.formats import (BF16_SCALE, E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FP32_SCALE, INT4,
                             INT8, MXINT8, UE4M3, ElementFormat, ScaleFormat, exmy, intn,
                             pow2_scale)
-from fp4jax.gemm import fp4_matmul, weight_only_matmul
+from fp4jax.gemm import fp4_matmul, weight_only_linear, weight_only_matmul
 from fp4jax.qarray import QArray
 from fp4jax.qdot import qdot_general, qeinsum, qmatmul
 from fp4jax.qragged import qragged_dot
@@ -53,6 +53,6 @@ __all__ = [
     "blocks", "dequantize", "dispatch", "distributed", "element_scales", "encode",
     "estimators", "exmy", "fake_quant", "formats", "fp4_matmul", "gemm_impl", "get_spec", "recipe_override",
     "hadamard", "intn", "pow2_scale", "qdot_general", "qeinsum", "qmatmul", "qragged_dot", "quantize",
-    "recipes", "round_to_format", "scales", "weight_only_matmul", "quantize_model", "Rule",
+    "recipes", "round_to_format", "scales", "weight_only_linear", "weight_only_matmul", "quantize_model", "Rule",
     "linen", "nnx", "rules", "optim", "ptq", "checkpoint", "models", "interop",
 ]

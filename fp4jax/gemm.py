@@ -121,6 +121,15 @@ def weight_only_matmul(x: jax.Array, w: QArray, **kwargs) -> jax.Array:
   return kernel_weight_only.weight_only_matmul(x, w, **kwargs)
 
 
+def weight_only_linear(x: jax.Array, w: QArray, **kwargs) -> jax.Array:
+  """``x @ w.T`` for activations ``x`` (M, K) and packed FP4 weights ``w`` (N, K) blocked
+  along K: the PyTorch / gpt-oss orientation that :func:`fp4jax.interop.load_safetensors`
+  returns, read as stored (:func:`fp4jax.kernels.weight_only.weight_only_linear`, whose
+  keyword arguments pass through); interpret mode off a GPU."""
+  kwargs.setdefault("interpret", dispatch.interpret_mode())
+  return kernel_weight_only.weight_only_linear(x, w, **kwargs)
+
+
 def weight_only_dot(x: jax.Array, w: QArray, *, impl: str | None = None,
                     out_dtype: Any = None, strict: bool = True) -> jax.Array:
   """``x @ w`` for float activations ``x`` (..., K) and stored FP4 weights ``w`` (K, N)
@@ -150,4 +159,4 @@ def weight_only_dot(x: jax.Array, w: QArray, *, impl: str | None = None,
 
 
 __all__ = ["einsum_bf16_exact", "einsum_f32", "fp4_matmul", "quantized_einsum",
-           "weight_only_dot", "weight_only_matmul"]
+           "weight_only_dot", "weight_only_linear", "weight_only_matmul"]

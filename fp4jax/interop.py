@@ -17,8 +17,9 @@ bit-exact both ways.
 **Which axis is K.** gpt-oss (PyTorch convention) keeps a linear layer's weight as
 ``(out, in)`` (``(experts, out, in)`` for the MoE MLPs) with blocks along ``in``, the
 contraction axis. A Flax ``Dense`` kernel is ``(in, out)``: use ``q.mT`` (the QArray of the
-last two axes swapped, blocks then along axis -2, still no re-encoding), e.g.
-``fp4jax.weight_only_matmul(x, q.mT)`` for ``x @ W.T``.
+last two axes swapped, blocks then along axis -2, still no re-encoding, but a copy), e.g.
+``fp4jax.weight_only_matmul(x, q.mT)`` for ``x @ W.T``; or run the weights as stored with
+``fp4jax.weight_only_linear(x, q)`` (the same kernel reading the (out, in) layout).
 
 **safetensors files.** :func:`save_safetensors` flattens a pytree of dicts (keys joined by
 ``.``, as checkpoint names are) whose leaves are arrays or MXFP4 QArrays; every QArray

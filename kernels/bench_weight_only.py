@@ -52,20 +52,21 @@ flags.DEFINE_integer("tile_rows", 16, "time the other tiles for M up to this")
 flags.DEFINE_bool("sweep", False, "also time the layouts/algorithms/tiles of SWEEP (M <= "
                   "tile_rows and M = 64)")
 flags.DEFINE_list("sweep_formats", ["mxfp4"], "formats --sweep times")
+flags.DEFINE_list("sweep_rows", ["1", "2", "4", "16", "64"], "M values --sweep times")
 flags.DEFINE_bool("smoke", False, "a small shape in interpret mode (CPU smoke run)")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/weight_only_<gpu>.json)")
 
 TILES = ((128, None, 4), (64, None, 8), (128, None, 8))   # (bn, splits, warps)
-# --sweep: (layout, algorithm, bn, bk, warps, stages, split factor over the default)
-SWEEP = (("kn", "mma", 128, 256, 4, 4, 1), ("kn", "mma", 128, 512, 4, 3, 1),
-         ("kn", "mma", 128, 128, 4, 5, 1), ("kn", "mma", 128, 256, 4, 3, 2),
-         ("nk", "mma", 64, 256, 4, 3, 1), ("nk", "mma", 128, 256, 4, 3, 1),
-         ("nk", "mma", 128, 256, 8, 3, 1), ("nk", "mma", 64, 512, 4, 4, 1),
-         ("nk", "mma", 128, 128, 4, 4, 2), ("nk", "mma", 256, 128, 8, 3, 1),
-         ("kn", "gemv", 128, 64, 4, 3, 1), ("kn", "gemv", 256, 64, 4, 3, 1),
-         ("kn", "gemv", 128, 128, 8, 3, 1), ("kn", "gemv", 128, 64, 4, 3, 2),
-         ("nk", "gemv", 128, 64, 4, 3, 1), ("nk", "gemv", 64, 128, 4, 3, 1),
-         ("nk", "gemv", 256, 64, 8, 3, 1))
+# --sweep: (layout, algorithm, bn, bk, warps, stages, split factor over the default).
+# The first sweep (results/weight_only_layouts_nvidia_h200.log) found the (N, K) layout no
+# faster and bk=512 / 8 warps slower; this one searches smaller K tiles and deeper pipelines.
+SWEEP = (("kn", "mma", 128, 128, 4, 4, 1), ("kn", "mma", 128, 128, 4, 5, 1),
+         ("kn", "mma", 128, 128, 4, 6, 1), ("kn", "mma", 64, 128, 4, 5, 1),
+         ("kn", "mma", 128, 64, 4, 6, 1), ("kn", "mma", 128, 64, 4, 8, 1),
+         ("kn", "mma", 256, 64, 4, 6, 1), ("kn", "mma", 256, 128, 8, 5, 1),
+         ("kn", "mma", 128, 128, 4, 5, 2), ("kn", "mma", 64, 64, 4, 8, 2),
+         ("kn", "gemv", 128, 32, 4, 4, 1), ("kn", "gemv", 64, 64, 4, 4, 1),
+         ("kn", "gemv", 256, 32, 4, 4, 1), ("kn", "gemv", 128, 64, 4, 4, 2))
 
 
 def loop_seconds(fn, x, w, iters: int, runs: int) -> float:
@@ -114,8 +115,8 @@ def variants(name: str, m: int, interpret: bool):
     if m <= wo.GEMV_MAX_ROWS:
       v["kernel_prmt/gemv"] = lambda x, w: wo.weight_only_matmul(
           x, w["q"], out_dtype=jnp.float32, decoder="prmt", algorithm="gemv")
-  if FLAGS.sweep and not interpret and (m <= FLAGS.tile_rows or m == 64) \
-      and name in FLAGS.sweep_formats:
+  if FLAGS.sweep and not interpret \
+      and name in FLAGS.sweep_formats and m in [int(r) for r in FLAGS.sweep_rows]:
     for layout, alg, bn, bk, warps, stages, sf in SWEEP:
       if alg == "gemv" and m > wo.GEMV_MAX_ROWS or FLAGS.n % bn or FLAGS.k % bk:
         continue
@@ -161,6 +162,8 @@ def main(argv):
   w32 = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
   results = {"device": dev.device_kind, "jax": jax.__version__, "k": k, "n": n,
              "iters_per_loop": iters, "runs": runs, "rows": {}}
+  out = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
+                                  f"weight_only_{'smoke' if FLAGS.smoke else gpu}.json")
   print(f"weight-only GEMM, K={k} N={n}, {dev.device_kind}, {iters} calls per jitted loop; "
         "ms per call, x = BF16's time / this one's")
   for m in rows:
@@ -199,9 +202,7 @@ def main(argv):
         err = f"  err {e['max_err_over_mag']:.1e}" if "max_err_over_mag" in e else ""
         print(f"M={m:4d} {key:36s} {e['ms']:.4f} ms  {e.get('x_bf16', 1.0):.2f}x{err}{flag}")
     results["rows"][str(m)] = row
-  out = FLAGS.out or os.path.join(os.path.dirname(__file__), "results",
-                                  f"weight_only_{'smoke' if FLAGS.smoke else gpu}.json")
-  write_json(results, out)
+    write_json(results, out)   # after every M: a run stopped by a time limit keeps its rows
   print(f"wrote {out}")
 
 

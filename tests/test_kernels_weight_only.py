@@ -168,12 +168,19 @@ def test_the_prmt_decoder_is_refused_in_interpret_mode():
     wo.weight_only_matmul(jnp.ones((2, 256)), w, decoder="lut")
 
 
-@pytest.mark.parametrize("m,block,bn", [(1, 32, 128), (16, 32, 128), (17, 32, 64),
-                                        (1, 16, 64), (64, 16, 64)])
-def test_the_measured_column_tile(m, block, bn):
-  assert wo.default_columns_tile(m, block) == bn
-  assert wo.weight_only_tile(m, 8192, 8192, block)[1] == bn
-  assert wo.weight_only_tile(m, 8192, 192, block)[1] == 64   # 128 does not divide 192
+@pytest.mark.parametrize("m,block", [(1, 32), (16, 32), (17, 16), (64, 16), (300, 32)])
+def test_the_measured_default_tile(m, block):
+  """128 x 128 (measured fastest at every M <= 64 for both formats); smaller powers of
+  two where they do not divide N or K."""
+  bm = wo.weight_only_rows_tile(m)
+  assert wo.weight_only_tile(m, 8192, 8192, block) == (bm, 128, 128)
+  assert wo.weight_only_tile(m, 8192, 192, block) == (bm, 64, 128)   # 128 does not divide 192
+  assert wo.weight_only_tile(m, 96, 8192, block) == (bm, 128, 32)
+
+
+def test_auto_takes_the_gemv_for_one_row_only():
+  assert wo._resolve_algorithm("auto", 1, "f") == "gemv"
+  assert wo._resolve_algorithm("auto", 2, "f") == "mma"
 
 
 def _magnitude(x, w):
@@ -233,3 +240,16 @@ def test_the_linear_layout_and_algorithm_are_checked_with_the_fix():
 @pytest.mark.parametrize("m,bm", [(1, 1), (2, 2), (3, 4), (4, 4)])
 def test_gemv_rows_tile(m, bm):
   assert wo.gemv_rows_tile(m) == bm
+
+
+def test_public_weight_only_linear_runs_loaded_gpt_oss_weights_as_stored(rng):
+  """(out, in) MXFP4 weights from the gpt-oss layout go to x @ w.T without a transpose."""
+  from fp4jax import interop
+  blocks = jnp.asarray(rng.integers(0, 256, (64, 8, 16), dtype=np.uint8))   # (N, K/32, 16)
+  scales = jnp.asarray(rng.integers(120, 130, (64, 8), dtype=np.uint8))
+  w = interop.mxfp4_from_blocks(blocks, scales)                            # (64, 256) axis -1
+  x = jnp.asarray(rng.standard_normal((3, 256)).astype(np.float32))
+  y = fp4jax.weight_only_linear(x, w, out_dtype=jnp.float32)
+  ref = np.asarray(wo.weight_only_reference(x, w.mT), np.float64)
+  assert y.shape == (3, 64)
+  assert (np.abs(np.asarray(y, np.float64) - ref) <= 2.0**-20 * _magnitude(x, w.mT)).all()

@@ -282,18 +282,14 @@ def weight_only_reference(x: jax.Array, w: QArray, out_dtype: Any = jnp.float32)
 
 
 # Tile bounds of :func:`weight_only_tile`: the defaults, and the smallest tiles Triton's
-# dot takes (16 on each side).
-DEFAULT_BN, DEFAULT_BK, MIN_TILE = 64, 256, 16
-# Measured on the H200 (kernels/NOTES.md, kernels.bench_weight_only): with 32-element
-# blocks (MXFP4) and M <= 16, 128 output columns per program are 8-12% faster than 64;
-# with NVFP4's 16-element blocks they are 20% slower.
-WIDE_BN, WIDE_BN_MAX_ROWS, WIDE_BN_BLOCK = 128, 16, 32
-
-
-def default_columns_tile(m: int, block: int) -> int:
-  """Output columns per program before divisibility: :data:`WIDE_BN` for 32-element
-  blocks at M <= 16, else :data:`DEFAULT_BN` (measured, see above)."""
-  return WIDE_BN if block == WIDE_BN_BLOCK and m <= WIDE_BN_MAX_ROWS else DEFAULT_BN
+# dot takes (16 on each side). Measured on the H200 (kernels/NOTES.md, "Issue 21 item 4,
+# second step"; kernels.bench_weight_only --sweep): 128 columns x 128 K per program with a
+# 5-stage pipeline beat the earlier 64 x 256 x 3 stages at every M <= 64 for both formats
+# (MXFP4 M = 16: 0.0360 vs 0.0396 ms; M = 64: 0.0557 vs 0.0725 ms); bk = 256 holds two
+# 128 x 128 BF16 halves in registers (253 per thread, 2 programs per SM) and bk = 512
+# exceeds shared memory at M = 64.
+DEFAULT_BN, DEFAULT_BK, MIN_TILE = 128, 128, 16
+MMA_STAGES, GEMV_STAGES = 5, 3   # Triton pipeline stages (num_stages) per algorithm
 
 
 def weight_only_tile(m: int, k: int, n: int, block: int) -> tuple[int, int, int] | None:
@@ -301,7 +297,7 @@ def weight_only_tile(m: int, k: int, n: int, block: int) -> tuple[int, int, int]
   divides, else the largest power of two below it that divides N (bn) or K (bk, a multiple
   of the quantization block); None where none does (then the weights are dequantized and
   XLA's GEMM runs, see :func:`fp4jax.dispatch.choose_weight_only`). M is padded."""
-  bn = largest_dividing(n, default_columns_tile(m, block), MIN_TILE)
+  bn = largest_dividing(n, DEFAULT_BN, MIN_TILE)
   bk = largest_dividing(k, DEFAULT_BK, max(MIN_TILE, block))
   if bn is None or bk is None:
     return None
@@ -342,8 +338,10 @@ ALGORITHMS = ("auto", "mma", "gemv")
 - ``auto``: ``gemv`` for M <= :data:`GEMV_AUTO_MAX_ROWS`, else ``mma``.
 """
 GEMV_MAX_ROWS = 4
-# The largest M for which "auto" picks the GEMV (kernels/NOTES.md, kernels.bench_weight_only).
-GEMV_AUTO_MAX_ROWS = 0
+# The largest M for which "auto" picks the GEMV. Measured on the H200 (K = N = 8192,
+# kernels/NOTES.md): at M = 1 it is 1.31x / 1.11x BF16 (MXFP4 / NVFP4) where the MMA kernel
+# is 1.13x / 0.89x; at M = 2 and 4 the MMA kernel is faster (FMAs grow with M).
+GEMV_AUTO_MAX_ROWS = 1
 # (bn, bk) of the GEMV: a (bk/2, bn) float32 accumulator per row stays in registers.
 GEMV_TILE = {1: (128, 64), 2: (128, 64), 4: (64, 64)}
 
@@ -353,14 +351,15 @@ def gemv_rows_tile(m: int) -> int:
   return 1 if m <= 1 else 2 if m <= 2 else 4
 
 
-def _resolve_algorithm(algorithm: str, m: int, fn: str) -> str:
+def _resolve_algorithm(algorithm: str, m: int, fn: str, tile=None) -> str:
   if algorithm not in ALGORITHMS:
     raise ValueError(f"{fn}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
   if algorithm == "gemv" and m > GEMV_MAX_ROWS:
     raise ValueError(f"{fn}: algorithm='gemv' takes M <= {GEMV_MAX_ROWS} rows, got M={m}; "
                      "use algorithm='mma' (or 'auto')")
-  if algorithm == "auto":
-    return "gemv" if m <= GEMV_AUTO_MAX_ROWS else "mma"
+  if algorithm == "auto":   # an explicit tile of more rows than the GEMV takes means MMA
+    small = m <= GEMV_AUTO_MAX_ROWS and (tile is None or tile[0] <= GEMV_MAX_ROWS)
+    return "gemv" if small else "mma"
   return algorithm
 
 
@@ -380,7 +379,7 @@ def _run(x, w, *, layout, n, out_dtype, tile, splits, interpret, num_warps, num_
   decoder = ("alu" if interpret else "prmt") if decoder == "auto" else decoder
   _check_weights(w, fn)
   m, k = x.shape
-  algorithm = _resolve_algorithm(algorithm, m, fn)
+  algorithm = _resolve_algorithm(algorithm, m, fn, tile)
   block = w.spec.block_size
   if tile is None and algorithm == "gemv":
     bm = gemv_rows_tile(m)
@@ -397,6 +396,8 @@ def _run(x, w, *, layout, n, out_dtype, tile, splits, interpret, num_warps, num_
                      f"got bm={bm}")
   if splits is None:
     splits = weight_only_splits(m, n, k, bm, bn, bk)
+  if num_stages is None:
+    num_stages = GEMV_STAGES if algorithm == "gemv" else MMA_STAGES
   if splits < 1 or k % (splits * bk):
     raise ValueError(f"{fn}: splits={splits} must be >= 1 and divide K/bk = {k}/{bk}")
   return _weight_only_call(x, w, bm=bm, bn=bn, bk=bk, splits=splits,
@@ -408,7 +409,7 @@ def _run(x, w, *, layout, n, out_dtype, tile, splits, interpret, num_warps, num_
 def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
                        tile: tuple[int, int, int] | None = None,
                        splits: int | None = None, interpret: bool = False,
-                       num_warps: int = 4, num_stages: int = 3,
+                       num_warps: int = 4, num_stages: int | None = None,
                        decoder: str = "auto", algorithm: str = "auto") -> jax.Array:
   """``x @ w`` for BF16/F32 activations ``x`` (M, K) and FP4 weights ``w`` (K, N), blocked
   along K: the weights are read packed (4.25-4.5 bits) and unpacked in the kernel, which
@@ -419,6 +420,8 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
     be multiples; bm, bn, bk powers of two on a GPU.
   splits: K splits, each a program's float32 partial sum, added by XLA (default
     :func:`weight_only_splits`).
+  num_warps, num_stages: Triton's (default 4 warps; :data:`MMA_STAGES` or
+    :data:`GEMV_STAGES` pipeline stages).
   decoder: one of :data:`DECODERS` (``prmt``: inline PTX, GPU only; ``alu``; ``auto``).
   algorithm: one of :data:`ALGORITHMS` (tensor-core ``mma``, CUDA-core ``gemv``, ``auto``).
   """
@@ -436,7 +439,7 @@ def weight_only_matmul(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
 def weight_only_linear(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16,
                        tile: tuple[int, int, int] | None = None,
                        splits: int | None = None, interpret: bool = False,
-                       num_warps: int = 4, num_stages: int = 3,
+                       num_warps: int = 4, num_stages: int | None = None,
                        decoder: str = "auto", algorithm: str = "auto") -> jax.Array:
   """``x @ w.T`` for activations ``x`` (M, K) and FP4 weights ``w`` (N, K) blocked along
   their last axis: the PyTorch ``Linear`` / gpt-oss orientation (what
@@ -459,5 +462,5 @@ def weight_only_linear(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
 
 __all__ = ["ALGORITHMS", "DECODERS", "GEMV_AUTO_MAX_ROWS", "GEMV_MAX_ROWS", "GEMV_TILE",
            "PRMT_DECODE_ASM", "gemv_rows_tile", "weight_only_linear", "decode_alu", "decode_prmt", "halves",
-           "default_columns_tile", "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
+           "DEFAULT_BK", "DEFAULT_BN", "GEMV_STAGES", "MMA_STAGES", "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
            "weight_only_splits"]
