@@ -149,8 +149,8 @@ def weight_only_dot(x: jax.Array, w: QArray, *, impl: str | None = None,
   x2 = x.reshape(-1, x.shape[-1])
   choice = dispatch.choose_weight_only(x2.shape, w, impl, strict=strict, x_dtype=x2.dtype)
   if choice.impl is dispatch.WeightOnlyImpl.KERNEL:
-    tile = kernel_weight_only.weight_only_tile(*x2.shape, w.shape[1], w.spec.block_size)
-    y = kernel_weight_only.weight_only_matmul(x2, w, out_dtype=jnp.float32, tile=tile,
+    # The kernel picks its algorithm and tile (the GEMV at M = 1, 128 x 128 MMA tiles).
+    y = kernel_weight_only.weight_only_matmul(x2, w, out_dtype=jnp.float32,
                                               interpret=choice.interpret)
   else:
     wd = decode.dequantize(w, x2.dtype)
