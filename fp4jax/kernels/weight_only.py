@@ -351,6 +351,16 @@ def gemv_rows_tile(m: int) -> int:
   return 1 if m <= 1 else 2 if m <= 2 else 4
 
 
+def gemv_tile(m: int, k: int, n: int, block: int) -> tuple[int, int, int]:
+  """The (bm, bn, bk) tile of the GEMV: :data:`GEMV_TILE`'s, or smaller powers of two that
+  divide N and K (K's a multiple of the block); where none does, the default, which the
+  caller's divisibility check then names."""
+  bm = gemv_rows_tile(m)
+  bn, bk = GEMV_TILE[bm]
+  return (bm, largest_dividing(n, bn, MIN_TILE) or bn,
+          largest_dividing(k, bk, max(MIN_TILE, block)) or bk)
+
+
 def _resolve_algorithm(algorithm: str, m: int, fn: str, tile=None) -> str:
   if algorithm not in ALGORITHMS:
     raise ValueError(f"{fn}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -382,10 +392,7 @@ def _run(x, w, *, layout, n, out_dtype, tile, splits, interpret, num_warps, num_
   algorithm = _resolve_algorithm(algorithm, m, fn, tile)
   block = w.spec.block_size
   if tile is None and algorithm == "gemv":
-    bm = gemv_rows_tile(m)
-    bn, bk = GEMV_TILE[bm]
-    tile = (bm, largest_dividing(n, bn, MIN_TILE) or bn,
-            largest_dividing(k, bk, max(MIN_TILE, block)) or bk)
+    tile = gemv_tile(m, k, n, block)
   bm, bn, bk = tile or weight_only_tile(m, k, n, block) or (
       weight_only_rows_tile(m), DEFAULT_BN, DEFAULT_BK)   # (the last: for the message)
   why = _tile_reason(bm, n, k, bm, bn, bk, block)
@@ -461,6 +468,6 @@ def weight_only_linear(x: jax.Array, w: QArray, *, out_dtype: Any = jnp.bfloat16
 
 
 __all__ = ["ALGORITHMS", "DECODERS", "GEMV_AUTO_MAX_ROWS", "GEMV_MAX_ROWS", "GEMV_TILE",
-           "PRMT_DECODE_ASM", "gemv_rows_tile", "weight_only_linear", "decode_alu", "decode_prmt", "halves",
+           "PRMT_DECODE_ASM", "gemv_rows_tile", "gemv_tile", "weight_only_linear", "decode_alu", "decode_prmt", "halves",
            "DEFAULT_BK", "DEFAULT_BN", "GEMV_STAGES", "MMA_STAGES", "unsupported_reason", "weight_only_matmul", "weight_only_tile", "weight_only_reference", "weight_only_rows_tile",
            "weight_only_splits"]
