@@ -39,7 +39,7 @@ Which operands it takes: :func:`unsupported_reason`. Everything else takes the Q
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +131,17 @@ def emit(value_bits: jax.Array, dtype) -> jax.Array:
   return bits.bits_f32(value_bits)
 
 
+class OperandRequest(NamedTuple):
+  """One operand for :func:`gemm_operands`: :func:`gemm_operand`'s arguments."""
+
+  x: jax.Array
+  spec: QuantSpec
+  axis: int = -1
+  key: jax.Array | None = None
+  random_bits: jax.Array | None = None
+  tensor_scale: jax.Array | None = None
+
+
 def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array | None = None,
                  *, dtype: Any = jnp.bfloat16, random_bits: jax.Array | None = None,
                  tensor_scale: jax.Array | None = None, ieee_subnormals: bool = False
@@ -157,40 +168,106 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
     :func:`gemm_operand_reference`; ``t`` the float32 tensor scale (shape ``()``) for
     two-level specs, else None. ``values * t`` are the quantized numbers.
   """
-  why = unsupported_reason(spec, x.shape, axis)
+  return gemm_operands([OperandRequest(x, spec, axis, key, random_bits, tensor_scale)],
+                       dtype=dtype, ieee_subnormals=ieee_subnormals)[0]
+
+
+class _Prepared(NamedTuple):
+  b: jax.Array                 # uint32 float32 bits of x
+  ext: tuple[int, ...]         # block extents
+  amax: jax.Array              # uint32 bits of max |x| per block
+  rbits: jax.Array | None      # stochastic rounding's random bits
+  tensor_amax: jax.Array | None  # uint32 bits of the tensor amax (two-level, derived t)
+
+
+def _prepare(r: OperandRequest) -> _Prepared:
+  why = unsupported_reason(r.spec, r.x.shape, r.axis)
   if why is not None:
     raise ValueError(f"gemm_operand: unsupported operand ({why}); use "
                      "fp4jax.quantize + dequantize for it")
-  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in GEMM_DTYPES]:
-    raise ValueError(f"gemm_operand: dtype must be bfloat16 or float32, got {dtype}")
-  x = encode.check_input(x)
-  axis = blocks.normalize_axis(axis, x.ndim)
+  spec = r.spec
+  x = encode.check_input(r.x)
+  axis = blocks.normalize_axis(r.axis, x.ndim)
   rbits = None
   if spec.rounding == "stochastic":
+    random_bits = r.random_bits
     if random_bits is None:
-      if key is None:
+      if r.key is None:
         raise ValueError("gemm_operand: stochastic rounding needs key=jax.random.key(...) "
                          "(or random_bits=)")
-      random_bits = prng.random_bits_for(key, x.shape)
+      random_bits = prng.random_bits_for(r.key, x.shape)
     rbits = jnp.asarray(random_bits, U32)
   b = input_bits(x)
   ext = blocks.block_extents(x.shape, spec, axis)
   amax = blocks.block_max(bits.abs_bits(b), ext)
-  ts = None
+  tensor_amax_bits = None
   if spec.tensor_scale is not None:
     # The tensor amax from the materialised block maxima (1/16 of the bytes): left to
     # itself XLA:GPU re-reads the whole input for it (kernels/NOTES.md).
     amax = jax.lax.optimization_barrier(amax)
-    ts = encode.tensor_scale(tensor_amax.amax_source(bits.abs_bits(b), amax, spec.tensor_scale),
-                             spec, tensor_scale)
-  # Per block, materialised (as the reference does): the element fusion reads one
-  # multiplier and one scale per block instead of repeating the block math per element.
-  factors = jax.lax.optimization_barrier(block_factors(amax, spec, ts,
-                                                       derived_ts=tensor_scale is None))
-  expand = lambda v: None if v is None else blocks.expand(v, ext, x.shape)
-  out = element_value_bits(b, BlockFactors(*(expand(f) for f in factors)), spec, rbits,
-                           ieee_subnormals)
-  return emit(out, dtype), ts
+    if r.tensor_scale is None:
+      source = tensor_amax.amax_source(bits.abs_bits(b), amax, spec.tensor_scale)
+      tensor_amax_bits = tensor_amax.reduce_amax_bits(jnp.max(source)).astype(U32)
+  return _Prepared(b, ext, amax, rbits, tensor_amax_bits)
+
+
+def _uses_tables(spec: QuantSpec) -> bool:
+  return scales.is_e4m3fn(spec.scale_format)
+
+
+def gemm_operands(requests: Sequence[OperandRequest], *, dtype: Any = jnp.bfloat16,
+                  ieee_subnormals: bool = False) -> list[tuple[jax.Array, jax.Array | None]]:
+  """:func:`gemm_operand` of several operands (``(values, t)`` each, equal bit for bit to
+  one call per operand), with their per-tensor scalar work done once for all: the
+  two-level specs' tensor scales (one exact division) and UE4M3 tables
+  (:func:`fp4jax.scales.ue4m3_tables`, two exact divisions) are batched over the
+  operands that derive their tensor scale. That scalar graph is most of an NVFP4
+  operand's HLO (a few hundred instructions, tiny kernels on a GPU): emitting a layer's
+  operands together divides its size, compile time and launches by their number.
+
+  Args:
+    requests: the operands (:class:`OperandRequest`: ``x``, ``spec``, ``axis``, ``key``,
+      ``random_bits``, ``tensor_scale`` as :func:`gemm_operand` takes them).
+    dtype, ieee_subnormals: as :func:`gemm_operand`, for all of them.
+  """
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in GEMM_DTYPES]:
+    raise ValueError(f"gemm_operand: dtype must be bfloat16 or float32, got {dtype}")
+  requests = [OperandRequest(*r) for r in requests]
+  prepared = [_prepare(r) for r in requests]
+  ts: list[jax.Array | None] = [None] * len(requests)
+  tables: list[scales.UE4M3Tables | None] = [None] * len(requests)
+  groups: dict[tuple[str, str], list[int]] = {}
+  for i, (r, p) in enumerate(zip(requests, prepared)):
+    if r.spec.tensor_scale is None:
+      continue
+    if p.tensor_amax is None:  # an explicit tensor scale, materialised as quantize does
+      ts[i] = encode.tensor_scale(None, r.spec, r.tensor_scale)
+    else:
+      groups.setdefault((r.spec.element.name, r.spec.scale_format.name), []).append(i)
+  for members in groups.values():
+    spec = requests[members[0]].spec
+    amax = bits.bits_f32(jnp.stack([prepared[i].tensor_amax for i in members]))
+    # Materialised, as encode.tensor_scale does: otherwise XLA fuses the tensor-wide
+    # reductions into every consumer of the exact-division graph.
+    t = jax.lax.optimization_barrier(
+        scales.tensor_scale_from_amax(amax, spec.element, spec.scale_format))
+    tab = None
+    if _uses_tables(spec):
+      tab = jax.lax.optimization_barrier(scales.ue4m3_tables(spec.element, t))
+    for j, i in enumerate(members):
+      ts[i] = t[j]
+      tables[i] = None if tab is None else scales.tables_row(tab, j)
+  out = []
+  for r, p, t, tab in zip(requests, prepared, ts, tables):
+    # Per block, materialised (as the reference does): the element fusion reads one
+    # multiplier and one scale per block instead of repeating the block math per element.
+    factors = jax.lax.optimization_barrier(
+        block_factors(p.amax, r.spec, t, derived_ts=r.tensor_scale is None, tables=tab))
+    expand = lambda v, p=p: None if v is None else blocks.expand(v, p.ext, p.b.shape)
+    values = element_value_bits(p.b, BlockFactors(*(expand(f) for f in factors)), r.spec,
+                                p.rbits, ieee_subnormals)
+    out.append((emit(values, dtype), t))
+  return out
 
 
 class BlockFactors(NamedTuple):
@@ -204,7 +281,8 @@ class BlockFactors(NamedTuple):
 
 
 def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
-                  derived_ts: bool = False) -> BlockFactors:
+                  derived_ts: bool = False, tables: scales.UE4M3Tables | None = None
+                  ) -> BlockFactors:
   """:class:`BlockFactors` from block maxima (uint32 bits of ``max |x|`` per block) and
   the tensor scale ``ts`` (two-level specs; else None), with the scale functions of
   :mod:`fp4jax.scales` (power-of-two scales: the reference's, per block).
@@ -215,7 +293,8 @@ def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
   the general path) or under none come from per-tensor tables
   (:func:`fp4jax.scales.ue4m3_tables`: no division per block, equal bit for bit); other
   float scales from :func:`fp4jax.bits.div_f32`'s exact divisions. (XLA:GPU's own float32
-  ``/`` is not correctly rounded: ``kernels/NOTES.md``, "NVFP4 operands".)"""
+  ``/`` is not correctly rounded: ``kernels/NOTES.md``, "NVFP4 operands".) ``tables``:
+  those tables when the caller made them (of the same ``ts``), else they are made here."""
   elem, sfmt = spec.element, spec.scale_format
   if sfmt.is_pow2:
     code = scales.pow2_scale_code(amax, elem, sfmt, spec.scale_mode)
@@ -227,7 +306,9 @@ def block_factors(amax: jax.Array, spec: QuantSpec, ts: jax.Array | None, *,
     scale = bits.bits_f32(jnp.where(nan_block, U32(bits.F32_NAN_BITS), _pow2_bits(shift)))
     return BlockFactors(mult, scale, shift, nan_block)
   if scales.is_e4m3fn(sfmt) and (ts is None or derived_ts):
-    scale, _, recip = scales.ue4m3_from_tables(amax, scales.ue4m3_tables(elem, ts), sfmt, ts)
+    if tables is None:
+      tables = scales.ue4m3_tables(elem, ts)
+    scale, _, recip = scales.ue4m3_from_tables(amax, tables, sfmt, ts)
     return BlockFactors(recip, scale)
   if scales.is_e4m3fn(sfmt):
     scale, _ = scales.float_block_scale_and_code(amax, elem, sfmt, ts)
@@ -273,6 +354,6 @@ def gemm_operand_reference(x: jax.Array, spec: QuantSpec, axis: int = -1,
   return decode.dequantize(q, dtype), t
 
 
-__all__ = ["GEMM_DTYPES", "BlockFactors", "block_factors", "element_value_bits", "emit",
-           "input_bits",
-           "gemm_operand", "gemm_operand_reference", "unsupported_reason"]
+__all__ = ["GEMM_DTYPES", "BlockFactors", "OperandRequest", "block_factors",
+           "element_value_bits", "emit", "input_bits", "gemm_operand", "gemm_operand_reference",
+           "gemm_operands", "unsupported_reason"]

@@ -135,15 +135,36 @@ def _kernel_config(x, spec: QuantSpec, axis: int, kernel: KernelEmit | None):
   return emitter == "pallas", config
 
 
-def _emit(x, spec: QuantSpec, axis: int, key_data, op: str, dtype, ieee: bool,
-          kernel: KernelEmit | None = None):
-  key = _op_key(key_data, spec, op)
-  takes, config = _kernel_config(x, spec, axis, kernel)
-  if takes:
-    return kernel_operand.gemm_operand(x, spec, axis, key, dtype=dtype, config=config,
-                                       interpret=kernel.interpret,
-                                       ieee_subnormals=kernel.ieee_subnormals), None
-  return operand.gemm_operand(x, spec, axis, key, dtype=dtype, ieee_subnormals=ieee)
+class _Op(NamedTuple):
+  """One operand to emit: the tensor, its spec and axis, and its name in the recipe."""
+
+  x: jax.Array
+  spec: QuantSpec
+  axis: int
+  op: str
+  kernel: KernelEmit | None
+
+
+def _emit_all(ops: list[_Op], key_data, dtype, ieee: bool) -> list[tuple[jax.Array, Any]]:
+  """``(values, t)`` of each operand: through the Pallas kernel where it takes one, the
+  rest together through :func:`fp4jax.operand.gemm_operands` (so a layer's NVFP4 operands
+  share one tensor-scale and table computation)."""
+  out: list[Any] = [None] * len(ops)
+  xla = []
+  for i, o in enumerate(ops):
+    key = _op_key(key_data, o.spec, o.op)
+    takes, config = _kernel_config(o.x, o.spec, o.axis, o.kernel)
+    if takes:
+      out[i] = kernel_operand.gemm_operand(o.x, o.spec, o.axis, key, dtype=dtype,
+                                           config=config, interpret=o.kernel.interpret,
+                                           ieee_subnormals=o.kernel.ieee_subnormals), None
+    else:
+      xla.append((i, operand.OperandRequest(o.x, o.spec, o.axis, key)))
+  if xla:
+    emitted = operand.gemm_operands([r for _, r in xla], dtype=dtype, ieee_subnormals=ieee)
+    for (i, _), e in zip(xla, emitted):
+      out[i] = e
+  return out
 
 
 def _gemm(x, y, eq: str, tx, ty):
@@ -185,10 +206,9 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
   def fwd(a, w, key_data):
     a1 = _transform(a, -1, key_data, r.hadamard_fwd, _H_FWD)
     w1 = _transform(w, -2, key_data, r.hadamard_fwd, _H_FWD)
-    av, ta = _emit(a1, r.fwd_lhs, -1, key_data, "fwd_lhs", gemm_dtype, ieee_subnormals,
-                   kernel)
-    wv, tw = _emit(w1, r.fwd_rhs, -2, key_data, "fwd_rhs", gemm_dtype, ieee_subnormals,
-                   kernel)
+    (av, ta), (wv, tw) = _emit_all([_Op(a1, r.fwd_lhs, -1, "fwd_lhs", kernel),
+                                    _Op(w1, r.fwd_rhs, -2, "fwd_rhs", kernel)],
+                                   key_data, gemm_dtype, ieee_subnormals)
     y = _gemm(av, wv, "bmk,bkn->bmn", ta, tw).astype(out_dtype)
     a_src = av if r.double_quant else a1
     w_src = wv if (reuse or r.double_quant) else w1
@@ -217,27 +237,32 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
           _op_key(kd, r.wgrad_grad, "wgrad_grad"), dtype=gemm_dtype, config=both_config,
           interpret=kernel.interpret, ieee_subnormals=kernel.ieee_subnormals)
       tg = tg2 = None
-    else:
-      gv, tg = _emit(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad, -1, kd,
-                     "dgrad_grad", gemm_dtype, ieee_subnormals, g_kernel)
-    # dgrad: dA' = dY W'^T, contracting N.
-    if reuse:
-      wv, tw = res.w_src, res.w_scale
-    else:
-      wv, tw = _emit(_transform(res.w_src, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_rhs,
-                     -1, kd, "dgrad_rhs", gemm_dtype, ieee_subnormals, kernel)
-    da = _gemm(gv, wv, "bmn,bkn->bmk", tg, tw)
+    # The rest emitted together (one tensor-scale and table computation for NVFP4's).
+    ops = {}
+    if not g_both:
+      ops["dgrad_grad"] = _Op(_transform(g, -1, kd, r.hadamard_dgrad, _H_DGRAD), r.dgrad_grad,
+                              -1, "dgrad_grad", g_kernel)
+    if not reuse:
+      ops["dgrad_rhs"] = _Op(_transform(res.w_src, -1, kd, r.hadamard_dgrad, _H_DGRAD),
+                             r.dgrad_rhs, -1, "dgrad_rhs", kernel)
     # wgrad: dW' = A'^T dY, contracting the tokens M, zero-padded to whole blocks (exact,
     # as in the reference: zero rows add nothing, and a Hadamard transform is orthogonal).
     a_src, g2 = res.a_src, g
     if m % mult:
       pad = [(0, 0), (0, -m % mult), (0, 0)]
       a_src, g2 = jnp.pad(a_src, pad), jnp.pad(g2, pad)
-    av, ta = _emit(_transform(a_src, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_lhs, -2, kd,
-                   "wgrad_lhs", gemm_dtype, ieee_subnormals, kernel)
+    ops["wgrad_lhs"] = _Op(_transform(a_src, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_lhs,
+                           -2, "wgrad_lhs", kernel)
     if not g_both:
-      gv2, tg2 = _emit(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad, -2,
-                       kd, "wgrad_grad", gemm_dtype, ieee_subnormals, g_kernel)
+      ops["wgrad_grad"] = _Op(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad,
+                              -2, "wgrad_grad", g_kernel)
+    emitted = dict(zip(ops, _emit_all(list(ops.values()), kd, gemm_dtype, ieee_subnormals)))
+    if not g_both:
+      (gv, tg), (gv2, tg2) = emitted["dgrad_grad"], emitted["wgrad_grad"]
+    # dgrad: dA' = dY W'^T, contracting N.
+    wv, tw = (res.w_src, res.w_scale) if reuse else emitted["dgrad_rhs"]
+    da = _gemm(gv, wv, "bmn,bkn->bmk", tg, tw)
+    av, ta = emitted["wgrad_lhs"]
     dw = _gemm(av, gv2, "bmk,bmn->bkn", ta, tg2)
     da = _transform(da, -1, kd, r.hadamard_fwd, _H_FWD, transpose=True)
     dw = _transform(dw, -2, kd, r.hadamard_fwd, _H_FWD, transpose=True)

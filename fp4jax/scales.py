@@ -236,16 +236,17 @@ def _e4m3_round_up_bounds() -> np.ndarray:
 _E4M3_BOUNDS = _e4m3_round_up_bounds()
 
 
-def _least_passing(approx: jax.Array, passes) -> jax.Array:
-  """The smallest nonnegative float32 (uint32 bits) in ``approx +- _THRESHOLD_WINDOW``
-  ulps (clamped to [0, Inf]) for which the monotone predicate ``passes`` holds, per lane;
-  ``approx`` is within two ulps of the true least such float (so it is in the window)."""
+def _window(approx: jax.Array) -> jax.Array:
+  """uint32 float32 bits ``approx + d`` for ``d`` in ``+-_THRESHOLD_WINDOW`` ulps, clamped
+  to [0, Inf], along a new last axis."""
   d = jnp.arange(-_THRESHOLD_WINDOW, _THRESHOLD_WINDOW + 1, dtype=jnp.int32)
-  cand = jnp.clip(approx.astype(jnp.int32)[:, None] + d[None, :], 0,
-                  bits.F32_INF_BITS).astype(U32)
-  ok = passes(cand)
-  # The window is increasing and the predicate monotone: the first passing candidate.
-  return jnp.min(jnp.where(ok, cand, U32(bits.F32_INF_BITS)), axis=1)
+  return jnp.clip(approx.astype(jnp.int32)[..., None] + d, 0, bits.F32_INF_BITS).astype(U32)
+
+
+def _first_passing(cand: jax.Array, ok: jax.Array) -> jax.Array:
+  """The smallest candidate (last axis, increasing) that passes ``ok``, a monotone
+  predicate: the least float32 in the window with the property (see :func:`_window`)."""
+  return jnp.min(jnp.where(ok, cand, U32(bits.F32_INF_BITS)), axis=-1)
 
 
 class UE4M3Tables(NamedTuple):
@@ -262,7 +263,9 @@ def ue4m3_tables(element: ElementFormat, tensor_scale: jax.Array | None) -> UE4M
 
   ``tensor_scale``: NVFP4's FP32 ``t`` as :func:`tensor_scale_from_amax` makes it (a
   positive normal, or NaN / +Inf for a tensor holding NaN / Inf, which
-  :func:`ue4m3_from_tables` handles apart), or None (one level: ``amax / emax``).
+  :func:`ue4m3_from_tables` handles apart), of any shape (the tables then have that
+  shape's leading axes: one table per tensor, :func:`tables_row` picks one), or None (one
+  level: ``amax / emax``).
 
   Why each threshold is within the window: with ``q(A) = fl(fl(A/e)/t)``, code ``>= c``
   iff ``q(A) >= B[c]`` (the code's rounding bound, clipping cannot cross it), iff
@@ -275,28 +278,50 @@ def ue4m3_tables(element: ElementFormat, tensor_scale: jax.Array | None) -> UE4M
     raise ValueError(f"ue4m3_tables: element must be E2M1 (max 6), got {element.name}; "
                      "other elements take float_block_scale_and_code")
   emax = np.float32(element.max_value)
-  bounds = jnp.asarray(_E4M3_BOUNDS)
+  bounds = jnp.asarray(_E4M3_BOUNDS)                  # (118,)
+  nb = _E4M3_BOUNDS.size * (2 * _THRESHOLD_WINDOW + 1)  # candidates per search
   one = np.float32(1.0)
-  if tensor_scale is None:
-    y = bounds
-    inv = np.float32(1.0 / element.max_value)
-  else:
-    t = jnp.asarray(tensor_scale, jnp.float32)
-    y = _least_passing(bits.f32_bits(bits.bits_f32(bounds) * t),
-                       lambda c: bits.f32_bits(bits.div_f32(bits.bits_f32(c), t)) >= bounds[:, None])
-    inv = one / (emax * t)
-  thr = _least_passing(bits.f32_bits(bits.bits_f32(y) * emax),
-                       lambda c: bits.f32_bits(bits.div_f32(bits.bits_f32(c), emax)) >= y[:, None])
-  # Codes 0..8: any amax (the clip's floor); code 127 (NaN) never by threshold.
-  thresholds = jnp.concatenate([jnp.zeros((_E4M3_MIN_CODE + 1,), U32), thr,
-                                jnp.full((1,), bits.F32_INF_BITS + 1, U32)])
   codes = jnp.clip(jnp.arange(128, dtype=U32), _E4M3_MIN_CODE, _E4M3_MAX_CODE)
   values = _e4m3_normal_value(codes)
   if tensor_scale is None:
+    cand = _window(bits.f32_bits(bits.bits_f32(bounds) * emax))
+    ok = bits.f32_bits(bits.div_f32(bits.bits_f32(cand), emax)) >= bounds[:, None]
+    thresholds = _first_passing(cand, ok)
     recips = bits.div_f32(one, values)
+    inv = jnp.asarray(np.float32(1.0 / element.max_value))
   else:
-    recips = bits.div_f32(bits.div_f32(one, t), values)
+    # Batched over t's shape, and each stage's divisions in one exact division of
+    # concatenated operands: the graph's size (compile time, small kernels) does not grow
+    # with the number of tensors batched together (fp4jax.operand.gemm_operands).
+    t = jnp.asarray(tensor_scale, jnp.float32)
+    lead = t.shape
+    tt = t[..., None]
+    cand = _window(bits.f32_bits(bits.bits_f32(bounds) * tt))        # lead + (118, w)
+    q = bits.div_f32(jnp.concatenate([bits.bits_f32(cand).reshape(lead + (nb,)),
+                                      jnp.ones(lead + (1,), jnp.float32)], -1), tt)
+    y = _first_passing(cand, bits.f32_bits(q[..., :nb]).reshape(cand.shape)
+                       >= bounds[:, None])                            # lead + (118,)
+    inv_t = q[..., nb:]                                               # 1/t, lead + (1,)
+    cand = _window(bits.f32_bits(bits.bits_f32(y) * emax))
+    q = bits.div_f32(
+        jnp.concatenate([bits.bits_f32(cand).reshape(lead + (nb,)),
+                         jnp.broadcast_to(inv_t, lead + (128,))], -1),
+        jnp.concatenate([jnp.full(lead + (nb,), emax), jnp.broadcast_to(values, lead + (128,))],
+                        -1))
+    thresholds = _first_passing(cand, bits.f32_bits(q[..., :nb]).reshape(cand.shape)
+                                >= y[..., None])
+    recips = q[..., nb:]                                              # (1/t)/s(c)
+    inv = one / (emax * t)
+  # Codes 0..8: any amax (the clip's floor); code 127 (NaN) never by threshold.
+  lead = thresholds.shape[:-1]
+  thresholds = jnp.concatenate([jnp.zeros(lead + (_E4M3_MIN_CODE + 1,), U32), thresholds,
+                                jnp.full(lead + (1,), bits.F32_INF_BITS + 1, U32)], -1)
   return UE4M3Tables(thresholds, recips, jnp.asarray(inv, jnp.float32))
+
+
+def tables_row(tables: UE4M3Tables, index) -> UE4M3Tables:
+  """The tables of one tensor out of a batch of :func:`ue4m3_tables`."""
+  return UE4M3Tables(*(v[index] for v in tables))
 
 
 def ue4m3_from_tables(amax_bits: jax.Array, tables: UE4M3Tables, scale_format: ScaleFormat,

@@ -256,7 +256,9 @@ def main(argv):
           prof = profile_step(step, state, inputs, labels, key, tdir)
           row["profile"] = prof
           print("    GPU ms/step " + f"{prof['device_ms_per_step']:.2f}: " + ", ".join(
-              f"{k} {v:.2f}" for k, v in prof["by_category_ms"].items()), flush=True)
+              f"{k} {v:.2f}" for k, v in prof["by_category_ms"].items())
+              + f"; {prof['kernels_per_step']:.0f} kernels, {prof['small_kernels_per_step']:.0f}"
+              f" under 8 us ({prof['small_kernels_ms_per_step']:.2f} ms)", flush=True)
           for name, ms, n in prof["top_kernels"][:5]:
             print(f"      {ms:7.3f} ms  x{n:g}  {name[:90]}", flush=True)
       except Exception as e:  # a row that fails is recorded, the others still run

@@ -30,6 +30,9 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+SMALL_KERNEL_US = 8.0  # kernels shorter than this (microseconds) are counted apart
+
+
 def kernel_category(name: str) -> str:
   """The category (a ``KERNEL_CATEGORIES`` key, or ``"other"``) of a GPU kernel name."""
   low = name.lower()
@@ -57,7 +60,10 @@ def summarize_trace_events(trace: dict[str, Any], steps: int, top: int = 15) -> 
     top: how many kernels to list, longest first.
   Returns:
     ``{"device_ms_per_step", "by_category_ms", "top_kernels": [(name, ms, calls)],
-    "streams": {thread name: ms}}``; empty totals when the trace has no GPU process.
+    "streams": {thread name: ms}, "kernels_per_step", "small_kernels_per_step",
+    "small_kernels_ms_per_step"}`` (small: shorter than ``SMALL_KERNEL_US``, where a
+    launch's fixed cost, not the work, sets the time); empty totals when the trace has no
+    GPU process.
   """
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1 (the number of steps the trace covers)")
@@ -74,6 +80,7 @@ def summarize_trace_events(trace: dict[str, Any], steps: int, top: int = 15) -> 
   per_kernel = collections.defaultdict(float)
   calls = collections.Counter()
   per_stream = collections.defaultdict(float)
+  small, small_ms = 0, 0.0
   for e in events:
     if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in stream_threads:
       continue
@@ -81,6 +88,8 @@ def summarize_trace_events(trace: dict[str, Any], steps: int, top: int = 15) -> 
     per_kernel[e["name"]] += ms
     calls[e["name"]] += 1
     per_stream[thread[(e["pid"], e["tid"])]] += ms
+    if e.get("dur", 0.0) < SMALL_KERNEL_US:
+      small, small_ms = small + 1, small_ms + ms
   by_category = collections.defaultdict(float)
   for name, ms in per_kernel.items():
     by_category[kernel_category(name)] += ms
@@ -90,6 +99,9 @@ def summarize_trace_events(trace: dict[str, Any], steps: int, top: int = 15) -> 
       "by_category_ms": {k: v / steps for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
       "top_kernels": [(name, ms / steps, calls[name] / steps) for name, ms in ranked],
       "streams": {k: v / steps for k, v in per_stream.items()},
+      "kernels_per_step": sum(calls.values()) / steps,
+      "small_kernels_per_step": small / steps,
+      "small_kernels_ms_per_step": small_ms / steps,
   }
 
 

@@ -38,6 +38,17 @@ def test_summary_counts_stream_kernels_per_step(steps):
   assert (name, calls) == ("sm90_xmma_gemm_e4m3", 1 / steps) and ms == pytest.approx(1.0 / steps)
   assert s["top_kernels"][1][0] == "fp4jax_quantize_rows" and s["top_kernels"][1][2] == 2 / steps
   assert set(s["streams"]) == {"Stream #7(Compute)"}
+  # Six kernels, none shorter than SMALL_KERNEL_US (8 us).
+  assert s["kernels_per_step"] == 6 / steps and s["small_kernels_per_step"] == 0
+
+
+def test_summary_counts_small_kernels():
+  t = _trace()
+  t["traceEvents"] += [{"ph": "X", "pid": 2, "tid": 7, "ts": 99, "dur": d, "name": "loop_tiny"}
+                       for d in (2.0, 3.0, 7.5)]
+  s = ts.summarize_trace_events(t, 1)
+  assert s["kernels_per_step"] == 9 and s["small_kernels_per_step"] == 3
+  assert s["small_kernels_ms_per_step"] == pytest.approx(0.0125)
 
 
 @pytest.mark.parametrize("name,category", [

@@ -103,6 +103,57 @@ def test_gemm_operand_explicit_tensor_scale_and_random_bits():
   assert float(tg) == float(tr) == np.float32(0.01)
 
 
+def test_gemm_operands_of_a_layer_equal_each_reference():
+  # A mix as one layer's backward emits them: NVFP4 rows, columns (1x16 and 16x16) and
+  # stochastic rows with derived tensor scales (batched: one table computation), one with
+  # an explicit tensor scale, a tensor holding NaN (t = NaN), an all-zero tensor (t = 1),
+  # and an MXFP4 operand (no tensor scale) among them.
+  nv, mx = get_spec("nvfp4"), get_spec("mxfp4")
+  x = _wide((64, 128), 11, jnp.float32)
+  xn = np.asarray(_wide((64, 128), 12, jnp.float32)).copy()
+  xn[3, 5] = np.nan
+  reqs = [operand.OperandRequest(x, nv, -1),
+          operand.OperandRequest(_wide((64, 128), 13, jnp.bfloat16), nv, -2),
+          operand.OperandRequest(x * 1e-30, get_spec("nvfp4_2d"), -1),
+          operand.OperandRequest(x, nv.replace(rounding="stochastic"), -2, jax.random.key(3)),
+          operand.OperandRequest(x, nv, -1, tensor_scale=jnp.float32(0.03)),
+          operand.OperandRequest(jnp.asarray(xn), nv, -1),
+          operand.OperandRequest(jnp.zeros((64, 128), jnp.float32), nv, -2),
+          operand.OperandRequest(x, mx, -2)]
+  got = jax.jit(lambda: operand.gemm_operands(reqs, dtype=jnp.float32))()
+  assert len(got) == len(reqs)
+  for i, (r, (v, t)) in enumerate(zip(reqs, got)):
+    ref, tr = operand.gemm_operand_reference(r.x, r.spec, r.axis, r.key, dtype=jnp.float32,
+                                             tensor_scale=r.tensor_scale)
+    np.testing.assert_array_equal(_u(v), _u(ref), err_msg=f"operand {i}")
+    assert (t is None) == (tr is None), i
+    if t is not None:
+      np.testing.assert_array_equal(_u(t), _u(tr), err_msg=f"tensor scale {i}")
+
+
+def test_gemm_operands_share_the_per_tensor_graph():
+  # What the batching is for: three NVFP4 operands cost about one operand's scalar graph
+  # (tensor scales and UE4M3 tables), not three (compile time, small GPU kernels).
+  nv = get_spec("nvfp4")
+  xs = [jnp.ones((32, 64), jnp.bfloat16) * (i + 1) for i in range(3)]
+
+  def size(f):
+    def count(j):
+      return sum(1 + sum(count(s.jaxpr if hasattr(s, "jaxpr") else s)
+                         for p in e.params.values()
+                         for s in (p if isinstance(p, (list, tuple)) else [p])
+                         if hasattr(s, "eqns") or hasattr(getattr(s, "jaxpr", None), "eqns"))
+                 for e in j.eqns)
+    return count(jax.make_jaxpr(f)(xs).jaxpr)
+
+  one = size(lambda xs: operand.gemm_operand(xs[0], nv, -1))
+  together = size(lambda xs: operand.gemm_operands([operand.OperandRequest(x, nv, -1)
+                                                    for x in xs]))
+  apart = size(lambda xs: [operand.gemm_operand(x, nv, -1) for x in xs])
+  assert apart == 3 * one
+  assert together < 1.6 * one, (one, together, apart)
+
+
 def test_gemm_operand_stochastic_is_unbiased():
   sp = get_spec("mxfp4").replace(rounding="stochastic")
   x = jnp.full((1, 32), 0.3, jnp.float32).at[0, 0].set(5.0)  # scale 1: 0.3 between 0 and 0.5

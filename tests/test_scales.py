@@ -197,6 +197,20 @@ def test_ue4m3_tables_equal_the_divisions_for_every_tensor_scale(rng):
       assert not bad.any(), f"t={t!r} {name}: {bad.sum()} differ, e.g. amax bits {a[bad][:3]}"
 
 
+def test_ue4m3_tables_batched_over_tensor_scales_equal_one_at_a_time(rng):
+  ts = np.concatenate([np.exp2(rng.uniform(-120, 116, 6)),
+                       [2.0 ** -120, 1.0, np.inf, np.nan]]).astype(np.float32)
+  batched = _TABLES(jnp.asarray(ts.reshape(2, 5)))
+  assert batched.thresholds.shape == batched.recips.shape == (2, 5, 128)
+  assert batched.inv_divisor.shape == (2, 5)
+  for i, t in enumerate(ts):
+    one = _TABLES(t)
+    row = scales.tables_row(scales.tables_row(batched, i // 5), i % 5)
+    for name, u, v in zip(one._fields, one, row):
+      np.testing.assert_array_equal(np.asarray(u).view(np.uint32), np.asarray(v).view(np.uint32),
+                                    err_msg=f"t={t!r} {name}")
+
+
 def test_ue4m3_tables_one_level_and_thresholds_step_by_one_code(rng):
   a = np.concatenate([rng.integers(0, 0x7FC00001, 20000), [0, 1, 0x7F800000]]).astype(np.uint32)
   tab = scales.ue4m3_tables(_NV.element, None)
