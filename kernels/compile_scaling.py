@@ -9,23 +9,18 @@ the seconds of each and the line counts of the StableHLO and of the optimized HL
 recipe whose compile time per block is large, or grows faster than linearly, is what
 makes an unscanned model's first step slow (``kernels/NOTES.md``). ``--impl`` is the
 ``fp4jax.gemm_impl`` policy (``fused``: the GPU's fused operand path, on any device).
-Results merge into ``kernels/results/compile_<device>.json``.
+Results go to ``kernels/results/compile_<device>.json``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import jax
-import jax.numpy as jnp
-import optax
 from absl import app, flags
 
-import fp4jax
 from fp4jax import dispatch
-from fp4jax.models import ViT
-from kernels.train_step import make_step
+from kernels.train_step import compile_stats
 from kernels.timing import write_json
 
 FLAGS = flags.FLAGS
@@ -36,28 +31,6 @@ flags.DEFINE_integer("batch", 8, "images")
 flags.DEFINE_integer("image", 64, "image side (patches of 16)")
 flags.DEFINE_string("impl", "fused", "fp4jax.gemm_impl policy")
 flags.DEFINE_string("out", None, "JSON path (default kernels/results/compile_<device>.json)")
-
-
-def measure(recipe: str, depth: int, width: int, batch: int, image: int, impl: str) -> dict:
-  """Lower and compile one step of an unrolled ViT; seconds and graph sizes."""
-  images = jax.ShapeDtypeStruct((batch, image, image, 3), jnp.bfloat16)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  key = jax.random.key(1)
-  tx = optax.adamw(1e-3)
-  with fp4jax.gemm_impl(impl):
-    model = ViT(1000, 16, width, depth, max(1, width // 64), 4 * width,
-                recipe=None if recipe == "bf16" else recipe, dtype=jnp.bfloat16)
-    params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "quant": key},
-                                               jnp.zeros((2,) + images.shape[1:], images.dtype)))
-    opt_state = jax.eval_shape(tx.init, params)
-    t0 = time.perf_counter()
-    lowered = make_step(model, tx).lower(params, opt_state, images, labels, key)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-  return {"lower_s": t1 - t0, "compile_s": t2 - t1,
-          "stablehlo_lines": lowered.as_text().count("\n"),
-          "optimized_hlo_lines": compiled.as_text().count("\n")}
 
 
 def main(argv):
@@ -71,7 +44,7 @@ def main(argv):
     for depth in (int(d) for d in FLAGS.depths):
       if depth < 1:
         raise app.UsageError(f"--depths must be positive block counts, got {depth}")
-      row = measure(recipe, depth, FLAGS.width, FLAGS.batch, FLAGS.image, FLAGS.impl)
+      row = compile_stats(recipe, depth, FLAGS.width, FLAGS.batch, FLAGS.image, FLAGS.impl)
       res["rows"][f"{recipe}/depth{depth}"] = row
       print(f"{recipe:9} depth {depth}: lower {row['lower_s']:6.1f} s  compile "
             f"{row['compile_s']:6.1f} s  StableHLO {row['stablehlo_lines']:7d} lines  "

@@ -1,12 +1,13 @@
-"""kernels.compile_scaling: compile time and graph size per recipe and depth."""
+"""kernels.train_step.compile_stats (what kernels.compile_scaling prints): compile time and
+graph size per recipe and depth."""
 
 import pytest
 
-from kernels import compile_scaling
+from kernels import train_step
 
 
 def test_measure_reports_sizes_that_grow_with_depth():
-  rows = [compile_scaling.measure("mxfp4", d, width=64, batch=2, image=32, impl="fused")
+  rows = [train_step.compile_stats("mxfp4", d, width=64, batch=2, image=32, impl="fused")
           for d in (1, 2)]
   for row in rows:
     assert set(row) == {"lower_s", "compile_s", "stablehlo_lines", "optimized_hlo_lines"}
@@ -17,4 +18,4 @@ def test_measure_reports_sizes_that_grow_with_depth():
 
 def test_unknown_recipe_is_named():
   with pytest.raises((KeyError, ValueError), match="nvfp3"):
-    compile_scaling.measure("nvfp3", 1, width=64, batch=2, image=32, impl="fused")
+    train_step.compile_stats("nvfp3", 1, width=64, batch=2, image=32, impl="fused")
