@@ -211,10 +211,6 @@ def _prepare(r: OperandRequest) -> _Prepared:
   return _Prepared(b, ext, amax, rbits, tensor_amax_bits)
 
 
-def _uses_tables(spec: QuantSpec) -> bool:
-  return scales.is_e4m3fn(spec.scale_format)
-
-
 def gemm_operands(requests: Sequence[OperandRequest], *, dtype: Any = jnp.bfloat16,
                   ieee_subnormals: bool = False) -> list[tuple[jax.Array, jax.Array | None]]:
   """:func:`gemm_operand` of several operands (``(values, t)`` each, equal bit for bit to
@@ -252,7 +248,7 @@ def gemm_operands(requests: Sequence[OperandRequest], *, dtype: Any = jnp.bfloat
     t = jax.lax.optimization_barrier(
         scales.tensor_scale_from_amax(amax, spec.element, spec.scale_format))
     tab = None
-    if _uses_tables(spec):
+    if scales.is_e4m3fn(spec.scale_format):  # block_factors' table path
       tab = jax.lax.optimization_barrier(scales.ue4m3_tables(spec.element, t))
     for j, i in enumerate(members):
       ts[i] = t[j]

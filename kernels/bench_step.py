@@ -153,9 +153,10 @@ def check_against_reference(family_tiny: str, recipes, key) -> dict:
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     got = {}
-    for impl, x in (("auto", inputs), ("xla", inputs), ("xla_nudged", nudged)):
-      with fp4jax.gemm_impl(impl.split("_")[0]):
-        got[impl] = jax.jit(jax.value_and_grad(loss_fn))(params, x)
+    for label, impl, x in (("auto", "auto", inputs), ("xla", "xla", inputs),
+                           ("xla_nudged", "xla", nudged)):
+      with fp4jax.gemm_impl(impl):
+        got[label] = jax.jit(jax.value_and_grad(loss_fn))(params, x)
 
     def diffs(u, v):
       (la, ga), (lx, gx) = u, v

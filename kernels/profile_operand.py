@@ -52,9 +52,8 @@ def main(argv):
                                 ieee_subnormals=facts.keeps_subnormals)[0]
 
   x = jax.random.normal(jax.random.key(2), (f.n, f.n), jnp.bfloat16)
-  rbits = prng.random_bits_for(key, x.shape) if given else None
-  fn = functools.partial(jax.jit(fn), rbits=rbits) if given else functools.partial(
-      jax.jit(fn, static_argnums=1), rbits=None)
+  rbits = prng.random_bits_for(key, x.shape) if given else None  # None: an empty pytree
+  fn = functools.partial(jax.jit(fn), rbits=rbits)
   jax.block_until_ready(fn(x))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):

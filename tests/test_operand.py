@@ -131,6 +131,19 @@ def test_gemm_operands_of_a_layer_equal_each_reference():
       np.testing.assert_array_equal(_u(t), _u(tr), err_msg=f"tensor scale {i}")
 
 
+def test_gemm_operands_bad_arguments_are_named():
+  nv = get_spec("nvfp4")
+  x = jnp.ones((32, 64), jnp.float32)
+  assert operand.gemm_operands([]) == []
+  with pytest.raises(ValueError, match="dtype must be bfloat16 or float32"):
+    operand.gemm_operands([operand.OperandRequest(x, nv, -1)], dtype=jnp.float16)
+  with pytest.raises(ValueError, match="axis -1 has length 60, not a multiple of its block 16"):
+    operand.gemm_operands([operand.OperandRequest(x, nv, -1),
+                           operand.OperandRequest(jnp.ones((32, 60)), nv, -1)])
+  with pytest.raises(ValueError, match="stochastic rounding needs key="):
+    operand.gemm_operands([operand.OperandRequest(x, nv.replace(rounding="stochastic"), -1)])
+
+
 def test_gemm_operands_share_the_per_tensor_graph():
   # What the batching is for: three NVFP4 operands cost about one operand's scalar graph
   # (tensor scales and UE4M3 tables), not three (compile time, small GPU kernels).
