@@ -20,7 +20,7 @@ element math and its consumer, and a few integer operations per element:
   scales) as one float32 multiply. That is the IEEE product of the reference
   (:func:`fp4jax.bits.mul_f32`) whenever it is normal, and a product below ``2^-126``
   has code 0 in the reference under either rounding (nearest: it is far below 0.25;
-  stochastic: the reference's 32 random bits cannot reach below ``2^-33``), so it does
+  stochastic: a 32-bit random word cannot reach below ``2^-33``), so it does
   not matter whether the backend flushes it. A subnormal ``x`` (which XLA:CPU's
   denormals-are-zero would read as 0) is multiplied from its integer significand
   instead, ``((F * 2^-23) * m) * 2^-126``;

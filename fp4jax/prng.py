@@ -1,18 +1,34 @@
 """Counter-based random bits for stochastic rounding.
 
-Stochastic rounding needs one uniform 32-bit word per element. fp4jax derives it from
-a hash of ``(seed, element index)`` rather than from ``jax.random.bits`` directly, so
-that a Pallas kernel (which has no PRNG on the Triton path) can compute exactly the
-same bits in-kernel from the same two seed words and its element indices: the
-reference and the kernel then agree bit for bit.
+fp4jax derives stochastic rounding's bits from a hash of ``(seed, index)`` rather than
+from ``jax.random.bits`` directly, so that a Pallas kernel (which has no PRNG on the
+Triton path) can compute exactly the same bits in-kernel from the same two seed words and
+its element indices: the reference and the kernel then agree bit for bit.
+
+**One 32-bit hash per four elements, eight random bits each.** Element ``i`` (row-major
+index) takes byte ``i mod 4`` (the most significant first) of the word for ``i // 4``::
+
+    word[w] = mix(mix(w ^ seed0) + seed1)
+    bits[i] = (word[i // 4] << 8 * (i mod 4)) & 0xFF000000 | 0x00800000
+
+The rounding functions compare the top ``s`` bits of an element's word with the ``s``
+dropped bits of its value (:func:`fp4jax.bits.round_shift_right`), so eight random bits
+quantize the round-up probability ``p`` to 1/256. The constant bit 23 centres that
+quantization: the probability used is ``p`` rounded to a multiple of 1/256 (half-way
+cases down), so the rounding is unbiased to within ``2^-9`` of a grid step for every
+input (exactly unbiased where a value has at most 8 dropped bits), tested exhaustively
+over the 256 bytes in ``tests/test_prng.py``. Why eight: the hash was most of stochastic
+rounding's cost (two ``lowbias32`` rounds per element: ``kernels/NOTES.md``, "Issue 18,
+sixth step"), and one 32-bit word per four values is also the budget of Blackwell's
+``cvt.rs.satfinite.e2m1x4.f32 d, {a, b, e, f}, rbits`` (PTX ISA; how the hardware splits
+``rbits`` among the four is not assumed here, so these bits are fp4jax's, not the
+instruction's). A caller who wants 32 bits per element passes them as ``random_bits=``
+(every quantizer takes them; their top bits are used the same way).
 
 The hash is two rounds of the ``lowbias32`` integer finalizer (C. Wellons, "Hash
 function prospector", 2018; shifts 16/15/15, multipliers 0x21f0aaad / 0x735a2d97),
-each a bijection of uint32::
-
-    bits[i] = mix(mix(i ^ seed0) + seed1)
-
-The seed words come from a ``jax.random`` key, so a run is reproducible from its keys.
+each a bijection of uint32. The seed words come from a ``jax.random`` key, so a run is
+reproducible from its keys.
 """
 
 from __future__ import annotations
@@ -21,6 +37,12 @@ import jax
 import jax.numpy as jnp
 
 U32 = jnp.uint32
+
+ELEMENTS_PER_WORD = 4       # elements sharing one 32-bit hash
+BITS_PER_ELEMENT = 8        # random bits each takes (the top byte of its rounding word)
+# Python ints, not arrays: a module-level jax constant would be captured by kernels.
+_LANE_MASK = 0xFF000000
+_CENTRE_BIT = 0x00800000  # half of the byte's last step: centres the quantization
 
 
 def mix32(h: jax.Array) -> jax.Array:
@@ -34,7 +56,7 @@ def mix32(h: jax.Array) -> jax.Array:
 
 
 def counter_hash(seed: jax.Array, counter: jax.Array) -> jax.Array:
-  """Uniform uint32 bits for element indices ``counter`` under ``seed`` (2 uint32 words)."""
+  """Uniform uint32 words for indices ``counter`` under ``seed`` (2 uint32 words)."""
   seed = jnp.asarray(seed, U32)
   return counter_hash_words(seed[0], seed[1], counter)
 
@@ -42,6 +64,39 @@ def counter_hash(seed: jax.Array, counter: jax.Array) -> jax.Array:
 def counter_hash_words(seed0: jax.Array, seed1: jax.Array, counter: jax.Array) -> jax.Array:
   """:func:`counter_hash` with the seed as two scalars (the form kernels load)."""
   return mix32(mix32(counter.astype(U32) ^ seed0.astype(U32)) + seed1.astype(U32))
+
+
+def lane_bits(words: jax.Array, lane: jax.Array) -> jax.Array:
+  """The rounding word of the element in byte lane ``lane`` (0-3) of its ``words``:
+  that byte as the top byte, plus the centring bit."""
+  shift = lane.astype(U32) * U32(BITS_PER_ELEMENT)
+  return ((words.astype(U32) << shift) & U32(_LANE_MASK)) | U32(_CENTRE_BIT)
+
+
+def element_bits_words(seed0: jax.Array, seed1: jax.Array, counter: jax.Array) -> jax.Array:
+  """The rounding words of the elements with row-major indices ``counter`` (uint32, any
+  shape): one hash per element's word, for kernels that hold element indices. Equals
+  :func:`random_bits_for` at those indices."""
+  counter = counter.astype(U32)
+  words = counter_hash_words(seed0, seed1, counter >> U32(2))
+  return lane_bits(words, counter & U32(ELEMENTS_PER_WORD - 1))
+
+
+def expand_words(words: jax.Array) -> jax.Array:
+  """Rounding words of ``(..., 4n)`` elements from their ``(..., n)`` hashed words (lane
+  ``j`` of word ``k`` for element ``4k + j`` of the last axis)."""
+  lanes = lane_bits(words[..., None], jnp.arange(ELEMENTS_PER_WORD, dtype=U32))
+  return lanes.reshape(words.shape[:-1] + (words.shape[-1] * ELEMENTS_PER_WORD,))
+
+
+def interleave_lanes(words: jax.Array) -> jax.Array:
+  """:func:`expand_words` built from two-way stacks along the last axis only (what the
+  Pallas Triton lowering supports: ``tt.join``), for kernels that hash a tile's words."""
+  l0, l1, l2, l3 = (lane_bits(words, U32(j)) for j in range(ELEMENTS_PER_WORD))
+  even = jnp.stack([l0, l2], axis=-1)             # [..., k, t] = lane 2t
+  odd = jnp.stack([l1, l3], axis=-1)              # [..., k, t] = lane 2t + 1
+  lanes = jnp.stack([even, odd], axis=-1)         # [..., k, t, u] = lane 2t + u
+  return lanes.reshape(words.shape[:-1] + (words.shape[-1] * ELEMENTS_PER_WORD,))
 
 
 def seed_from_key(key: jax.Array) -> jax.Array:
@@ -58,5 +113,15 @@ def element_counter(shape: tuple[int, ...]) -> jax.Array:
 
 
 def random_bits_for(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The stochastic-rounding bits fp4jax uses for a tensor of ``shape`` under ``key``."""
-  return counter_hash(seed_from_key(key), element_counter(shape))
+  """The stochastic-rounding words (uint32 of ``shape``) fp4jax uses under ``key``.
+
+  When the last axis is a multiple of 4 the hashes are made once per four elements and
+  materialised (a quarter-size array), then expanded where they are consumed: left to
+  fuse, XLA recomputes a hash for every element that reads it."""
+  seed = seed_from_key(key)
+  shape = tuple(shape)
+  if shape and shape[-1] % ELEMENTS_PER_WORD == 0:
+    word_shape = shape[:-1] + (shape[-1] // ELEMENTS_PER_WORD,)
+    words = counter_hash_words(seed[0], seed[1], element_counter(word_shape))
+    return expand_words(jax.lax.optimization_barrier(words))
+  return element_bits_words(seed[0], seed[1], element_counter(shape))

@@ -20,8 +20,9 @@ The per-block and per-element math is the XLA emitter's own
 kernel and reference are the same function by construction; the tests compare
 :func:`gemm_operand` with :func:`gemm_operand_reference` bit for bit (interpret mode on
 CPU, compiled on the GPU by the GPU test command and ``kernels.bench_operand``).
-Stochastic rounding draws :func:`fp4jax.prng.counter_hash_words` of ``(seed, row-major
-element index)`` in the kernel: the bits :func:`fp4jax.prng.random_bits_for` gives the
+Stochastic rounding draws :func:`fp4jax.prng.random_bits_for`'s words at the tile's
+elements in the kernel (one hash per four elements: :func:`fp4jax.kernels.quantize.
+tile_random_bits`), the bits the
 reference. Float (UE4M3) block scales stay with the XLA emitter: their exact per-block
 division is what makes NVFP4 kernels compile for minutes under Triton.
 """
@@ -38,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from fp4jax import bits, operand, prng
-from fp4jax.kernels.quantize import largest_dividing, round_up, tile_counters
+from fp4jax.kernels.quantize import largest_dividing, round_up, tile_random_bits
 from fp4jax.spec import QuantSpec
 
 U32, I32 = jnp.uint32, jnp.int32
@@ -57,6 +58,9 @@ class OperandKernelConfig:
   block_cols: int = 256
   num_warps: int = 8
   num_stages: int = 1
+  # Stochastic rounding: one hash per four elements, interleaved in registers (False: one
+  # hash per element of its word; the same bits, the measured alternative).
+  hash_per_word: bool = True
 
   def __post_init__(self):
     for name in ("block_rows", "block_cols", "num_warps"):
@@ -126,7 +130,8 @@ def _values(b3, rb3, spec: QuantSpec, block_axis: int, ieee: bool, dtype):
   return operand.emit(out, dtype)
 
 
-def _kernel(x_ref, seed_ref, *out_refs, rows_spec, cols_spec, bm, bk, width, ieee, dtype):
+def _kernel(x_ref, seed_ref, *out_refs, rows_spec, cols_spec, bm, bk, width, ieee, dtype,
+            hash_per_word):
   i, j = pl.program_id(0), pl.program_id(1)
   b = operand.input_bits(x_ref[...])
   outs = iter(out_refs)
@@ -134,8 +139,8 @@ def _kernel(x_ref, seed_ref, *out_refs, rows_spec, cols_spec, bm, bk, width, iee
   def random_bits(spec, word):
     if spec.rounding != "stochastic":
       return None
-    return prng.counter_hash_words(seed_ref[word], seed_ref[word + 1],
-                                   tile_counters(i, j, bm, bk, width))
+    return tile_random_bits(seed_ref[word], seed_ref[word + 1], i, j, bm, bk, width,
+                            per_word=hash_per_word)
 
   if rows_spec is not None:
     bs = rows_spec.block_size
@@ -150,9 +155,10 @@ def _kernel(x_ref, seed_ref, *out_refs, rows_spec, cols_spec, bm, bk, width, iee
 
 
 @functools.partial(jax.jit, static_argnames=("rows_spec", "cols_spec", "bm", "bk", "ieee",
-                                             "dtype", "interpret", "num_warps", "num_stages"))
+                                             "dtype", "interpret", "num_warps", "num_stages",
+                                             "hash_per_word"))
 def _operand_call(x, seed, *, rows_spec, cols_spec, bm, bk, ieee, dtype, interpret,
-                  num_warps, num_stages):
+                  num_warps, num_stages, hash_per_word=True):
   m, k = x.shape
   mp, kp = round_up(m, bm), round_up(k, bk)
   xp = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
@@ -164,7 +170,7 @@ def _operand_call(x, seed, *, rows_spec, cols_spec, bm, bk, ieee, dtype, interpr
     extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                        num_stages=num_stages)
   kernel = functools.partial(_kernel, rows_spec=rows_spec, cols_spec=cols_spec, bm=bm, bk=bk,
-                             width=k, ieee=ieee, dtype=dtype)
+                             width=k, ieee=ieee, dtype=dtype, hash_per_word=hash_per_word)
   outs = pl.pallas_call(
       kernel, out_shape=[jax.ShapeDtypeStruct((mp, kp), dtype)] * n_out,
       grid=(mp // bm, kp // bk), in_specs=[tile, pl.BlockSpec((SEED_WORDS,), lambda i, j: (0,))],
@@ -199,7 +205,8 @@ def _launch(x, rows_spec, cols_spec, seed, dtype, interpret, config, ieee_subnor
   bm, bk, cfg = _tile_for(*x2.shape, orient, bs, config)
   outs = _operand_call(x2, seed, rows_spec=rows_spec, cols_spec=cols_spec, bm=bm, bk=bk,
                        ieee=bool(ieee_subnormals), dtype=jnp.dtype(dtype), interpret=interpret,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                       hash_per_word=cfg.hash_per_word)
   return [o.reshape(x.shape) for o in outs]
 
 

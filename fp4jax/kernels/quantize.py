@@ -9,7 +9,7 @@ Pallas kernels (Triton lowering on GPU, interpret mode on CPU) for 2D operands:
   (:func:`quantize_both`: the forward GEMM wants A blocked along K, the weight gradient
   wants it blocked along M);
 * nearest-even or stochastic rounding; the stochastic bits are
-  :func:`fp4jax.prng.counter_hash_words` of ``(seed, row-major element index)``, exactly
+  :func:`fp4jax.prng.element_bits_words` of ``(seed, row-major element index)``, exactly
   what the reference draws, computed in the kernel;
 * an optional random Hadamard transform along the blocked axis, fused before
   quantization (:func:`fp4jax.hadamard.rht_butterfly`, the same butterfly as the
@@ -338,6 +338,18 @@ def tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,
   return row * U32(width) + col
 
 
+def tile_random_bits(seed0, seed1, i, j, bm, bk, width, *, per_word=True, **where):
+  """Stochastic-rounding words of tile (i, j) (:func:`fp4jax.prng.random_bits_for` at its
+  elements): for a plain row-major tile whose columns group into whole words (``width``
+  and ``bk`` multiples of 4) one hash per four elements, interleaved in registers;
+  otherwise (strided or transposed row phases, or ``per_word=False``) one per element."""
+  if not per_word or where or width % prng.ELEMENTS_PER_WORD or bk % prng.ELEMENTS_PER_WORD:
+    return prng.element_bits_words(seed0, seed1, tile_counters(i, j, bm, bk, width, **where))
+  q = prng.ELEMENTS_PER_WORD
+  words = prng.counter_hash_words(seed0, seed1, tile_counters(i, j, bm, bk // q, width // q))
+  return prng.interleave_lanes(words)
+
+
 def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht_block):
   i, j = pl.program_id(0), pl.program_id(1)
   ts = inv_ts = fconst = None
@@ -352,8 +364,7 @@ def _kernel(x_ref, seed_ref, fs_ref, *out_refs, spec, orient, bm, bk, width, rht
   def random_bits(**where):
     if not sr:
       return None
-    return prng.counter_hash_words(seed_ref[0], seed_ref[1],
-                                   tile_counters(i, j, bm, bk, width, **where))
+    return tile_random_bits(seed_ref[0], seed_ref[1], i, j, bm, bk, width, **where)
 
   def hadamard_of(b):
     return bits.f32_bits(hadamard.rht_butterfly(bits.bits_f32(b), rht_block, seed_ref[2],
