@@ -128,9 +128,11 @@ def round_shift_right(q: jax.Array, s: jax.Array, rounding: str = "nearest",
 
   rounding:
     ``"nearest"``: ties to even. ``"toward_zero"``: truncation.
-    ``"stochastic"``: rounds up with probability ``(q mod 2^s) / 2^s``, using the top
-    ``s`` bits of ``random_bits`` (uint32, uniform). For ``s > 31`` the remainder is
-    first truncated to 31 bits, a bias below ``2^-31`` of one step.
+    ``"stochastic"``: rounds up iff the top ``s`` bits of ``random_bits`` (uint32) are
+    below ``q mod 2^s``: with uniform 32-bit words, with probability ``(q mod 2^s) /
+    2^s``; with fp4jax's own words (eight random bits each, :mod:`fp4jax.prng`) that
+    probability rounded to a multiple of 1/256. For ``s > 31`` the remainder is first
+    truncated to 31 bits, a bias below ``2^-31`` of one step.
   """
   q = q.astype(U32)
   s = s.astype(I32)
@@ -151,7 +153,7 @@ def round_shift_right(q: jax.Array, s: jax.Array, rounding: str = "nearest",
   if rounding == "stochastic":
     if random_bits is None:
       raise ValueError("stochastic rounding needs random_bits")
-    r = random_bits.astype(U32) >> jnp.clip(32 - s, 1, 31).astype(U32)  # uniform in [0, 2^s)
+    r = random_bits.astype(U32) >> jnp.clip(32 - s, 1, 31).astype(U32)  # the top s bits
     up = (s > 0) & (r < rem)
     return trunc + up.astype(U32)
   raise ValueError(f"unknown rounding {rounding!r}")

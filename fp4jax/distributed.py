@@ -13,9 +13,9 @@ How quantization stays correct under sharding (the default, partitioner path):
   each piece is computed. The results are therefore bit-identical to a one-device run
   (tested on 8 host devices): block maxima and the NVFP4 tensor amax are max-reductions
   (exact in any order; the tensor amax becomes a scalar all-reduce across shards, i.e. a
-  global amax), and stochastic-rounding bits are the counter hash of each element's
-  *global* index (:mod:`fp4jax.prng`), so every shard draws different bits and the same
-  bits as an unsharded run, reproducibly from the step's key.
+  global amax), and stochastic-rounding bits come from the counter hash of each element's
+  *global* index (of its word of four: :mod:`fp4jax.prng`), so every shard draws
+  different bits and the same bits as an unsharded run, reproducibly from the step's key.
 * **Parameter shards hold whole scale blocks.** :func:`fsdp_partition` only shards a
   parameter dimension whose per-shard length is a multiple of :func:`recipe_alignment`
   (the least common multiple of the recipe's block sizes, tile sides and Hadamard

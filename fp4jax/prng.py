@@ -6,24 +6,45 @@ Triton path) can compute exactly the same bits in-kernel from the same two seed 
 its element indices: the reference and the kernel then agree bit for bit.
 
 **One 32-bit hash per four elements, eight random bits each.** Element ``i`` (row-major
-index) takes byte ``i mod 4`` (the most significant first) of the word for ``i // 4``::
+index) takes byte ``i mod 4`` (the most significant first) of the word for ``i // 4`` as
+the top byte of its rounding word, and a centring constant below it::
 
     word[w] = mix(mix(w ^ seed0) + seed1)
-    bits[i] = (word[i // 4] << 8 * (i mod 4)) & 0xFF000000 | 0x00800000
+    byte    = (word[i // 4] << 8 * (i mod 4)) & 0xFF000000
+    tie     = lowest bit of the partner byte, lane (i mod 4) ^ 1, of the same word
+    bits[i] = byte | (0x00800000 - tie)          # 0x00800000 or 0x007FFFFF
 
 The rounding functions compare the top ``s`` bits of an element's word with the ``s``
 dropped bits of its value (:func:`fp4jax.bits.round_shift_right`), so eight random bits
-quantize the round-up probability ``p`` to 1/256. The constant bit 23 centres that
-quantization: the probability used is ``p`` rounded to a multiple of 1/256 (half-way
-cases down), so the rounding is unbiased to within ``2^-9`` of a grid step for every
-input (exactly unbiased where a value has at most 8 dropped bits), tested exhaustively
-over the 256 bytes in ``tests/test_prng.py``. Why eight: the hash was most of stochastic
-rounding's cost (two ``lowbias32`` rounds per element: ``kernels/NOTES.md``, "Issue 18,
-sixth step"), and one 32-bit word per four values is also the budget of Blackwell's
-``cvt.rs.satfinite.e2m1x4.f32 d, {a, b, e, f}, rbits`` (PTX ISA; how the hardware splits
-``rbits`` among the four is not assumed here, so these bits are fp4jax's, not the
-instruction's). A caller who wants 32 bits per element passes them as ``random_bits=``
-(every quantizer takes them; their top bits are used the same way).
+quantize the round-up probability ``p`` to 1/256: with ``y = 256 p`` it becomes
+``ceil(y - 1/2) / 256``, the nearest multiple of 1/256, and at the half-way points (``y``
+an odd multiple of 1/2) ``floor(y) / 256`` or ``ceil(y) / 256`` as ``tie`` (a random bit
+independent of the element's byte) is 0 or 1, i.e. exactly ``p`` on average. Hence:
+
+* the expectation of a rounding is within ``2^-9`` of a grid step of its input
+  (``2^-9 + 2^-31`` where the shift exceeds 31 and ``round_shift_right`` truncates first);
+* it is exact where ``y`` is an integer or a half-integer, i.e. the dropped part is a
+  multiple of 2^-9 of a step: for a bf16 input under a power-of-two scale, wherever the
+  grid step is at most 2^9 times the input's last bit (every scaled ``|x| >= 1/8`` for
+  E2M1);
+* the quantization errors ``ceil(y - 1/2) - y`` have no systematic sign over inputs
+  (tested over every bf16 value of each binade);
+* ``p < 2^-9`` rounds down always: a value below ``2^-9`` of a step becomes 0 (for E2M1,
+  whose smallest step is half the block scale, a scaled ``|x| < 2^-10``, some 4000 times
+  below the block's largest), where 32 random bits would round it up with probability ``p``. That
+  is the price of eight bits.
+
+All of it is tested exhaustively over the 512 (byte, tie) pairs in ``tests/test_prng.py``.
+Why eight: the hash was most of stochastic rounding's cost (two ``lowbias32`` rounds per
+element: ``kernels/NOTES.md``, "Issue 18, sixth step"), and one 32-bit word per four
+values is also the budget of Blackwell's ``cvt.rs.satfinite.e2m1x4.f32 d, {a, b, e, f},
+rbits`` (PTX ISA; how the hardware splits ``rbits`` is not assumed here, so these bits are
+fp4jax's, not the instruction's). A caller who wants 32 bits per element passes them as
+``random_bits=`` (every quantizer takes them; their top bits are used the same way).
+
+Word indices: ``i // 4`` of the row-major index, as uint32. Where the last axis is a
+multiple of 4 they are counted per word (exact up to 2^34 elements); otherwise per
+element, and the element index wraps above 2^32 elements (kernels follow the same rule).
 
 The hash is two rounds of the ``lowbias32`` integer finalizer (C. Wellons, "Hash
 function prospector", 2018; shifts 16/15/15, multipliers 0x21f0aaad / 0x735a2d97),
@@ -42,7 +63,7 @@ ELEMENTS_PER_WORD = 4       # elements sharing one 32-bit hash
 BITS_PER_ELEMENT = 8        # random bits each takes (the top byte of its rounding word)
 # Python ints, not arrays: a module-level jax constant would be captured by kernels.
 _LANE_MASK = 0xFF000000
-_CENTRE_BIT = 0x00800000  # half of the byte's last step: centres the quantization
+_CENTRE = 0x00800000  # half of the byte's last step, less the tie bit: centres it
 
 
 def mix32(h: jax.Array) -> jax.Array:
@@ -67,10 +88,14 @@ def counter_hash_words(seed0: jax.Array, seed1: jax.Array, counter: jax.Array) -
 
 
 def lane_bits(words: jax.Array, lane: jax.Array) -> jax.Array:
-  """The rounding word of the element in byte lane ``lane`` (0-3) of its ``words``:
-  that byte as the top byte, plus the centring bit."""
-  shift = lane.astype(U32) * U32(BITS_PER_ELEMENT)
-  return ((words.astype(U32) << shift) & U32(_LANE_MASK)) | U32(_CENTRE_BIT)
+  """The rounding word of the element in byte lane ``lane`` (0-3) of its ``words``: that
+  byte as the top byte, then the centring constant less the tie bit (the lowest bit of
+  the partner lane ``lane ^ 1``'s byte)."""
+  words, lane = words.astype(U32), lane.astype(U32)
+  byte = (words << (lane * U32(BITS_PER_ELEMENT))) & U32(_LANE_MASK)
+  partner_lsb = U32(24) - (lane ^ U32(1)) * U32(BITS_PER_ELEMENT)
+  tie = (words >> partner_lsb) & U32(1)
+  return byte | (U32(_CENTRE) - tie)
 
 
 def element_bits_words(seed0: jax.Array, seed1: jax.Array, counter: jax.Array) -> jax.Array:
@@ -78,8 +103,14 @@ def element_bits_words(seed0: jax.Array, seed1: jax.Array, counter: jax.Array) -
   shape): one hash per element's word, for kernels that hold element indices. Equals
   :func:`random_bits_for` at those indices."""
   counter = counter.astype(U32)
-  words = counter_hash_words(seed0, seed1, counter >> U32(2))
-  return lane_bits(words, counter & U32(ELEMENTS_PER_WORD - 1))
+  return word_lane_bits(seed0, seed1, counter >> U32(2), counter & U32(ELEMENTS_PER_WORD - 1))
+
+
+def word_lane_bits(seed0: jax.Array, seed1: jax.Array, word: jax.Array,
+                   lane: jax.Array) -> jax.Array:
+  """The rounding words of elements given by their word index and lane (uint32 arrays
+  of one shape): one hash per element."""
+  return lane_bits(counter_hash_words(seed0, seed1, word), lane)
 
 
 def expand_words(words: jax.Array) -> jax.Array:
@@ -115,13 +146,21 @@ def element_counter(shape: tuple[int, ...]) -> jax.Array:
 def random_bits_for(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The stochastic-rounding words (uint32 of ``shape``) fp4jax uses under ``key``.
 
-  When the last axis is a multiple of 4 the hashes are made once per four elements and
-  materialised (a quarter-size array), then expanded where they are consumed: left to
-  fuse, XLA recomputes a hash for every element that reads it."""
+  When the last axis is a multiple of 4 the hashes are made once per word (four
+  elements) and expanded where they are consumed. On GPUs the word array is materialised
+  first (a quarter-size kernel): left to fuse, XLA's loop emitter recomputes a fused
+  producer for every element that reads it, four hashes per word. On the CPU it is left
+  to fuse (materialised, XLA:CPU's NVFP4 operand took 31.6 ms against 26.5 at 4096^2:
+  kernels/NOTES.md, "Issue 18, sixth step"). The bits are the same either way."""
   seed = seed_from_key(key)
   shape = tuple(shape)
-  if shape and shape[-1] % ELEMENTS_PER_WORD == 0:
-    word_shape = shape[:-1] + (shape[-1] // ELEMENTS_PER_WORD,)
-    words = counter_hash_words(seed[0], seed[1], element_counter(word_shape))
-    return expand_words(jax.lax.optimization_barrier(words))
-  return element_bits_words(seed[0], seed[1], element_counter(shape))
+  if not (shape and shape[-1] % ELEMENTS_PER_WORD == 0):
+    return element_bits_words(seed[0], seed[1], element_counter(shape))
+  word_shape = shape[:-1] + (shape[-1] // ELEMENTS_PER_WORD,)
+
+  def words(materialise: bool) -> jax.Array:
+    w = counter_hash_words(seed[0], seed[1], element_counter(word_shape))
+    return jax.lax.optimization_barrier(w) if materialise else w
+
+  return expand_words(jax.lax.platform_dependent(cpu=lambda: words(False),
+                                                 default=lambda: words(True)))

@@ -14,8 +14,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
-from jax._src.pallas.triton import gpu_info
-from jax._src.pallas.triton import pallas_call_registration
+
+# Private JAX modules (the only way to answer get_gpu_info without a GPU): if a JAX
+# release moves them, this file is skipped with that reason rather than breaking the
+# collection of the whole suite; the lowering is then checked on the GPU machine only.
+_WHY = "JAX moved its Pallas Triton gpu_info; update this test's patch"
+gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info", reason=_WHY)
+pallas_call_registration = pytest.importorskip(
+    "jax._src.pallas.triton.pallas_call_registration", reason=_WHY)
 
 from fp4jax.kernels import operand as ko
 from fp4jax.kernels import quantize as kq

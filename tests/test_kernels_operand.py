@@ -85,6 +85,7 @@ def test_kernel_equals_reference(mode, rounding, block, orient, out):
     ((128, 256), -1, ko.OperandKernelConfig(16, 64, 4)),
     ((128, 256), -2, ko.OperandKernelConfig(32, 32, 2)),
     ((64, 96), -1, ko.OperandKernelConfig(hash_per_word=False)),  # one hash per element
+    ((64, 42), -2, None),                             # 42 columns: not whole words
     ((64, 96), -2, ko.OperandKernelConfig(64, 128, 4, hash_per_word=False))])
 def test_shapes_tiles_and_padding(shape, axis, config, rng):
   sp = _spec("floor", "stochastic", 32)

@@ -187,3 +187,14 @@ def test_dispatch_and_unsupported_configs(rng):
     fp4jax.quantize(x, "mxfp4", -1, impl="cuda")
   with pytest.raises(ValueError, match="stochastic.*needs key"):
     kq.quantize(x, SPECS["mxfp4_sr"], -1, interpret=True)
+
+
+@pytest.mark.parametrize("name,width", [("mxfp4_sr", 42), ("mxfp4_sr", 160), ("nvfp4_sr", 42)])
+def test_stochastic_bits_for_widths_not_in_whole_words(name, width, rng):
+  """Blocks along columns, ``width`` columns: 42 is not a multiple of 4, so the kernel
+  draws one hash per element (the reference's per-element indexing); 160 takes the
+  per-word path; both equal the reference."""
+  x = jnp.asarray(rng.standard_normal((64, width)).astype(np.float32))
+  key = jax.random.key(9)
+  _equal(kq.quantize(x, SPECS[name], 0, key, interpret=INTERPRET),
+         kq.quantize_reference(x, SPECS[name], 0, key=key))

@@ -327,25 +327,37 @@ def _e2m1_codes_fast(b3, mult, rounding, rb3):
   return ((b3 >> 28) & U32(8)) | mag
 
 
-def tile_counters(i, j, bm, bk, width, *, rows=None, row_step=1, row_offset=0,
-                   transposed=False):
-  """Row-major element indices (uint32) of rows ``row_offset + row_step * r`` of tile
-  (i, j) in a matrix ``width`` columns wide; ``transposed``: laid out (bk, rows)."""
+def tile_rows_cols(i, j, bm, bk, *, rows=None, row_step=1, row_offset=0, transposed=False):
+  """Row and column indices (uint32) of rows ``row_offset + row_step * r`` of tile (i, j);
+  ``transposed``: laid out (bk, rows)."""
   rows = bm if rows is None else rows
   shape, (ra, ca) = ((bk, rows), (1, 0)) if transposed else ((rows, bk), (0, 1))
   row = (i * bm + row_offset + row_step * lax.broadcasted_iota(I32, shape, ra)).astype(U32)
   col = (j * bk + lax.broadcasted_iota(I32, shape, ca)).astype(U32)
+  return row, col
+
+
+def tile_counters(i, j, bm, bk, width, **where):
+  """Row-major element indices (uint32) of tile (i, j) (``where`` as
+  :func:`tile_rows_cols`) in a matrix ``width`` columns wide."""
+  row, col = tile_rows_cols(i, j, bm, bk, **where)
   return row * U32(width) + col
 
 
 def tile_random_bits(seed0, seed1, i, j, bm, bk, width, *, per_word=True, **where):
   """Stochastic-rounding words of tile (i, j) (:func:`fp4jax.prng.random_bits_for` at its
-  elements): for a plain row-major tile whose columns group into whole words (``width``
-  and ``bk`` multiples of 4) one hash per four elements, interleaved in registers;
-  otherwise (strided or transposed row phases, or ``per_word=False``) one per element."""
-  if not per_word or where or width % prng.ELEMENTS_PER_WORD or bk % prng.ELEMENTS_PER_WORD:
-    return prng.element_bits_words(seed0, seed1, tile_counters(i, j, bm, bk, width, **where))
+  elements, ``where`` as :func:`tile_rows_cols`). For a plain row-major tile whose columns
+  group into whole words (``width`` and ``bk`` multiples of 4), one hash per four
+  elements, interleaved in registers; otherwise (strided or transposed row phases, or
+  ``per_word=False``) one per element. Word indices are counted per word wherever
+  ``width`` is a multiple of 4 (as the reference does: no wrap below 2^34 elements)."""
   q = prng.ELEMENTS_PER_WORD
+  if width % q:
+    return prng.element_bits_words(seed0, seed1, tile_counters(i, j, bm, bk, width, **where))
+  if not per_word or where or bk % q:
+    row, col = tile_rows_cols(i, j, bm, bk, **where)
+    return prng.word_lane_bits(seed0, seed1, row * U32(width // q) + (col >> U32(2)),
+                               col & U32(q - 1))
   words = prng.counter_hash_words(seed0, seed1, tile_counters(i, j, bm, bk // q, width // q))
   return prng.interleave_lanes(words)
 

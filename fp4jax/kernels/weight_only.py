@@ -122,10 +122,12 @@ def decode_alu(codes, scales):
   return v(b_lo), v(b_hi)
 
 
-def _tile_reason(m, n, k, bm, bn, bk, block) -> str | None:
-  if m % bm or n % bn or k % bk:
-    return (f"shape (M={m}, K={k}, N={n}) is not a multiple of the tile "
-            f"(bm={bm}, bk={bk}, bn={bn}); pad the operands or pass a smaller tile=")
+def _tile_reason(n, k, bn, bk, block) -> str | None:
+  """Why the weight's (K, N) does not tile (None: it does); M needs no multiple (the
+  kernel pads the activations' rows)."""
+  if n % bn or k % bk:
+    return (f"the weight's (K={k}, N={n}) is not a multiple of the tile's "
+            f"(bk={bk}, bn={bn}); pad the weight or pass a smaller tile=")
   if bk % block:
     return f"bk={bk} is not a multiple of the block size {block}"
   return None
@@ -395,7 +397,7 @@ def _run(x, w, *, layout, n, out_dtype, tile, splits, interpret, num_warps, num_
     tile = gemv_tile(m, k, n, block)
   bm, bn, bk = tile or weight_only_tile(m, k, n, block) or (
       weight_only_rows_tile(m), DEFAULT_BN, DEFAULT_BK)   # (the last: for the message)
-  why = _tile_reason(bm, n, k, bm, bn, bk, block)
+  why = _tile_reason(n, k, bn, bk, block)
   if why:
     raise ValueError(f"{fn}: {why}")
   if algorithm == "gemv" and bm > GEMV_MAX_ROWS:
