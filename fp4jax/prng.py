@@ -25,16 +25,19 @@ independent of the element's byte) is 0 or 1, i.e. exactly ``p`` on average. Hen
   (``2^-9 + 2^-31`` where the shift exceeds 31 and ``round_shift_right`` truncates first);
 * it is exact where ``y`` is an integer or a half-integer, i.e. the dropped part is a
   multiple of 2^-9 of a step: for a bf16 input under a power-of-two scale, wherever the
-  grid step is at most 2^9 times the input's last bit (every scaled ``|x| >= 1/8`` for
-  E2M1);
-* the quantization errors ``ceil(y - 1/2) - y`` have no systematic sign over inputs
-  (tested over every bf16 value of each binade);
-* ``p < 2^-9`` rounds down always: a value below ``2^-9`` of a step becomes 0 (for E2M1,
-  whose smallest step is half the block scale, a scaled ``|x| < 2^-10``, some 4000 times
-  below the block's largest), where 32 random bits would round it up with probability ``p``. That
-  is the price of eight bits.
+  grid step is at most 2^9 times the input's last bit (for E2M1: every scaled ``|x|`` in
+  [1/8, 6]; beyond 6 it saturates, as with any rounding);
+* the quantization errors ``ceil(y - 1/2) - y`` have no systematic sign over inputs with
+  ``p >= 2^-8`` (tested over every bf16 value of each E2M1 binade of [2^-9, 6));
+* below that they do: ``p < 2^-9`` never rounds up, and ``2^-9 < p < 2^-8`` rounds up
+  with probability 2^-8. So a value within ``2^-9`` of a step above a grid point rounds
+  down to it always; in E2M1's first step (half the block scale) a scaled ``|x| < 2^-10``,
+  some 4000 times below the block's largest, becomes 0, where 32 random bits would round
+  it up with probability ``p``. That is the price of eight bits.
 
-All of it is tested exhaustively over the 512 (byte, tie) pairs in ``tests/test_prng.py``.
+The word space is tested exhaustively (every value below over all 512 (byte, tie) words,
+``tests/test_prng.py``), on sampled and constructed inputs, through the general encoder;
+the kernels' fast E2M1 paths are tested equal to it on fp4jax's own words.
 Why eight: the hash was most of stochastic rounding's cost (two ``lowbias32`` rounds per
 element: ``kernels/NOTES.md``, "Issue 18, sixth step"), and one 32-bit word per four
 values is also the budget of Blackwell's ``cvt.rs.satfinite.e2m1x4.f32 d, {a, b, e, f},
@@ -147,8 +150,8 @@ def random_bits_for(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The stochastic-rounding words (uint32 of ``shape``) fp4jax uses under ``key``.
 
   When the last axis is a multiple of 4 the hashes are made once per word (four
-  elements) and expanded where they are consumed. On GPUs the word array is materialised
-  first (a quarter-size kernel): left to fuse, XLA's loop emitter recomputes a fused
+  elements) and expanded where they are consumed. On every platform but the CPU (the
+  GPUs this is for) the word array is materialised first (a quarter-size kernel): left to fuse, XLA's loop emitter recomputes a fused
   producer for every element that reads it, four hashes per word. On the CPU it is left
   to fuse (materialised, XLA:CPU's NVFP4 operand took 31.6 ms against 26.5 at 4096^2:
   kernels/NOTES.md, "Issue 18, sixth step"). The bits are the same either way."""

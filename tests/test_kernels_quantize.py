@@ -189,12 +189,18 @@ def test_dispatch_and_unsupported_configs(rng):
     kq.quantize(x, SPECS["mxfp4_sr"], -1, interpret=True)
 
 
-@pytest.mark.parametrize("name,width", [("mxfp4_sr", 42), ("mxfp4_sr", 160), ("nvfp4_sr", 42)])
-def test_stochastic_bits_for_widths_not_in_whole_words(name, width, rng):
-  """Blocks along columns, ``width`` columns: 42 is not a multiple of 4, so the kernel
-  draws one hash per element (the reference's per-element indexing); 160 takes the
-  per-word path; both equal the reference."""
+MXFP8_SR = fp4jax.get_spec("mxfp8_e4m3").replace(rounding="stochastic")
+
+
+@pytest.mark.parametrize("spec,width", [
+    (SPECS["mxfp4_sr"], 42), (SPECS["mxfp4_sr"], 160), (SPECS["nvfp4_sr"], 42),
+    (MXFP8_SR, 42), (MXFP8_SR, 96)])   # 8-bit elements: the transposed tiles' bits
+def test_stochastic_bits_along_columns_of_any_width(spec, width, rng):
+  """Blocks along columns, ``width`` columns. These tiles draw one hash per element
+  (strided row phases for 4-bit elements, transposed tiles for 8-bit ones): with word
+  indices counted per word where the width is a multiple of 4 (160, 96), from the
+  wrapped flat index where it is not (42), as the reference does; all equal it."""
   x = jnp.asarray(rng.standard_normal((64, width)).astype(np.float32))
   key = jax.random.key(9)
-  _equal(kq.quantize(x, SPECS[name], 0, key, interpret=INTERPRET),
-         kq.quantize_reference(x, SPECS[name], 0, key=key))
+  _equal(kq.quantize(x, spec, 0, key, interpret=INTERPRET),
+         kq.quantize_reference(x, spec, 0, key=key))

@@ -149,13 +149,30 @@ def test_below_2_to_the_minus_9_of_a_step_rounds_to_zero():
   assert mean[2] == step * 2.0 ** -9
 
 
-def test_s_above_31_keeps_the_bound_up_to_2_to_the_minus_31():
-  """A dropped part below 2^-31 of a step (round_shift_right truncates it first) adds at
-  most 2^-31 to the 2^-9 bound."""
-  x = jnp.asarray([2.0 ** -10 + 2.0 ** -33, 2.0 ** -11 + 2.0 ** -40], jnp.float32)
+def _quantized_probability(rem: int, s: int) -> float:
+  """The mean round-up probability over all (byte, tie) words of a remainder ``rem`` of
+  ``s`` bits (9 <= s <= 31), from the formula fp4jax.prng states."""
+  y = rem * 256 / 2 ** s
+  if y == np.floor(y) + 0.5:
+    return (np.floor(y) + 0.5) / 256
+  return max(0.0, np.ceil(y - 0.5)) / 256
+
+
+def test_s_above_31_is_the_truncated_remainders_probability():
+  """Values below 2^-9 (E2M1's first step 0.5): the shift exceeds 31 and round_shift_right
+  first truncates the significand; the mean over every word is then exactly the
+  truncated remainder's quantized probability, within 2^-9 + 2^-31 of the input."""
+  mant = np.array([1, 3, 0x2AAAAA, 0x7FFFFF, 0x400001], np.uint32)
+  exps = np.array([117, 116, 112, 110, 100], np.uint32)   # 2^-10 ... 2^-27: shifts 32..49
+  xb = (exps << 23) | mant
+  x = jnp.asarray(xb.view(np.float32))
   mean = _mean_over_words(x, F.E2M1)
-  err = np.abs(mean - np.asarray(x, np.float64)) / 0.5
-  assert (err <= 2.0 ** -9 + 2.0 ** -31).all(), err
+  for v, e, m, got in zip(np.asarray(x, np.float64), exps, mant, mean):
+    sh = 149 - int(e)                    # rounding._e2m1_low_code_stochastic's shift
+    q = (int(m) | 1 << 23) >> (sh - 31)
+    p = _quantized_probability(q & (2 ** 31 - 1), 31)
+    assert got == 0.5 * p, (v, got, 0.5 * p)
+    assert abs(got - v) / 0.5 <= 2.0 ** -9 + 2.0 ** -31, (v, got)
 
 
 @pytest.mark.parametrize("platform,materialised", [("cuda", True), ("cpu", False)])

@@ -144,15 +144,22 @@ def _nonnegative_f32_patterns(rng):
   return pats[pats <= 0x7F800000]  # NaN patterns excluded (the kernels take NaN blocks apart)
 
 
-@pytest.mark.parametrize("mode,bits_kind", [("nearest", None), ("stochastic", "random"),
-                                            ("stochastic", "zeros"), ("stochastic", "ones")])
+def _rounding_words(kind, rng, n):
+  """uint32 rounding words of a kind: uniform, all zeros, all ones, or fp4jax's own
+  (fp4jax.prng: a byte, then 0x800000 or 0x7FFFFF)."""
+  if kind == "prng":
+    return np.asarray(prng.random_bits_for(jax.random.key(int(rng.integers(1 << 30))), (n,)))
+  return {"random": rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
+          "zeros": np.zeros(n, np.uint32), "ones": np.full(n, 0xFFFFFFFF, np.uint32)}[kind]
+
+
+STOCHASTIC_WORDS = [("stochastic", k) for k in ("random", "zeros", "ones", "prng")]
+
+
+@pytest.mark.parametrize("mode,bits_kind", [("nearest", None)] + STOCHASTIC_WORDS)
 def test_e2m1_magnitude_of_bits_equals_encode(rng, mode, bits_kind):
   ab = _nonnegative_f32_patterns(rng)
-  rb = None
-  if bits_kind is not None:
-    rb = {"random": rng.integers(0, 2**32, ab.size, dtype=np.uint64).astype(np.uint32),
-          "zeros": np.zeros(ab.size, np.uint32),
-          "ones": np.full(ab.size, 0xFFFFFFFF, np.uint32)}[bits_kind]
+  rb = None if bits_kind is None else _rounding_words(bits_kind, rng, ab.size)
   want = np.asarray(jax.jit(lambda a, r: rounding.encode(bits.split_f32(a), F.E2M1, mode, r) & 7)(ab, rb))
   got = np.asarray(jax.jit(lambda a, r: rounding.e2m1_magnitude_of_bits(a, mode, r))(ab, rb))
   subnormal = ((ab >> 23) == 0) & (ab != 0)
@@ -178,15 +185,16 @@ def test_e2m1_f32_bits_equals_decode():
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_e2m1_grid_bits_equals_code_then_decode(rounding):
+@pytest.mark.parametrize("rounding,words", [("nearest", "random"), ("stochastic", "random"),
+                                           ("stochastic", "prng")])
+def test_e2m1_grid_bits_equals_code_then_decode(rounding, words):
   from fp4jax import rounding as R
   rng = np.random.default_rng(5)
   a = np.concatenate([rng.integers(0, 0x41800000, 200_000, dtype=np.uint32),
                       np.arange(0x3E000000, 0x3E000000 + 2 ** 22, 61, dtype=np.uint32),
                       np.array([0, 1, 0x3E800000, 0x3F400000, 0x3F800000, 0x40C00000,
                                 0x40E00000, 0x7F800000, 0x7F7FFFFF], np.uint32)])
-  rb = jnp.asarray(rng.integers(0, 2 ** 32, a.size, dtype=np.uint64).astype(np.uint32))
+  rb = jnp.asarray(_rounding_words(words, rng, a.size))
   a = jnp.asarray(a)
   got = R.e2m1_grid_bits(a, rounding, rb)
   want = R.e2m1_f32_bits(R.e2m1_magnitude_of_bits(a, rounding, rb))

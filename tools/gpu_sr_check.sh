@@ -17,7 +17,7 @@ status=0
 GPU_TESTS="tests/test_prng.py tests/test_kernels_operand.py tests/test_kernels_lower_sm90.py" \
   GPU_TIME_LIMIT=200 DURATIONS=3 timeout 240 tools/test_gpu.sh -q -x > "$OUT/sr_tests.log" 2>&1 \
   || status=$?
-timeout 150 "$PY" -m pytest -q -x tests/test_kernels_quantize.py -k "sr or whole_words" \
+timeout 150 "$PY" -m pytest -q -x tests/test_kernels_quantize.py -k "sr or any_width" \
   >> "$OUT/sr_tests.log" 2>&1 || status=$?
 tail -n 4 "$OUT/sr_tests.log"
 for a in "nvfp4 -1" "nvfp4 0" "mxfp4 -1"; do
