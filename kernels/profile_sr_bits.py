@@ -19,6 +19,12 @@ Variants (the rounding is the same; only where its bits come from differs):
   ``optimization_barrier``: a quarter-size kernel) and expanded in the element pass.
 * ``given32`` / ``given8``: precomputed bits read from memory (4 bytes or 1 byte per
   element): the read's cost without any hashing.
+* ``copy`` (``-x``: one read, one write, the floor of any bf16 -> bf16 pass) and
+  ``naive_mxfp4`` (:func:`kernels.naive.naive_fake_quant`, nearest: the plain-JAX fake
+  quantization a user writes): every row also prints its time as a fraction of the copy
+  and against the naive row, all measured in this run.
+* ``jax_random_bits``: SR with one ``jax.random.bits`` word per element (threefry: the
+  bits a user would draw with JAX's PRNG).
 * ``key``: what fp4jax does now (``gemm_operand(..., key)``: :func:`fp4jax.prng.
   random_bits_for`); must equal ``hash8_fused`` bit for bit.
 * ``pallas_*`` (power-of-two scales only): the Pallas operand kernel, nearest and
@@ -39,6 +45,7 @@ from absl import app, flags
 import fp4jax
 from fp4jax import dispatch, operand, prng
 from fp4jax.kernels import operand as kernel_operand
+from kernels.naive import naive_fake_quant
 from kernels.timing import median_time
 from kernels.trace_summary import summarize_trace
 
@@ -49,7 +56,8 @@ flags.DEFINE_integer("calls", 5, "traced calls per variant")
 flags.DEFINE_string("out", "", "write the rows as JSON here (default: print only)")
 
 U32 = jnp.uint32
-VARIANTS = ("nearest", "hash32", "hash8_fused", "hash8_materialized", "given32", "given8",
+VARIANTS = ("copy", "naive_mxfp4", "jax_random_bits", "nearest", "hash32", "hash8_fused",
+            "hash8_materialized", "given32", "given8",
             "key", "pallas_nearest", "pallas_hash_per_element", "pallas_hash_per_word")
 
 
@@ -91,6 +99,10 @@ def main(argv):
         config=dataclasses.replace(cfg, hash_per_word=per_word))
 
   fns = {
+      "copy": lambda x: -x,
+      "naive_mxfp4": lambda x: naive_fake_quant(x, f.axis),
+      "jax_random_bits": lambda x: op(x, sr, jax.random.bits(jax.random.key(0), x.shape,
+                                                            jnp.uint32)),
       "nearest": lambda x: op(x, nearest, None),
       "hash32": lambda x: op(x, sr, hash32_bits(x.shape)),
       "hash8_fused": lambda x: op(x, sr, prng.expand_words(hash8_words(x.shape))),
@@ -127,8 +139,14 @@ def main(argv):
         s = summarize_trace(d, f.calls, top=6)
       row |= {"gpu_ms": s["device_ms_per_step"],
               "kernels": [(k, round(ms, 4)) for k, ms, _ in s["top_kernels"]]}
+    # Ratios from the GPU time where there is one (else wall time), to this run's rows.
+    row["ms"] = row.get("gpu_ms", row["wall_ms"])
+    base = {r["variant"]: r["ms"] for r in rows} | {name: row["ms"]}
+    row["of_copy"] = base["copy"] / row["ms"]
+    row["time_over_naive"] = row["ms"] / base.get("naive_mxfp4", row["ms"])
     rows.append(row)
-    print(f"{f.spec} axis {f.axis} {f.n}^2 {name:24s} wall {row['wall_ms']:8.3f} ms"
+    print(f"{f.spec} axis {f.axis} {f.n}^2 {name:24s} wall {row['wall_ms']:8.3f} ms  "
+          f"{row['of_copy']:5.2f} of copy  {row['time_over_naive']:5.2f} of naive's time"
           + (f"  gpu {row['gpu_ms']:.3f} ms  " + ", ".join(
               f"{k[:40]} {ms:.3f}" for k, ms in row["kernels"][:3]) if facts.on_gpu else ""),
           flush=True)

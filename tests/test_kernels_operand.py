@@ -259,3 +259,12 @@ def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():
   assert dispatch.kernel_emit(dispatch.choose_operand_emitter("fused", cpu), cpu) is None
   emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", hopper), hopper)
   assert emit.interpret is False and emit.min_elements > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_rows": 24}, "block_rows must be a power of two"),
+    ({"num_warps": 0}, "num_warps must be a power of two"),
+    ({"hash_per_word": "no"}, "hash_per_word must be True or False")])
+def test_bad_kernel_config_is_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ko.OperandKernelConfig(**kwargs)

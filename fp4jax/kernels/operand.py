@@ -63,6 +63,9 @@ class OperandKernelConfig:
   hash_per_word: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.hash_per_word, bool):
+      raise ValueError("OperandKernelConfig: hash_per_word must be True or False, got "
+                       f"{self.hash_per_word!r}")
     for name in ("block_rows", "block_cols", "num_warps"):
       v = getattr(self, name)
       if not (isinstance(v, int) and v > 0 and v & (v - 1) == 0):
