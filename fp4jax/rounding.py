@@ -225,21 +225,28 @@ def e2m1_f32_bits(codes: jax.Array) -> jax.Array:
   return mag | ((c & U32(8)) << 28)
 
 
-_F32_QUARTER, _F32_THREE_QUARTERS, _F32_ONE = 0x3E800000, 0x3F400000, 0x3F800000
+_F32_QUARTER, _F32_HALF, _F32_THREE_QUARTERS, _F32_ONE = 0x3E800000, 0x3F000000, 0x3F400000, 0x3F800000
 
 
 def _e2m1_low_code_stochastic(ab: jax.Array, rb: jax.Array) -> jax.Array:
-  """E2M1 code (int32: 0, 1 or 2) of ``0 <= a < 1`` rounded stochastically onto the
-  step 0.5: ``round(M / 2^(149 - E))`` with round_shift_right's handling of shifts above
-  31 (the significand is first truncated by the excess, at most 31 bits)."""
-  E = (ab >> 23).astype(I32)
-  M = (ab & U32(bits.MANT_MASK)) | U32(0x800000)
-  sh = 149 - E  # >= 23 here
-  q = M >> jnp.clip(sh - 31, 0, 31).astype(U32)
-  s = jnp.minimum(sh, 31).astype(U32)
-  rem = q & ((U32(1) << s) - U32(1))
-  up = (rb >> (U32(32) - s)) < rem
-  return (q >> s).astype(I32) + up.astype(I32)
+  """E2M1 code (int32: 0, 1 or 2) of ``0 <= a < 1`` (float32 bits ``ab``) rounded
+  stochastically onto the step 0.5: ``round(M / 2^(149 - E))`` with round_shift_right's
+  handling of shifts above 31 (the significand first truncated by the excess), computed
+  in floating point in a few operations instead of variable shifts.
+
+  With ``t = 2a`` (exact), ``round_shift_right`` rounds up iff ``rb >> (32 - s) < rem``,
+  where ``rem / 2^s = frac(t)``; for integers that is ``rb < frac(t) 2^32``, and because
+  ``frac(t) 2^32`` is even for ``s <= 31``, iff ``rb >> 1 < frac(t) 2^31``. Past a 31-bit
+  shift (``a < 2^-9``) the truncated ``rem`` is ``floor(frac(t) 2^31)`` and the test is
+  the same one, so one formula serves: ``floor(t) + (rb >> 1 < trunc(frac(t) 2^31))``.
+  ``frac(t) 2^31 < 2^31`` is an exact float32 product that fits int32. Subnormal ``a``
+  gives 0 whether or not the backend flushes it. Garbage for ``a >= 1`` (not selected)."""
+  ge_half = ab >= U32(_F32_HALF)
+  t = bits.bits_f32(ab) * jnp.float32(2.0)
+  frac = t - ge_half.astype(jnp.float32)
+  rem31 = (frac * jnp.float32(2.0 ** 31)).astype(I32)
+  up = (rb >> U32(1)).astype(I32) < rem31
+  return ge_half.astype(I32) + up.astype(I32)
 
 
 def e2m1_magnitude_of_bits(ab: jax.Array, rounding: str = "nearest",
@@ -278,7 +285,7 @@ def e2m1_magnitude_of_bits(ab: jax.Array, rounding: str = "nearest",
   return mag.astype(U32)
 
 
-_F32_HALF, _F32_SIX = 0x3F000000, 0x40C00000
+_F32_SIX = 0x40C00000
 
 
 def e2m1_grid_bits(ab: jax.Array, rounding: str = "nearest",

@@ -171,6 +171,31 @@ def test_e2m1_magnitude_of_bits_equals_encode(rng, mode, bits_kind):
   assert (got[subnormal] == 0).all() and (want[subnormal] == 0).all()
 
 
+def test_e2m1_stochastic_low_step_at_its_thresholds(rng):
+  """Below 1 (the step 0.5) the fast path decides "up" by a float product instead of
+  round_shift_right's variable shifts: every word at and around each value's threshold
+  ``rem << (32 - s)`` (truncated past a 31-bit shift) must give encode's code."""
+  ab = np.concatenate([rng.integers(0x00800000, 0x3F800000, 300_000, dtype=np.uint32),
+                       np.arange(0x3A800000, 0x3C000000, 4099, dtype=np.uint32),  # s > 31
+                       np.array([0x00800000, 0x3E800000, 0x3F000000, 0x3F3FFFFF,
+                                 0x3F400000, 0x3F7FFFFF], np.uint32)])
+  e = (ab >> 23).astype(np.int64)
+  m = (ab & 0x7FFFFF).astype(np.int64) | 0x800000
+  sh = 149 - e
+  q = m >> np.clip(sh - 31, 0, 31)
+  s = np.minimum(sh, 31)
+  threshold = (q & ((1 << s) - 1)) << (32 - s)
+  for d in (-2, -1, 0, 1, 2):
+    rb = np.clip(threshold + d, 0, 2**32 - 1).astype(np.uint32)
+    want = np.asarray(jax.jit(lambda a, r: rounding.encode(
+        bits.split_f32(a), F.E2M1, "stochastic", r) & 7)(ab, rb))
+    got = np.asarray(jax.jit(lambda a, r: rounding.e2m1_magnitude_of_bits(
+        a, "stochastic", r))(ab, rb))
+    bad = got != want
+    assert not bad.any(), (d, [hex(v) for v in ab[bad][:4]], got[bad][:4], want[bad][:4])
+    assert set(np.unique(got)) <= {0, 1, 2}
+
+
 def test_e2m1_magnitude_of_bits_rejects_other_roundings():
   with pytest.raises(ValueError, match="nearest or stochastic"):
     rounding.e2m1_magnitude_of_bits(jnp.uint32(0), "toward_zero")
