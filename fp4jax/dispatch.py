@@ -380,19 +380,34 @@ def choose_operand_emitter(policy: str, facts: DeviceFacts | None = None) -> Cho
   return choice
 
 
+def measured_operand_table(facts: DeviceFacts, table: dict) -> dict:
+  """``table``'s entries for this GPU kind, else those of the first measured kind (by
+  name) of the same generation, else ``{}``."""
+  if facts.kind in table:
+    return table[facts.kind]
+  for kind in sorted(table):
+    entry = table[kind]
+    if facts.on_gpu and facts.generation and entry.get("generation") == facts.generation:
+      _log_once("operand table", facts.kind or "?", Choice(
+          OperandEmitter.PALLAS, reason=f"not measured here: {kind}'s table, same generation"))
+      return entry
+  return {}
+
+
 def kernel_emit(choice: Choice, facts: DeviceFacts | None = None,
                 table: dict | None = None) -> qdot_fused.KernelEmit | None:
   """What :func:`fp4jax.qdot_fused.qmatmul_for` takes for an emitter choice: per
   orientation and rounding, the emitter and tile measured fastest on this GPU kind
   (``table``, default :data:`fp4jax.kernels.operand_tuning.TABLE`, written by
   ``kernels.bench_operand --tune``), and the kernel's one-multiply variant where that
-  table says it was bit-exact there; a kind it lacks takes the kernel's defaults and the
-  variant exact on any backend."""
+  table says it was bit-exact there. A kind it lacks takes the table of a measured kind of
+  the same compute-capability generation (the first by name; logged), else the kernel's
+  defaults and the variant exact on any backend."""
   if choice.impl is not OperandEmitter.PALLAS:
     return None
   facts = facts or device_facts()
   table = operand_tuning.TABLE if table is None else table
-  measured = table.get(facts.kind, {})
+  measured = measured_operand_table(facts, table)
   choices = []
   for key, entry in sorted(measured.items()):
     if not (isinstance(entry, dict) and "emitter" in entry):

@@ -150,20 +150,15 @@ def random_bits_for(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The stochastic-rounding words (uint32 of ``shape``) fp4jax uses under ``key``.
 
   When the last axis is a multiple of 4 the hashes are made once per word (four
-  elements) and expanded where they are consumed. On every platform but the CPU (the
-  GPUs this is for) the word array is materialised first (a quarter-size kernel): left to fuse, XLA's loop emitter recomputes a fused
-  producer for every element that reads it, four hashes per word. On the CPU it is left
-  to fuse (materialised, XLA:CPU's NVFP4 operand took 31.6 ms against 26.5 at 4096^2:
-  kernels/NOTES.md, "Issue 18, sixth step"). The bits are the same either way."""
+  elements) and expanded where they are consumed, left to fuse on every platform. XLA's
+  loop emitter then recomputes a word's hash for each of its four elements, yet on an
+  H100 that fused element pass beat materialising the quarter-size words first (MXFP4 SR
+  operand at 16384^2, element pass: 0.703 ms against 0.684 + 0.083), as on the CPU (26.5 against
+  31.6 ms at 4096^2): kernels/NOTES.md, "Issue 18, sixth step". The Pallas kernels hash
+  once per word in registers. The bits are the same either way."""
   seed = seed_from_key(key)
   shape = tuple(shape)
   if not (shape and shape[-1] % ELEMENTS_PER_WORD == 0):
     return element_bits_words(seed[0], seed[1], element_counter(shape))
   word_shape = shape[:-1] + (shape[-1] // ELEMENTS_PER_WORD,)
-
-  def words(materialise: bool) -> jax.Array:
-    w = counter_hash_words(seed[0], seed[1], element_counter(word_shape))
-    return jax.lax.optimization_barrier(w) if materialise else w
-
-  return expand_words(jax.lax.platform_dependent(cpu=lambda: words(False),
-                                                 default=lambda: words(True)))
+  return expand_words(counter_hash_words(seed[0], seed[1], element_counter(word_shape)))

@@ -300,6 +300,7 @@ def main(argv):
         v["non_nan"] == 0 for v in res["kernel_mismatches"]["True"].values())
     res["tuning"] = tune(x, key, exact, kernel_ieee)
     res["tuning"]["kernel_ieee_subnormals"] = kernel_ieee
+    res["tuning"]["generation"] = facts.generation  # what other kinds fall back on
     from fp4jax.kernels import operand_tuning
     for path in filter(None, [operand_tuning.__file__, FLAGS.tuning_out]):
       write_tuning(facts.kind, res["tuning"], path)

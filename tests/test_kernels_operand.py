@@ -245,9 +245,25 @@ def test_dispatch_reads_the_measured_table():
   assert emit.choice("both", "stochastic") == ("separate", None)
   assert emit.choice("cols", "nearest") == ("pallas", None)      # not measured: defaults
   assert emit.ieee_subnormals
-  other = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100")
-  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", other), other, table)
+  # An unmeasured kind takes a measured one of its generation, if the table says which.
+  sibling = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100 80GB HBM3")
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", sibling), sibling, table)
+  assert emit.choices == () and not emit.ieee_subnormals        # no generation: defaults
+  table["NVIDIA H200"]["generation"] = 9
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", sibling), sibling, table)
+  assert emit.choice("rows", "nearest") == ("pallas", ko.OperandKernelConfig(16, 128, 4, 1))
+  assert emit.ieee_subnormals
+  blackwell = dispatch.DeviceFacts("gpu", 10, "NVIDIA B200")
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", blackwell), blackwell,
+                              table)
   assert emit.choices == () and not emit.ieee_subnormals        # unmeasured: exact anywhere
+
+
+def test_the_shipped_table_covers_hopper_kinds():
+  h100 = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100 80GB HBM3")
+  from fp4jax.kernels import operand_tuning
+  assert dispatch.measured_operand_table(h100, operand_tuning.TABLE) is \
+      operand_tuning.TABLE["NVIDIA H200"]
 
 
 def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():

@@ -175,11 +175,11 @@ def test_s_above_31_is_the_truncated_remainders_probability():
     assert abs(got - v) / 0.5 <= 2.0 ** -9 + 2.0 ** -31, (v, got)
 
 
-@pytest.mark.parametrize("platform,materialised", [("cuda", True), ("cpu", False)])
-def test_words_are_materialised_on_gpus_only(platform, materialised):
-  """The per-platform choice in random_bits_for (the bits are the same either way):
-  exported for one platform, only its branch is lowered."""
+@pytest.mark.parametrize("platform", ["cuda", "cpu"])
+def test_words_are_left_to_fuse_on_every_platform(platform):
+  """random_bits_for does not materialise the word array on any platform (measured
+  slower on the H100 and the CPU: kernels/NOTES.md, "Issue 18, sixth step")."""
   from jax import export
   fn = jax.jit(lambda k: prng.random_bits_for(k, (64, 128)))
   text = export.export(fn, platforms=[platform])(jax.random.key(0)).mlir_module()
-  assert ("optimization_barrier" in text) == materialised
+  assert "optimization_barrier" not in text and "stablehlo.case" not in text

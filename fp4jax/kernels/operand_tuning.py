@@ -8,12 +8,17 @@
 "separate"}`` (two launches were faster than one). ``"ms"`` holds what was timed.
 ``"kernel_ieee_subnormals"``: the kernel's one-multiply variant was bit-exact there (up
 to NaN payload) on inputs with subnormal elements and scales, i.e. Triton's float32
-multiply keeps subnormals; the dispatch then runs it. A kind missing here takes the
-kernel's defaults and the variant exact on any backend.
+multiply keeps subnormals; the dispatch then runs it. ``"generation"``: the GPU's compute
+capability major (9: Hopper). A kind missing here takes the table of a measured kind of
+the same generation (an H100 the H200's: same SMs and Triton code, so the same tiles are a
+fair guess, and the one-multiply variant was checked bit-exact on an H100 too:
+``kernels/results/operand_sr_nvidia_h100_80gb_hbm3.log``), else the kernel's defaults and
+the variant exact on any backend.
 
 The NVIDIA H200 tiles were timed with the exact-anywhere variant (the tuner then timed
 only that one); ``kernel_ieee_subnormals`` comes from the same run's checks
-(``kernels/results/operand_nvidia_h200.json``, ``kernel_mismatches``).
+(``kernels/results/operand_nvidia_h200.json``, ``kernel_mismatches``); its
+``"generation"`` was added by hand (the tuner now writes it).
 """
 
 TABLE: dict = {'NVIDIA H200': {'both/nearest': {'config': [32, 64, 4, 1],
@@ -58,6 +63,7 @@ TABLE: dict = {'NVIDIA H200': {'both/nearest': {'config': [32, 64, 4, 1],
                                             '64x256w8': 1.2153,
                                             '64x64w4': 1.3065,
                                             'xla': 1.3619}},
+                 'generation': 9,
                  'kernel_ieee_subnormals': True,
                  'rows/nearest': {'config': [32, 128, 4, 1],
                                   'emitter': 'pallas',
