@@ -606,4 +606,4 @@ def interpret_mode(facts: DeviceFacts | None = None) -> bool:
 __all__ = ["BLACKWELL_GENERATION", "Choice", "DeviceFacts", "FP8_MIN_K", "GemmImpl",
            "GroupedGemmImpl", "HOPPER_GENERATION", "OperandEmitter", "OperandPath", "POLICIES", "QuantizeImpl",
            "WEIGHT_ONLY_AUTO_MAX_ROWS", "WeightOnlyImpl", "check_policy", "choose_grouped_gemm", "choose_gemm", "choose_weight_only", "choose_operand_emitter", "choose_operand_path", "choose_quantize", "current_policy", "device_facts", "gemm_impl", "hadamard_method", "kernel_emit",
-           "interpret_mode", "quantize_unsupported_reason", "resolve_policy"]
+           "interpret_mode", "measured_operand_table", "quantize_unsupported_reason", "resolve_policy"]

@@ -154,7 +154,7 @@ def random_bits_for(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   loop emitter then recomputes a word's hash for each of its four elements, yet on an
   H100 that fused element pass beat materialising the quarter-size words first (MXFP4 SR
   operand at 16384^2, element pass: 0.703 ms against 0.684 + 0.083), as on the CPU (26.5 against
-  31.6 ms at 4096^2): kernels/NOTES.md, "Issue 18, sixth step". The Pallas kernels hash
+  31.6 ms at 4096^2): kernels/NOTES.md, "Issue 18, seventh step". The Pallas kernels hash
   once per word in registers. The bits are the same either way."""
   seed = seed_from_key(key)
   shape = tuple(shape)

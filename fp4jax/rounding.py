@@ -257,8 +257,8 @@ def e2m1_magnitude_of_bits(ab: jax.Array, rounding: str = "nearest",
   matter whether a backend flushed ``a`` to zero). Tested exhaustively against
   :func:`encode`.
 
-  A dozen integer operations instead of :func:`encode`'s general ones (what the fused
-  kernels spend per element):
+  A dozen operations instead of :func:`encode`'s general ones (what the fused kernels
+  spend per element):
 
   * ``a >= 1`` (E2M1 normals, one mantissa bit): round the 23-bit mantissa field to its top
     bit by an integer add (nearest-even: ``0x1FFFFF + lsb``; stochastic: the complement
@@ -266,7 +266,8 @@ def e2m1_magnitude_of_bits(ab: jax.Array, rounding: str = "nearest",
     the carry run into the exponent; then the code is ``((E << 1) | m) - 252``.
   * ``a < 1`` (the subnormal step 0.5): nearest-even compares with the two midpoints
     0.25 (ties down to 0) and 0.75 (ties up to 1.0); stochastic is
-    :func:`fp4jax.bits.round_shift_right` of the significand by ``149 - E``, written out.
+    :func:`fp4jax.bits.round_shift_right` of the significand by ``149 - E``, decided by
+    one exact float product (``_e2m1_low_code_stochastic`` says why that is the same).
   """
   ab = ab.astype(U32)
   if rounding == "nearest":

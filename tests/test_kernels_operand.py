@@ -253,6 +253,12 @@ def test_dispatch_reads_the_measured_table():
   emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", sibling), sibling, table)
   assert emit.choice("rows", "nearest") == ("pallas", ko.OperandKernelConfig(16, 128, 4, 1))
   assert emit.ieee_subnormals
+  # A measured kind keeps its own table over a sibling's; between siblings, the first by name.
+  table["NVIDIA H100 80GB HBM3"] = {"rows/nearest": {"emitter": "xla"}, "generation": 9}
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", sibling), sibling, table)
+  assert emit.choice("rows", "nearest") == ("xla", None) and not emit.ieee_subnormals
+  gh200 = dispatch.DeviceFacts("gpu", 9, "NVIDIA GH200 480GB")
+  assert dispatch.measured_operand_table(gh200, table) is table["NVIDIA H100 80GB HBM3"]
   blackwell = dispatch.DeviceFacts("gpu", 10, "NVIDIA B200")
   emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", blackwell), blackwell,
                               table)
@@ -264,6 +270,8 @@ def test_the_shipped_table_covers_hopper_kinds():
   from fp4jax.kernels import operand_tuning
   assert dispatch.measured_operand_table(h100, operand_tuning.TABLE) is \
       operand_tuning.TABLE["NVIDIA H200"]
+  emit = dispatch.kernel_emit(dispatch.choose_operand_emitter("auto", h100), h100)
+  assert emit.ieee_subnormals and emit.choice("rows", "nearest")[0] == "pallas"
 
 
 def test_dispatch_takes_the_kernel_under_auto_on_gpus_only():

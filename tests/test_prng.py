@@ -175,11 +175,13 @@ def test_s_above_31_is_the_truncated_remainders_probability():
     assert abs(got - v) / 0.5 <= 2.0 ** -9 + 2.0 ** -31, (v, got)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "cpu"])
-def test_words_are_left_to_fuse_on_every_platform(platform):
+def test_words_are_left_to_fuse_on_every_platform():
   """random_bits_for does not materialise the word array on any platform (measured
-  slower on the H100 and the CPU: kernels/NOTES.md, "Issue 18, sixth step")."""
+  slower on the H100 and the CPU: kernels/NOTES.md, "Issue 18, seventh step")."""
   from jax import export
   fn = jax.jit(lambda k: prng.random_bits_for(k, (64, 128)))
-  text = export.export(fn, platforms=[platform])(jax.random.key(0)).mlir_module()
-  assert "optimization_barrier" not in text and "stablehlo.case" not in text
+  # Exported for both platforms at once, a per-platform choice would keep both branches
+  # (a single-platform export inlines the surviving one); jax.random's own key
+  # derivation lowers per platform too, so only the barrier is looked for.
+  text = export.export(fn, platforms=["cuda", "cpu"])(jax.random.key(0)).mlir_module()
+  assert "optimization_barrier" not in text

@@ -176,7 +176,8 @@ def test_e2m1_stochastic_low_step_at_its_thresholds(rng):
   round_shift_right's variable shifts: every word at and around each value's threshold
   ``rem << (32 - s)`` (truncated past a 31-bit shift) must give encode's code."""
   ab = np.concatenate([rng.integers(0x00800000, 0x3F800000, 300_000, dtype=np.uint32),
-                       np.arange(0x3A800000, 0x3C000000, 4099, dtype=np.uint32),  # s > 31
+                       np.arange(0x3A800000, 0x3C000000, 4099, dtype=np.uint32),  # shifts 29-32
+                       np.arange(0x2D000000, 0x3A800000, 65537, dtype=np.uint32),  # 33-59
                        np.array([0x00800000, 0x3E800000, 0x3F000000, 0x3F3FFFFF,
                                  0x3F400000, 0x3F7FFFFF], np.uint32)])
   e = (ab >> 23).astype(np.int64)

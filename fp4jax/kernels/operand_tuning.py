@@ -11,9 +11,9 @@ to NaN payload) on inputs with subnormal elements and scales, i.e. Triton's floa
 multiply keeps subnormals; the dispatch then runs it. ``"generation"``: the GPU's compute
 capability major (9: Hopper). A kind missing here takes the table of a measured kind of
 the same generation (an H100 the H200's: same SMs and Triton code, so the same tiles are a
-fair guess, and the one-multiply variant was checked bit-exact on an H100 too:
-``kernels/results/operand_sr_nvidia_h100_80gb_hbm3.log``), else the kernel's defaults and
-the variant exact on any backend.
+fair guess, and the one-multiply variant was checked bit-exact on an H100 too, before
+the SR low-step change: ``kernels/results/operand_sr_nvidia_h100_80gb_hbm3.log``), else
+the kernel's defaults and the variant exact on any backend.
 
 The NVIDIA H200 tiles were timed with the exact-anywhere variant (the tuner then timed
 only that one); ``kernel_ieee_subnormals`` comes from the same run's checks
