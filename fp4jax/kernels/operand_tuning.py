@@ -12,7 +12,7 @@ multiply keeps subnormals; the dispatch then runs it. ``"generation"``: the GPU'
 capability major (9: Hopper). A kind missing here takes the table of a measured kind of
 the same generation (an H100 the H200's: same SMs and Triton code, so the same tiles are a
 fair guess, and the one-multiply variant was checked bit-exact on an H100 too, before
-the SR low-step change: ``kernels/results/operand_sr_nvidia_h100_80gb_hbm3.log``), else
+and after the SR low-step change: ``kernels/results/operand_sr_nvidia_h100_80gb_hbm3*``), else
 the kernel's defaults and the variant exact on any backend.
 
 The NVIDIA H200 tiles were timed with the exact-anywhere variant (the tuner then timed
