@@ -382,15 +382,23 @@ def choose_operand_emitter(policy: str, facts: DeviceFacts | None = None) -> Cho
 
 def measured_operand_table(facts: DeviceFacts, table: dict) -> dict:
   """``table``'s entries for this GPU kind, else those of the first measured kind (by
-  name) of the same generation, else ``{}``."""
+  name) of the same generation, else ``{}``. ``table`` maps device kinds to dicts (the
+  layout of :data:`fp4jax.kernels.operand_tuning.TABLE`)."""
+  if not isinstance(facts, DeviceFacts):
+    raise TypeError("measured_operand_table: facts must be a DeviceFacts "
+                    f"(fp4jax.dispatch.device_facts()), got {type(facts).__name__}")
+  if not (isinstance(table, dict) and all(isinstance(v, dict) for v in table.values())):
+    raise TypeError("measured_operand_table: table must map device kinds to dicts of "
+                    "measured entries, as fp4jax.kernels.operand_tuning.TABLE does")
   if facts.kind in table:
     return table[facts.kind]
+  if not (facts.on_gpu and facts.generation):
+    return {}
   for kind in sorted(table):
-    entry = table[kind]
-    if facts.on_gpu and facts.generation and entry.get("generation") == facts.generation:
+    if table[kind].get("generation") == facts.generation:
       _log_once("operand table", facts.kind or "?", Choice(
           OperandEmitter.PALLAS, reason=f"not measured here: {kind}'s table, same generation"))
-      return entry
+      return table[kind]
   return {}
 
 

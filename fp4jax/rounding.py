@@ -225,7 +225,8 @@ def e2m1_f32_bits(codes: jax.Array) -> jax.Array:
   return mag | ((c & U32(8)) << 28)
 
 
-_F32_QUARTER, _F32_HALF, _F32_THREE_QUARTERS, _F32_ONE = 0x3E800000, 0x3F000000, 0x3F400000, 0x3F800000
+_F32_QUARTER, _F32_HALF = 0x3E800000, 0x3F000000
+_F32_THREE_QUARTERS, _F32_ONE = 0x3F400000, 0x3F800000
 
 
 def _e2m1_low_code_stochastic(ab: jax.Array, rb: jax.Array) -> jax.Array:

@@ -265,6 +265,16 @@ def test_dispatch_reads_the_measured_table():
   assert emit.choices == () and not emit.ieee_subnormals        # unmeasured: exact anywhere
 
 
+def test_measured_operand_table_names_bad_arguments():
+  h100 = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100 80GB HBM3")
+  with pytest.raises(TypeError, match="facts must be a DeviceFacts"):
+    dispatch.measured_operand_table("NVIDIA H100", {})
+  with pytest.raises(TypeError, match="table must map device kinds to dicts"):
+    dispatch.measured_operand_table(h100, {"NVIDIA H200": [("rows/nearest", "xla")]})
+  with pytest.raises(TypeError, match="table must map device kinds to dicts"):
+    dispatch.measured_operand_table(h100, [("NVIDIA H200", {})])
+
+
 def test_the_shipped_table_covers_hopper_kinds():
   h100 = dispatch.DeviceFacts("gpu", 9, "NVIDIA H100 80GB HBM3")
   from fp4jax.kernels import operand_tuning
