@@ -100,7 +100,11 @@ class DeviceFacts:
     bit): ``"dot_bf16"`` on a GPU, where XLA materialises each level of a butterfly along
     the tokens and a GEMM reads the operand in place, on BF16 tensor cores (one GEMM for a
     bfloat16 operand, three for a float32 one) rather than as a float32 GEMM (``kernels.bench_hadamard``, ``kernels.bench_step --hadamard_methods``),
-    else ``"butterfly"`` (a fixed summation order). :func:`hadamard_method` overrides it."""
+    else ``"butterfly"`` (a fixed summation order). :func:`hadamard_method` overrides it.
+    One exception, in every path and on every device: a transform along a float-scaled
+    operand's blocks (NVFP4's wgrad inputs) runs as the butterfly, the order the
+    float-scale kernels reproduce in place
+    (:func:`fp4jax.kernels.float_scale_operand.transform_method`)."""
     override = _HADAMARD_METHOD.get()
     if override is not None:
       return override

@@ -172,15 +172,19 @@ def gemm_operand(x: jax.Array, spec: QuantSpec, axis: int = -1, key: jax.Array |
                        dtype=dtype, ieee_subnormals=ieee_subnormals)[0]
 
 
-class _Prepared(NamedTuple):
+class Prepared(NamedTuple):
+  """An operand's block pass (:func:`prepare`): its bits, block maxima and random bits."""
+
   b: jax.Array                 # uint32 float32 bits of x
   ext: tuple[int, ...]         # block extents
   amax: jax.Array              # uint32 bits of max |x| per block
   rbits: jax.Array | None      # stochastic rounding's random bits
-  tensor_amax: jax.Array | None  # uint32 bits of the tensor amax (two-level, derived t)
+  tensor_amax: jax.Array | None  # uint32 bits of a "finite_amax" tensor amax, else None
 
 
-def _prepare(r: OperandRequest) -> _Prepared:
+def prepare(r: OperandRequest) -> Prepared:
+  """The block pass of :func:`gemm_operands` for one operand (its block maxima are
+  materialised for two-level specs); :func:`element_values` finishes it."""
   why = unsupported_reason(r.spec, r.x.shape, r.axis)
   if why is not None:
     raise ValueError(f"gemm_operand: unsupported operand ({why}); use "
@@ -202,13 +206,12 @@ def _prepare(r: OperandRequest) -> _Prepared:
   amax = blocks.block_max(bits.abs_bits(b), ext)
   tensor_amax_bits = None
   if spec.tensor_scale is not None:
-    # The tensor amax from the materialised block maxima (1/16 of the bytes): left to
-    # itself XLA:GPU re-reads the whole input for it (kernels/NOTES.md).
+    # Materialised: the tensor amax is taken from these maxima (block_factor_sets).
     amax = jax.lax.optimization_barrier(amax)
-    if r.tensor_scale is None:
+    if r.tensor_scale is None and spec.tensor_scale == "finite_amax":
       source = tensor_amax.amax_source(bits.abs_bits(b), amax, spec.tensor_scale)
       tensor_amax_bits = tensor_amax.reduce_amax_bits(jnp.max(source)).astype(U32)
-  return _Prepared(b, ext, amax, rbits, tensor_amax_bits)
+  return Prepared(b, ext, amax, rbits, tensor_amax_bits)
 
 
 def gemm_operands(requests: Sequence[OperandRequest], *, dtype: Any = jnp.bfloat16,
@@ -226,23 +229,71 @@ def gemm_operands(requests: Sequence[OperandRequest], *, dtype: Any = jnp.bfloat
       ``random_bits``, ``tensor_scale`` as :func:`gemm_operand` takes them).
     dtype, ieee_subnormals: as :func:`gemm_operand`, for all of them.
   """
+  _check_gemm_dtype(dtype)
+  requests = [OperandRequest(*r) for r in requests]
+  prepared = [prepare(r) for r in requests]
+  factor_sets = block_factor_sets([
+      FactorRequest(p.amax, r.spec, r.tensor_scale, p.tensor_amax)
+      for r, p in zip(requests, prepared)])
+  return [(element_values(p, factors, r.spec, dtype, ieee_subnormals), t)
+          for r, p, (factors, t) in zip(requests, prepared, factor_sets)]
+
+
+def element_values(p: Prepared, factors: "BlockFactors", spec: QuantSpec, dtype: Any,
+                   ieee_subnormals: bool) -> jax.Array:
+  """The element pass of :func:`gemm_operands`: the values of an operand after :func:`prepare`,
+  from its block factors (:func:`block_factor_sets`), in ``dtype``."""
+  expand = lambda v: None if v is None else blocks.expand(v, p.ext, p.b.shape)
+  values = element_value_bits(p.b, BlockFactors(*(expand(f) for f in factors)), spec,
+                              p.rbits, ieee_subnormals)
+  return emit(values, dtype)
+
+
+def _check_gemm_dtype(dtype) -> None:
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in GEMM_DTYPES]:
     raise ValueError(f"gemm_operand: dtype must be bfloat16 or float32, got {dtype}")
-  requests = [OperandRequest(*r) for r in requests]
-  prepared = [_prepare(r) for r in requests]
+
+
+class FactorRequest(NamedTuple):
+  """One operand's block maxima, to be turned into its per-block factors."""
+
+  amax: jax.Array                         # uint32 bits of max |x| per block
+  spec: QuantSpec
+  tensor_scale: jax.Array | None = None   # an explicit FP32 tensor scale (two-level specs)
+  # uint32 bits of the tensor amax where it is not the max of ``amax`` (a spec's
+  # "finite_amax"); None: derived from ``amax`` (two-level specs without tensor_scale).
+  tensor_amax: jax.Array | None = None
+
+
+def block_factor_sets(requests: Sequence[FactorRequest]
+                      ) -> list[tuple["BlockFactors", jax.Array | None]]:
+  """``(factors, t)`` per operand from its block maxima: :class:`BlockFactors` of the
+  block shape (materialised: an element pass reads two floats per block instead of
+  repeating the block math per element) and the tensor scale (two-level specs, else
+  None), the specs' tensor scales and UE4M3 tables batched over the operands that derive
+  theirs (as :func:`gemm_operands`). The stage between a block-maxima pass and an element
+  pass, so that a kernel can do either (:mod:`fp4jax.kernels.float_scale_operand`)."""
+  requests = [FactorRequest(*r) for r in requests]
   ts: list[jax.Array | None] = [None] * len(requests)
   tables: list[scales.UE4M3Tables | None] = [None] * len(requests)
   groups: dict[tuple[str, str], list[int]] = {}
-  for i, (r, p) in enumerate(zip(requests, prepared)):
+  tensor_amaxes: list[jax.Array | None] = [None] * len(requests)
+  for i, r in enumerate(requests):
     if r.spec.tensor_scale is None:
       continue
-    if p.tensor_amax is None:  # an explicit tensor scale, materialised as quantize does
+    if r.tensor_scale is not None:  # an explicit tensor scale, materialised as quantize does
       ts[i] = encode.tensor_scale(None, r.spec, r.tensor_scale)
-    else:
-      groups.setdefault((r.spec.element.name, r.spec.scale_format.name), []).append(i)
+      continue
+    amax = r.tensor_amax
+    if amax is None:
+      # The tensor amax from the materialised block maxima (1/16 of the bytes): left to
+      # itself XLA:GPU re-reads the whole input for it (kernels/NOTES.md).
+      amax = tensor_amax.reduce_amax_bits(jnp.max(r.amax)).astype(U32)
+    tensor_amaxes[i] = amax
+    groups.setdefault((r.spec.element.name, r.spec.scale_format.name), []).append(i)
   for members in groups.values():
     spec = requests[members[0]].spec
-    amax = bits.bits_f32(jnp.stack([prepared[i].tensor_amax for i in members]))
+    amax = bits.bits_f32(jnp.stack([tensor_amaxes[i] for i in members]))
     # Materialised, as encode.tensor_scale does: otherwise XLA fuses the tensor-wide
     # reductions into every consumer of the exact-division graph.
     t = jax.lax.optimization_barrier(
@@ -253,17 +304,9 @@ def gemm_operands(requests: Sequence[OperandRequest], *, dtype: Any = jnp.bfloat
     for j, i in enumerate(members):
       ts[i] = t[j]
       tables[i] = None if tab is None else scales.tables_row(tab, j)
-  out = []
-  for r, p, t, tab in zip(requests, prepared, ts, tables):
-    # Per block, materialised (as the reference does): the element fusion reads one
-    # multiplier and one scale per block instead of repeating the block math per element.
-    factors = jax.lax.optimization_barrier(
-        block_factors(p.amax, r.spec, t, derived_ts=r.tensor_scale is None, tables=tab))
-    expand = lambda v, p=p: None if v is None else blocks.expand(v, p.ext, p.b.shape)
-    values = element_value_bits(p.b, BlockFactors(*(expand(f) for f in factors)), r.spec,
-                                p.rbits, ieee_subnormals)
-    out.append((emit(values, dtype), t))
-  return out
+  return [(jax.lax.optimization_barrier(
+               block_factors(r.amax, r.spec, t, derived_ts=r.tensor_scale is None, tables=tab)),
+           t) for r, t, tab in zip(requests, ts, tables)]
 
 
 class BlockFactors(NamedTuple):
@@ -350,6 +393,7 @@ def gemm_operand_reference(x: jax.Array, spec: QuantSpec, axis: int = -1,
   return decode.dequantize(q, dtype), t
 
 
-__all__ = ["GEMM_DTYPES", "BlockFactors", "OperandRequest", "block_factors",
+__all__ = ["GEMM_DTYPES", "BlockFactors", "FactorRequest", "OperandRequest", "block_factor_sets",
+           "block_factors", "element_values", "Prepared", "prepare",
            "element_value_bits", "emit", "input_bits", "gemm_operand", "gemm_operand_reference",
            "gemm_operands", "unsupported_reason"]

@@ -32,6 +32,7 @@ from jax import lax
 
 from fp4jax import asymmetric, blocks, dispatch, encode, estimators, gemm, hadamard, outliers
 from fp4jax import qdot_fused
+from fp4jax.kernels import float_scale_operand as kernel_float
 from fp4jax import recipes as recipes_lib
 from fp4jax import reference_rounding
 from fp4jax.dispatch import gemm_impl  # the user-facing policy override, re-exported here
@@ -88,11 +89,16 @@ def _quantize_operand(x, spec: QuantSpec | None, axis: int, key_data, op: str,
   return value, mult, q
 
 
-def _rht(x, axis, key_data, block, which, transpose=False):
+def _rht(x, axis, key_data, block, which, transpose=False, spec=None):
+  """The recipe's transform along ``axis`` (float32); ``spec``: the operand's, whose
+  transform along its blocks may take the float-scale kernels' method in every path
+  (:func:`fp4jax.kernels.float_scale_operand.transform_method`)."""
   if block is None:
     return x.astype(jnp.float32)
+  method = kernel_float.transform_method(spec, axis, x.ndim, block,
+                                         dispatch.device_facts().hadamard_method)
   return hadamard.rht(x, axis, _key(key_data, which), block, transpose, dtype=jnp.float32,
-                      method=dispatch.device_facts().hadamard_method)
+                      method=method)
 
 
 _mm = gemm.einsum_f32
@@ -121,10 +127,10 @@ def _backward_gemm(x, y, axis, key_data, block, which, ops, specs, eq, impl):
     if m % mult:
       pad = [(0, 0), (0, -m % mult), (0, 0)]
       x, y = jnp.pad(x, pad), jnp.pad(y, pad)
-  xv, _, xq = _quantize_operand(_rht(x, axis, key_data, block, which), specs[0], axis,
-                                key_data, ops[0], impl=impl)
-  yv, _, yq = _quantize_operand(_rht(y, axis, key_data, block, which), specs[1], axis,
-                                key_data, ops[1], impl=impl)
+  xv, _, xq = _quantize_operand(_rht(x, axis, key_data, block, which, spec=specs[0]),
+                                specs[0], axis, key_data, ops[0], impl=impl)
+  yv, _, yq = _quantize_operand(_rht(y, axis, key_data, block, which, spec=specs[1]),
+                                specs[1], axis, key_data, ops[1], impl=impl)
   kxq, kyq = xq, yq  # the kernels' layout: (M, K) . (K, N), both blocked along K
   if xq is not None and yq is not None and xq.ndim == 2:
     if axis == -1:   # dgrad: x (M, N) . y (K, N)^T

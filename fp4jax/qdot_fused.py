@@ -39,6 +39,7 @@ from jax import lax
 
 from fp4jax import blocks, hadamard, operand
 from fp4jax import recipes as recipes_lib
+from fp4jax.kernels import float_scale_operand as kernel_float
 from fp4jax.kernels import operand as kernel_operand
 from fp4jax.spec import QuantSpec
 
@@ -143,27 +144,72 @@ class _Op(NamedTuple):
   axis: int
   op: str
   kernel: KernelEmit | None
+  # (block, fold_in index): a random Hadamard transform along ``axis`` still to apply to
+  # ``x`` (in the float-scale kernels where they take it, else in XLA first).
+  transform: tuple[int, int] | None = None
 
 
-def _emit_all(ops: list[_Op], key_data, dtype, ieee: bool) -> list[tuple[jax.Array, Any]]:
-  """``(values, t)`` of each operand: through the Pallas kernel where it takes one, the
-  rest together through :func:`fp4jax.operand.gemm_operands` (so a layer's NVFP4 operands
-  share one tensor-scale and table computation)."""
+def _float_kernel_config(o: _Op, method: str) -> tuple[bool, Any]:
+  """(True, config) where the float-scale kernels (:mod:`fp4jax.kernels.float_scale_operand`)
+  emit this operand, transform included, else (False, None). A transform goes there only
+  under the butterfly method, the one whose bits the kernels reproduce
+  (:func:`fp4jax.kernels.float_scale_operand.transform_method` picks it for them)."""
+  block = None if o.transform is None else o.transform[0]
+  k = o.kernel
+  if (k is None or o.x.size < k.min_elements or (block is not None and method != "butterfly")
+      or kernel_float.unsupported_reason(o.x.shape, o.x.dtype, o.spec, o.axis, block)
+      is not None):
+    return False, None
+  orient = kernel_float.orientation(o.axis, o.x.ndim, block)
+  emitter, config = k.choice(f"float_{orient}", o.spec.rounding)
+  return emitter == "pallas", config
+
+
+def _emit_all(ops: list[_Op], key_data, dtype, ieee: bool, method: str
+              ) -> list[tuple[jax.Array, Any]]:
+  """``(values, t)`` of each operand: through a Pallas kernel where one takes it (power-of-two
+  scales: :mod:`fp4jax.kernels.operand`, one read; float scales:
+  :mod:`fp4jax.kernels.float_scale_operand`'s passes), the rest through XLA's emitter
+  (:mod:`fp4jax.operand`), all float-scaled ones sharing one tensor-scale and table
+  computation (:func:`fp4jax.operand.block_factor_sets`)."""
   out: list[Any] = [None] * len(ops)
-  xla = []
+  staged = []   # (index, float-kernel request or None, XLA request, its block pass)
   for i, o in enumerate(ops):
     key = _op_key(key_data, o.spec, o.op)
-    takes, config = _kernel_config(o.x, o.spec, o.axis, o.kernel)
+    op_method = method if o.transform is None else kernel_float.transform_method(
+        o.spec, o.axis, o.x.ndim, o.transform[0], method)
+    takes, config = _float_kernel_config(o, op_method)
     if takes:
-      out[i] = kernel_operand.gemm_operand(o.x, o.spec, o.axis, key, dtype=dtype,
+      block, which = o.transform or (None, None)
+      req = kernel_float.FloatScaleRequest(
+          o.x, o.spec, o.axis, key, None if block is None else _key(key_data, which), block,
+          config)
+      staged.append((i, req, None, kernel_float.request_block_maxima(
+          req, interpret=o.kernel.interpret)))
+      continue
+    x = o.x
+    if o.transform is not None:
+      x = _transform_with(x, o.axis, key_data, o.transform[0], o.transform[1],
+                          method=op_method)
+    takes, config = _kernel_config(x, o.spec, o.axis, o.kernel)
+    if takes:
+      out[i] = kernel_operand.gemm_operand(x, o.spec, o.axis, key, dtype=dtype,
                                            config=config, interpret=o.kernel.interpret,
                                            ieee_subnormals=o.kernel.ieee_subnormals), None
     else:
-      xla.append((i, operand.OperandRequest(o.x, o.spec, o.axis, key)))
-  if xla:
-    emitted = operand.gemm_operands([r for _, r in xla], dtype=dtype, ieee_subnormals=ieee)
-    for (i, _), e in zip(xla, emitted):
-      out[i] = e
+      req = operand.OperandRequest(x, o.spec, o.axis, key)
+      staged.append((i, None, req, operand.prepare(req)))
+  factor_sets = operand.block_factor_sets([
+      operand.FactorRequest(p, fr.spec) if fr is not None
+      else operand.FactorRequest(p.amax, xr.spec, None, p.tensor_amax)
+      for _, fr, xr, p in staged])
+  for (i, fr, xr, p), (factors, t) in zip(staged, factor_sets):
+    if fr is not None:
+      k = ops[i].kernel
+      out[i] = kernel_float.request_values(fr, factors, dtype=dtype, interpret=k.interpret,
+                                           ieee_subnormals=k.ieee_subnormals), t
+    else:
+      out[i] = operand.element_values(p, factors, xr.spec, dtype, ieee), t
   return out
 
 
@@ -208,7 +254,7 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
     w1 = _transform(w, -2, key_data, r.hadamard_fwd, _H_FWD)
     (av, ta), (wv, tw) = _emit_all([_Op(a1, r.fwd_lhs, -1, "fwd_lhs", kernel),
                                     _Op(w1, r.fwd_rhs, -2, "fwd_rhs", kernel)],
-                                   key_data, gemm_dtype, ieee_subnormals)
+                                   key_data, gemm_dtype, ieee_subnormals, hadamard_method)
     y = _gemm(av, wv, "bmk,bkn->bmn", ta, tw).astype(out_dtype)
     a_src = av if r.double_quant else a1
     w_src = wv if (reuse or r.double_quant) else w1
@@ -251,12 +297,13 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
     if m % mult:
       pad = [(0, 0), (0, -m % mult), (0, 0)]
       a_src, g2 = jnp.pad(a_src, pad), jnp.pad(g2, pad)
-    ops["wgrad_lhs"] = _Op(_transform(a_src, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_lhs,
-                           -2, "wgrad_lhs", kernel)
+    # The wgrad transform is left to _emit_all: the float-scale kernels apply it in place.
+    wgrad_transform = None if r.hadamard_wgrad is None else (r.hadamard_wgrad, _H_WGRAD)
+    ops["wgrad_lhs"] = _Op(a_src, r.wgrad_lhs, -2, "wgrad_lhs", kernel, wgrad_transform)
     if not g_both:
-      ops["wgrad_grad"] = _Op(_transform(g2, -2, kd, r.hadamard_wgrad, _H_WGRAD), r.wgrad_grad,
-                              -2, "wgrad_grad", g_kernel)
-    emitted = dict(zip(ops, _emit_all(list(ops.values()), kd, gemm_dtype, ieee_subnormals)))
+      ops["wgrad_grad"] = _Op(g2, r.wgrad_grad, -2, "wgrad_grad", g_kernel, wgrad_transform)
+    emitted = dict(zip(ops, _emit_all(list(ops.values()), kd, gemm_dtype, ieee_subnormals,
+                                      hadamard_method)))
     if not g_both:
       (gv, tg), (gv2, tg2) = emitted["dgrad_grad"], emitted["wgrad_grad"]
     # dgrad: dA' = dY W'^T, contracting N.

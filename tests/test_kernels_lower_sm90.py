@@ -78,3 +78,14 @@ def test_quantize_kernel_lowers(h200, spec, axis, hadamard):
 def test_quantize_both_lowers(h200):
   fn = lambda x: kq.quantize_both(x, MX_SR, jax.random.key(0))
   assert _triton_calls(fn, X) == 1
+
+
+@pytest.mark.parametrize("axis,hadamard", [(-1, None), (-2, None), (-2, 16)])
+@pytest.mark.parametrize("spec", [get_spec("nvfp4"), NV_SR], ids=["nearest", "stochastic"])
+def test_float_scale_operand_kernels_lower(h200, spec, axis, hadamard):
+  from fp4jax.kernels import float_scale_operand as kf
+  fn = lambda x: kf.gemm_operand(x, spec, axis, jax.random.key(0),
+                                 hadamard_key=jax.random.key(1), hadamard_block=hadamard)[0]
+  # The element pass, and with a transform the block-maxima pass too.
+  assert _triton_calls(fn, X) == (2 if hadamard else 1)
+
