@@ -57,6 +57,8 @@ reproducible from its keys.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -133,9 +135,32 @@ def interleave_lanes(words: jax.Array) -> jax.Array:
   return lanes.reshape(words.shape[:-1] + (words.shape[-1] * ELEMENTS_PER_WORD,))
 
 
-def seed_from_key(key: jax.Array) -> jax.Array:
-  """Two uint32 seed words from a ``jax.random`` key (typed or raw uint32[2])."""
+class SeedWords(NamedTuple):
+  """A ``jax.random`` key already reduced to the two uint32 words that seed fp4jax's hash
+  (what :func:`seed_from_key` makes of it). Accepted wherever a stochastic-rounding key
+  is, with the same bits, so that a layer can derive all its keys' seeds in one batched
+  computation (:func:`derived_seeds`) instead of one tiny kernel pair per key."""
+
+  words: jax.Array  # uint32[2]
+
+
+def seed_from_key(key: "jax.Array | SeedWords") -> jax.Array:
+  """Two uint32 seed words from a ``jax.random`` key (typed or raw uint32[2]), or the
+  words of a :class:`SeedWords`."""
+  if isinstance(key, SeedWords):
+    return jnp.asarray(key.words, U32)
   return jax.random.bits(key, (2,), U32)
+
+
+def derived_seeds(key: jax.Array, indices: Sequence[int]) -> tuple[jax.Array, list[SeedWords]]:
+  """``(keys, seeds)``: the typed keys ``fold_in(key, i)`` for each of ``indices`` (stacked)
+  and their :class:`SeedWords`, from one batched ``fold_in`` and one batched draw: equal
+  bit for bit to ``seed_from_key(fold_in(key, i))`` each (threefry works per counter, so
+  a batch is the calls side by side)."""
+  idx = jnp.asarray(list(indices), U32)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
+  words = jax.vmap(lambda k: jax.random.bits(k, (2,), U32))(keys)
+  return keys, [SeedWords(words[j]) for j in range(len(indices))]
 
 
 def element_counter(shape: tuple[int, ...]) -> jax.Array:

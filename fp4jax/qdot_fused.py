@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fp4jax import blocks, hadamard, operand
+from fp4jax import blocks, hadamard, operand, prng
 from fp4jax import recipes as recipes_lib
 from fp4jax.kernels import float_scale_operand as kernel_float
 from fp4jax.kernels import operand as kernel_operand
@@ -119,10 +119,6 @@ class KernelEmit:
     return dict(self.choices).get(f"{orient}/{rounding}", ("pallas", None))
 
 
-def _op_key(key_data, spec: QuantSpec, op: str):
-  return _key(key_data, _OP_INDEX[op]) if spec.rounding == "stochastic" else None
-
-
 def _orient(axis: int, ndim: int) -> str:
   return "rows" if axis in (-1, ndim - 1) else "cols"
 
@@ -165,6 +161,23 @@ def _float_kernel_config(o: _Op, method: str) -> tuple[bool, Any]:
   return emitter == "pallas", config
 
 
+def _layer_keys(key_data, ops: list[_Op]) -> tuple[list[Any], list[Any]]:
+  """Per operand: its stochastic rounding's key as :class:`fp4jax.prng.SeedWords` (None
+  when nearest) and its transform's typed key (None without one), ``fold_in(key, i)``
+  with qdot's indices, from one batched ``fold_in`` and one batched draw for the whole
+  layer (:func:`fp4jax.prng.derived_seeds`; the same bits as one derivation per use,
+  without a pair of tiny kernels per key)."""
+  rounding = [_OP_INDEX[o.op] if o.spec.rounding == "stochastic" else None for o in ops]
+  transform = [None if o.transform is None else o.transform[1] for o in ops]
+  wanted = sorted({i for i in rounding + transform if i is not None})
+  if not wanted:
+    return [None] * len(ops), [None] * len(ops)
+  keys, seeds = prng.derived_seeds(jax.random.wrap_key_data(key_data), wanted)
+  at = {i: j for j, i in enumerate(wanted)}
+  return ([None if i is None else seeds[at[i]] for i in rounding],
+          [None if i is None else keys[at[i]] for i in transform])
+
+
 def _emit_all(ops: list[_Op], key_data, dtype, ieee: bool, method: str
               ) -> list[tuple[jax.Array, Any]]:
   """``(values, t)`` of each operand: through a Pallas kernel where one takes it (power-of-two
@@ -174,23 +187,23 @@ def _emit_all(ops: list[_Op], key_data, dtype, ieee: bool, method: str
   computation (:func:`fp4jax.operand.block_factor_sets`)."""
   out: list[Any] = [None] * len(ops)
   staged = []   # (index, float-kernel request or None, XLA request, its block pass)
+  rounding_keys, transform_keys = _layer_keys(key_data, ops)
   for i, o in enumerate(ops):
-    key = _op_key(key_data, o.spec, o.op)
+    key = rounding_keys[i]
     op_method = method if o.transform is None else kernel_float.transform_method(
         o.spec, o.axis, o.x.ndim, o.transform[0], method)
     takes, config = _float_kernel_config(o, op_method)
     if takes:
       block, which = o.transform or (None, None)
-      req = kernel_float.FloatScaleRequest(
-          o.x, o.spec, o.axis, key, None if block is None else _key(key_data, which), block,
-          config)
+      req = kernel_float.FloatScaleRequest(o.x, o.spec, o.axis, key, transform_keys[i],
+                                           block, config)
       staged.append((i, req, None, kernel_float.request_block_maxima(
           req, interpret=o.kernel.interpret)))
       continue
     x = o.x
     if o.transform is not None:
-      x = _transform_with(x, o.axis, key_data, o.transform[0], o.transform[1],
-                          method=op_method)
+      x = hadamard.rht(x, o.axis, transform_keys[i], o.transform[0], method=op_method,
+                       dtype=jnp.float32)
     takes, config = _kernel_config(x, o.spec, o.axis, o.kernel)
     if takes:
       out[i] = kernel_operand.gemm_operand(x, o.spec, o.axis, key, dtype=dtype,
@@ -278,9 +291,10 @@ def qmatmul_for(recipe: recipes_lib.Recipe, out_dtype, gemm_dtype=jnp.bfloat16,
       g_both = emitter == "pallas"
       g_kernel = None if emitter == "xla" else kernel  # XLA's two emits measured fastest
     if g_both:
+      (dgrad_key, wgrad_key), _ = _layer_keys(kd, [_Op(g, r.dgrad_grad, -1, "dgrad_grad", None),
+                                                   _Op(g, r.wgrad_grad, -2, "wgrad_grad", None)])
       gv, gv2 = kernel_operand.gemm_operand_both(
-          g, r.dgrad_grad, r.wgrad_grad, _op_key(kd, r.dgrad_grad, "dgrad_grad"),
-          _op_key(kd, r.wgrad_grad, "wgrad_grad"), dtype=gemm_dtype, config=both_config,
+          g, r.dgrad_grad, r.wgrad_grad, dgrad_key, wgrad_key, dtype=gemm_dtype, config=both_config,
           interpret=kernel.interpret, ieee_subnormals=kernel.ieee_subnormals)
       tg = tg2 = None
     # The rest emitted together (one tensor-scale and table computation for NVFP4's).

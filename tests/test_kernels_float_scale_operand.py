@@ -156,3 +156,15 @@ def test_bad_arguments_are_named():
     kf.gemm_operand(x, NV, -1, dtype=jnp.float16, interpret=INTERPRET)
   assert kf.orientation(-2, 2, 16) == "cols_hadamard" and kf.orientation(-1, 3, None) == "rows"
 
+
+
+def test_transform_method_is_the_butterfly_only_where_the_kernels_apply_it():
+  # NVFP4's wgrad transform (float scales, blocks of 16 along the columns, 16 points):
+  # the butterfly on every device; anything else keeps the device's method.
+  for method in ("butterfly", "dot", "dot_bf16"):
+    assert kf.transform_method(NV_SR, -2, 3, 16, method) == "butterfly"
+    assert kf.transform_method(NV, 1, 3, 16, method) == "butterfly"     # -2 of rank 3
+    assert kf.transform_method(NV, -1, 3, 16, method) == method         # along the rows
+    assert kf.transform_method(NV, -2, 3, 32, method) == method         # 32 points, 16-blocks
+    assert kf.transform_method(get_spec("mxfp4"), -2, 3, 32, method) == method  # pow2 scales
+    assert kf.transform_method(NV, -2, 3, None, method) == method

@@ -185,3 +185,19 @@ def test_words_are_left_to_fuse_on_every_platform():
   # derivation lowers per platform too, so only the barrier is looked for.
   text = export.export(fn, platforms=["cuda", "cpu"])(jax.random.key(0)).mlir_module()
   assert "optimization_barrier" not in text
+
+
+def test_derived_seeds_equal_one_derivation_per_index():
+  # One batched fold_in and draw for a layer: the keys and seed words of fold_in each.
+  key = jax.random.key(11)
+  keys, seeds = prng.derived_seeds(key, [0, 2, 5, 8])
+  for j, i in enumerate([0, 2, 5, 8]):
+    one = jax.random.fold_in(key, i)
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(keys[j])),
+                                  np.asarray(jax.random.key_data(one)))
+    np.testing.assert_array_equal(np.asarray(prng.seed_from_key(seeds[j])),
+                                  np.asarray(prng.seed_from_key(one)))
+  # SeedWords stand in for their key wherever rounding bits are drawn: the same words.
+  np.testing.assert_array_equal(
+      np.asarray(prng.random_bits_for(seeds[1], (8, 12))),
+      np.asarray(prng.random_bits_for(jax.random.fold_in(key, 2), (8, 12))))
