@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from fp4jax import bits, blocks, hadamard, operand, prng
-from fp4jax.kernels.operand import OUTPUT_DTYPES, OperandKernelConfig
+from fp4jax.kernels.operand import OUTPUT_DTYPES, OperandKernelConfig, tiled_operand_reason
 from fp4jax.kernels.quantize import largest_dividing, round_up, tile_random_bits
 from fp4jax.spec import QuantSpec
 
@@ -90,15 +90,9 @@ def unsupported_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | Non
   (columns) of an array of rank >= 2 in bf16 / f32, a spec the XLA emitter takes with
   float block scales in blocks of 16 or 32, a tensor amax over every value (``"amax"``)
   or none, and a transform (``hadamard_block``) only along columns, one per scale block."""
-  if len(shape) < 2:
-    return f"rank {len(shape)} (2D tiles)"
-  if axis not in (-1, -2, len(shape) - 1, len(shape) - 2):
-    return f"axis {axis}: blocks along one of the last two axes only"
-  why = operand.unsupported_reason(spec, tuple(shape), axis)
+  why = tiled_operand_reason(shape, dtype, spec, axis)
   if why is not None:
     return why
-  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in (jnp.bfloat16, jnp.float32)]:
-    return f"input dtype {jnp.dtype(dtype).name} (bfloat16 or float32)"
   if spec.scale_format.is_pow2:
     return (f"power-of-two block scales ({spec.scale_format.name}): "
             "fp4jax.kernels.operand takes them in one read")

@@ -23,8 +23,10 @@ CPU, compiled on the GPU by the GPU test command and ``kernels.bench_operand``).
 Stochastic rounding draws :func:`fp4jax.prng.random_bits_for`'s words at the tile's
 elements in the kernel (one hash per four elements: :func:`fp4jax.kernels.quantize.
 tile_random_bits`), the bits the
-reference. Float (UE4M3) block scales stay with the XLA emitter: their exact per-block
-division is what makes NVFP4 kernels compile for minutes under Triton.
+reference. Float (UE4M3) block scales need the tensor's amax first (two reads) and take
+:mod:`fp4jax.kernels.float_scale_operand`, whose element pass reads the block factors XLA
+makes (an exact per-block division in Triton is what made NVFP4 kernels compile for
+minutes).
 """
 
 from __future__ import annotations
@@ -88,12 +90,11 @@ def gemm_operand_reference(x: jax.Array, spec: QuantSpec, axis: int = -1,
   return values
 
 
-def unsupported_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | None,
-                       axis: int) -> str | None:
-  """Why the kernel cannot emit this operand (None: it can): ``axis`` -1 (rows) or -2
-  (columns) of an array of rank >= 2 in bf16 / f32, a spec that the XLA emitter takes
-  (:func:`fp4jax.operand.unsupported_reason`) with power-of-two scales in blocks of 16
-  or 32."""
+def tiled_operand_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | None,
+                         axis: int) -> str | None:
+  """What every operand kernel needs (None: met): ``axis`` -1 (rows) or -2 (columns) of an
+  array of rank >= 2 in bf16 / f32, and a spec that the XLA emitter takes
+  (:func:`fp4jax.operand.unsupported_reason`)."""
   if len(shape) < 2:
     return f"rank {len(shape)} (2D tiles)"
   if axis not in (-1, -2, len(shape) - 1, len(shape) - 2):
@@ -103,6 +104,16 @@ def unsupported_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | Non
     return why
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in (jnp.bfloat16, jnp.float32)]:
     return f"input dtype {jnp.dtype(dtype).name} (bfloat16 or float32)"
+  return None
+
+
+def unsupported_reason(shape: tuple[int, ...], dtype: Any, spec: QuantSpec | None,
+                       axis: int) -> str | None:
+  """Why the kernel cannot emit this operand (None: it can): :func:`tiled_operand_reason`,
+  and power-of-two scales in blocks of 16 or 32."""
+  why = tiled_operand_reason(shape, dtype, spec, axis)
+  if why is not None:
+    return why
   if not spec.scale_format.is_pow2:
     return f"float block scales ({spec.scale_format.name}): the XLA emitter"
   if spec.granularity != "block" or spec.block_size not in BLOCK_SIZES:
@@ -258,4 +269,4 @@ def gemm_operand_both(x: jax.Array, rows_spec: QuantSpec, cols_spec: QuantSpec,
 
 __all__ = ["BLOCK_SIZES", "DEFAULT_CONFIG", "ORIENTATIONS", "OUTPUT_DTYPES",
            "OperandKernelConfig", "gemm_operand", "gemm_operand_both",
-           "gemm_operand_reference", "unsupported_reason"]
+           "gemm_operand_reference", "tiled_operand_reason", "unsupported_reason"]
